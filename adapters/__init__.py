@@ -1,0 +1,1 @@
+"""PEFT methods: LoRA family, IA3, prompt tuning, bottleneck adapters, SVFit."""

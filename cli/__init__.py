@@ -1,0 +1,1 @@
+"""The mmkit command line: click commands that parse, call the API and print."""

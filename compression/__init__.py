@@ -1,0 +1,1 @@
+"""Compression methods: quantize, prune, merge, elastic sub-networks, dtype casts."""

@@ -1,0 +1,29 @@
+"""cast: convert a model's floating-point weights to another dtype (fp32 / fp16 / bf16)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from ..core.registry import MethodConfig
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+class CastConfig(MethodConfig):
+    """dtype: the target floating-point type."""
+
+    dtype: Literal["float32", "fp32", "float16", "fp16", "bfloat16", "bf16"] = "float16"
+
+
+def cast_(loaded, config: CastConfig, ctx):
+    """Cast every floating-point parameter and buffer to `config.dtype` (in place)."""
+    import torch
+
+    dtype = getattr(torch, DTYPES[config.dtype])
+    before = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    loaded.model.to(dtype)
+    after = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    ctx.report.update({"dtype": DTYPES[config.dtype], "weights_mb_before": before / 2**20,
+                       "weights_mb_after": after / 2**20})
+    return loaded

@@ -1,0 +1,1 @@
+"""Elastic sub-networks: nested training and extraction."""

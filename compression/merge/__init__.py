@@ -1,0 +1,1 @@
+"""Model merging and task arithmetic."""

@@ -1,0 +1,1 @@
+"""Unstructured, N:M and structured pruning methods."""

@@ -1,0 +1,141 @@
+"""Artifacts: one folder per produced model, written whole or not at all.
+
+Layout: the Hugging Face files (config.json, *.safetensors, tokenizer / processor files),
+`recipe.yaml` (the resolved recipe, re-runnable with `mmkit run`) and `mmkit.json` (the
+manifest: schema and mmkit versions, parent and its weights' hash, steps, metrics, data
+splits and file hashes).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import InputError
+from .refs import MANIFEST
+
+SCHEMA_VERSION = 1
+RECIPE_FILE = "recipe.yaml"
+
+
+def check_output(out: str | os.PathLike, overwrite: bool) -> Path:
+    """Fail early, before any work, when the output cannot be written."""
+    out = Path(out).expanduser()
+    if out.exists() and not overwrite:
+        raise InputError(f"The output '{out}' already exists. Pass --overwrite to replace it, "
+                         "or choose another -o path.")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"The output '{out}' exists and is a file; choose another -o path.")
+    parent = out.resolve().parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"Cannot write the output '{out}': {probe} is not a writable folder. "
+                         "Choose an -o path in a folder you can write to.")
+    return out
+
+
+def file_hashes(folder: Path) -> dict:
+    """sha256 and size of every file in a folder but the manifest itself."""
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        out[str(path.relative_to(folder))] = {"sha256": h.hexdigest(), "bytes": path.stat().st_size}
+    return out
+
+
+def weights_hash(source) -> str | None:
+    """A fingerprint of a model reference's weights: its manifest's, or the sha256 of its
+    safetensors files (None for tiny models and hub ids)."""
+    if source.manifest.get("weights_sha256"):
+        return source.manifest["weights_sha256"]
+    if not source.path or not os.path.isdir(source.path):
+        return None
+    return _weights_sha(Path(source.path))
+
+
+def _weights_sha(folder: Path) -> str | None:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+@contextmanager
+def staging(out: Path, overwrite: bool):
+    """Yield a temporary sibling folder; on success it replaces `out`, on failure it vanishes.
+
+    A reader never sees a half-written `out`: the folder appears by a rename.
+    """
+    out = check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / "x")
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_model_files(loaded, folder: Path) -> None:
+    """Write the model's HF files (safetensors) and its tokenizer / processor."""
+    loaded.model.save_pretrained(folder)
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(folder)
+    if loaded.image_processor is not None:
+        loaded.image_processor.save_pretrained(folder)
+
+
+def write_artifact(loaded, out, *, recipe: dict, steps: list, metrics: list, data_info=None,
+                   overwrite: bool = False, fmt: str = "hf-model") -> Path:
+    """Write a model artifact atomically and return its path."""
+    import yaml
+
+    from .versions import _versions
+
+    out = Path(out).expanduser()
+    with staging(out, overwrite) as tmp:
+        save_model_files(loaded, tmp)
+        (tmp / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
+        files = file_hashes(tmp)
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "mmkit_version": _versions().get("mmkit"),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "format": fmt,
+            "family": loaded.family,
+            "kind": loaded.kind,
+            "task": {"name": loaded.task, "labels": loaded.labels},
+            "parent": {"ref": loaded.source.ref, "kind": loaded.source.kind,
+                       "path": loaded.source.path, "weights_sha256": weights_hash(loaded.source)},
+            "steps": steps,
+            "metrics": metrics,
+            "data": data_info,
+            "weights_sha256": _weights_sha(tmp),
+            "files": files,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    return out

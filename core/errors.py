@@ -1,0 +1,22 @@
+"""mmkit's exceptions. The library raises these; only `cli/` turns them into exit codes."""
+
+
+class MmkitError(Exception):
+    """Base class of every error mmkit raises on purpose."""
+
+    exit_code = 1
+
+
+class InputError(MmkitError):
+    """The user's input is wrong (a model, a file, a name, a number): exit code 2.
+
+    The message is one paragraph that names the cause and the fix.
+    """
+
+    exit_code = 2
+
+
+class RuntimeFailure(MmkitError):
+    """The input was fine but the work failed (out of memory, a library error): exit code 1."""
+
+    exit_code = 1

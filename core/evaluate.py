@@ -1,0 +1,40 @@
+"""evaluate(model, task, data): the one scoring path that eval, search and --eval share."""
+
+from __future__ import annotations
+
+import time
+
+from .data import Dataset, align_labels
+from .errors import InputError
+from .loading import LoadedModel
+from .tasks import get_task
+from .versions import environment
+
+
+def evaluate(loaded: LoadedModel, dataset: Dataset, split: str = "test", *,
+             batch_size: int = 32, max_length: int | None = None, **task_options) -> dict:
+    """Score a loaded model on one split of a dataset.
+
+    Returns accuracy / macro_f1 (classification) or perplexity (causal-lm), with the split,
+    example count, seconds taken, device and library versions.
+    """
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1 (got {batch_size}).")
+    task = get_task(loaded.task)
+    part = dataset.split(split)
+    if len(part) == 0:
+        raise InputError(f"The {split} split of '{dataset.name}' is empty; use more data or "
+                         "another split.")
+    if loaded.task.endswith("classification") and loaded.task != "zero-shot-image-classification":
+        align_labels(dataset, loaded.labels)
+    if loaded.task == "zero-shot-image-classification":
+        task_options.setdefault("label_names", dataset.label_names)
+    kwargs = dict(batch_size=batch_size, **task_options)
+    if max_length:
+        kwargs["max_length"] = max_length
+    start = time.perf_counter()
+    metrics = task.evaluate(loaded, part, **kwargs)
+    seconds = time.perf_counter() - start
+    device = str(next(loaded.model.parameters()).device)
+    return {"task": loaded.task, "data": dataset.name, "split": split, **metrics,
+            "seconds": round(seconds, 3), "device": device, "environment": environment(device)}

@@ -1,0 +1,48 @@
+"""What kind of backbone a config describes, and which task it serves by default."""
+
+from __future__ import annotations
+
+TEXT_ENCODERS = {
+    "bert", "roberta", "distilbert", "xlm-roberta", "electra", "albert", "deberta",
+    "deberta-v2", "mpnet", "camembert", "modernbert",
+}
+DUAL_ENCODERS = {"clip", "siglip", "siglip2", "chinese_clip"}
+
+# kind -> the task a bare command runs on it
+DEFAULT_TASK = {
+    "text-encoder": "text-classification",
+    "vision": "image-classification",
+    "clip": "zero-shot-image-classification",
+    "causal-lm": "causal-lm",
+}
+
+
+def model_kind(config) -> str:
+    """One of text-encoder, vision, clip, causal-lm, or other."""
+    mtype = getattr(config, "model_type", "")
+    if mtype in DUAL_ENCODERS or (hasattr(config, "text_config") and hasattr(config, "vision_config")):
+        return "clip" if mtype in DUAL_ENCODERS else "other"
+    if mtype in TEXT_ENCODERS:
+        return "text-encoder"
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForCausalLM") for a in archs):
+        return "causal-lm"
+    if hasattr(config, "image_size") and not hasattr(config, "vocab_size"):
+        return "vision"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if mtype in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal-lm"
+    return "other"
+
+
+def head_task(config) -> str | None:
+    """The task a checkpoint's trained head serves, read from `architectures`, or None."""
+    for arch in getattr(config, "architectures", None) or []:
+        if arch.endswith("ForSequenceClassification"):
+            return "text-classification"
+        if arch.endswith("ForImageClassification"):
+            return "image-classification"
+        if arch.endswith("ForCausalLM"):
+            return "causal-lm"
+    return None

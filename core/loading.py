@@ -1,0 +1,268 @@
+"""Load a model reference into (model, tokenizer / image processor, task, labels)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InputError, RuntimeFailure
+from .families import DEFAULT_TASK, head_task, model_kind
+from .refs import ModelSource, resolve
+
+log = logging.getLogger("mmkit")
+
+TASKS = ("text-classification", "image-classification", "zero-shot-image-classification",
+         "causal-lm")
+# which model kinds can serve each task
+TASK_KINDS = {
+    "text-classification": ("text-encoder", "causal-lm"),
+    "image-classification": ("vision",),
+    "zero-shot-image-classification": ("clip",),
+    "causal-lm": ("causal-lm",),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with what is needed to feed it and to describe it."""
+
+    model: object
+    source: ModelSource
+    kind: str  # text-encoder | vision | clip | causal-lm
+    task: str
+    tokenizer: object = None
+    image_processor: object = None
+    labels: list[str] | None = None  # class names in the head's order
+    fresh_head: bool = False  # True when the task head was created, not loaded
+    config_kind: str = ""  # config.model_type
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        """The config's model_type (bert, vit, clip, llama, gpt2, ...)."""
+        return self.config_kind
+
+
+def check_task(task: str) -> str:
+    """Validate a task name."""
+    if task not in TASKS:
+        raise InputError(f"Unknown task '{task}'. Tasks: {', '.join(TASKS)}.")
+    return task
+
+
+def resolve_device(device: str | None) -> str:
+    """'cpu', 'cuda', 'cuda:N' or 'auto' -> a torch device string, checked to exist."""
+    import torch
+
+    device = (device or "cpu").lower()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device} was asked for but this machine has no CUDA "
+                             "GPU visible to torch. Use --device cpu.")
+        return device
+    raise InputError(f"Unknown device '{device}'. Use cpu, cuda, cuda:N or auto.")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_weights(source: ModelSource, allow_pickle: bool) -> None:
+    """Fail with a clear message on missing, pickled, truncated or altered weight files."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(source.path)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt"))
+        if pickled and not allow_pickle:
+            raise InputError(f"'{source.ref}' holds only pickle weights ({pickled[0].name}); "
+                             "mmkit loads safetensors by default because unpickling can run "
+                             "code. Convert them to safetensors, or pass --allow-pickle if you "
+                             "trust the files.")
+        if not pickled:
+            raise InputError(f"'{source.ref}' has a config but no weight files (*.safetensors). "
+                             "Pass the folder that save_pretrained wrote.")
+        return
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as exc:
+            raise InputError(f"The weight file {f} is truncated or corrupted ({exc}). "
+                             "Re-create or re-download it.") from None
+    for name, meta in (source.manifest.get("files") or {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise InputError(f"The artifact '{source.ref}' lists {name} in mmkit.json but the "
+                             "file is missing; the artifact is incomplete. Re-create it.")
+        if path.stat().st_size != meta.get("bytes") or _sha256(path) != meta.get("sha256"):
+            raise InputError(f"{path} does not match the hash recorded in mmkit.json: the file "
+                             "was changed or damaged after mmkit wrote it. Re-create the "
+                             "artifact (or delete mmkit.json to load it as plain files).")
+
+
+def _auto_class(task: str):
+    import transformers as tf
+
+    return {
+        "text-classification": tf.AutoModelForSequenceClassification,
+        "image-classification": tf.AutoModelForImageClassification,
+        "zero-shot-image-classification": tf.AutoModel,
+        "causal-lm": tf.AutoModelForCausalLM,
+    }[task]
+
+
+def _load_config(source: ModelSource, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    from .tiny import tiny_config
+
+    if source.kind == "tiny":
+        return tiny_config(source.family)
+    try:
+        return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        raise InputError(f"Cannot read the config of '{source.ref}': {exc}. If the model needs "
+                         "its own code, pass --trust-remote-code.") from None
+    except OSError as exc:
+        raise InputError(f"Cannot read the config of '{source.ref}': {exc}") from None
+
+
+def _head_labels(config, labels: list[str] | None, task: str, has_head: bool, ref: str):
+    """Labels in the head's order; sets num_labels / id2label on the config for a new head."""
+    if task not in ("text-classification", "image-classification"):
+        return None
+    if has_head:
+        names = [str(config.id2label[i]) for i in range(config.num_labels)]
+        generic = all(n == f"LABEL_{i}" for i, n in enumerate(names))
+        if labels is None:
+            return names
+        if generic and len(labels) <= len(names):
+            return list(labels) + names[len(labels):]
+        unknown = [lab for lab in labels if lab not in names]
+        if unknown:
+            raise InputError(f"The data has labels {unknown[:5]} that the head of '{ref}' cannot "
+                             f"take: it was trained for {names}. Use data with those labels, "
+                             "or start from the base model so a new head is created.")
+        return names
+    if labels is None:
+        raise InputError(f"'{ref}' has no trained {task} head and no labels were given to "
+                         "create one. Pass --data so mmkit can read the class names.")
+    if len(labels) < 2:
+        raise InputError(f"{task} needs at least two classes in the data; found {labels}.")
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {lab: i for i, lab in enumerate(labels)}
+    return list(labels)
+
+
+def peek(ref: str | ModelSource, task: str | None = None, trust_remote_code: bool = False):
+    """Resolve a reference and read its config only: (source, config, kind, task).
+
+    The task defaults to the artifact's, then the checkpoint head's, then the kind's default,
+    and is checked to fit the model.
+    """
+    source = ref if isinstance(ref, ModelSource) else resolve(ref)
+    if source.is_adapter:
+        raise InputError(f"'{source.ref}' is a peft adapter folder; load it with "
+                         "`PeftModel.from_pretrained(base, folder)` or pass its base model.")
+    config = _load_config(source, trust_remote_code)
+    kind = model_kind(config)
+    manifest_task = (source.manifest.get("task") or {}).get("name")
+    task = task or manifest_task or head_task(config) or DEFAULT_TASK.get(kind)
+    if task is None:
+        raise InputError(f"'{source.ref}' is a {config.model_type} model, which no mmkit task "
+                         f"serves yet. Tasks: {', '.join(TASKS)}.")
+    check_task(task)
+    if kind not in TASK_KINDS[task]:
+        raise InputError(f"Task {task} does not fit '{source.ref}', a {kind} model "
+                         f"({config.model_type}); it takes {', '.join(TASK_KINDS[task])} models. "
+                         f"Use --task {DEFAULT_TASK.get(kind, '...')}.")
+    return source, config, kind, task
+
+
+def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str] | None = None,
+               *, dtype=None, device: str = "cpu", seed: int = 0, allow_pickle: bool = False,
+               trust_remote_code: bool = False) -> LoadedModel:
+    """Load a model reference for a task.
+
+    The task defaults to the artifact's, then the checkpoint head's, then the kind's default.
+    For classification, `labels` (class names from the data) create a new head when the
+    checkpoint has none, and are checked against the head when it has one.
+    """
+    import torch
+
+    source, config, kind, task = peek(ref, task, trust_remote_code)
+    has_head = head_task(config) == task and task.endswith("classification")
+    head_labels = _head_labels(config, labels, task, has_head, source.ref)
+    device = resolve_device(device)
+    torch.manual_seed(seed)  # a new head is the same for the same seed
+    cls = _auto_class(task)
+    if source.kind == "tiny":
+        model = cls.from_config(config)
+    else:
+        if source.kind != "hub":
+            check_weights(source, allow_pickle)
+        model = _from_pretrained(cls, source, config, dtype, allow_pickle, trust_remote_code)
+    model.eval()
+    if device != "cpu":
+        model.to(device)
+    tokenizer, image_processor = _load_processors(source, kind)
+    if tokenizer is not None and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    fresh = task.endswith("classification") and not has_head and task != "zero-shot-image-classification"
+    if fresh:
+        log.warning("'%s' has no trained %s head: a new one was created for %d classes "
+                    "(its accuracy is chance until the model is fine-tuned).",
+                    source.ref, task, len(head_labels))
+    return LoadedModel(model=model, source=source, kind=kind, task=task, tokenizer=tokenizer,
+                       image_processor=image_processor, labels=head_labels, fresh_head=fresh,
+                       config_kind=config.model_type)
+
+
+def _from_pretrained(cls, source, config, dtype, allow_pickle, trust_remote_code):
+    import transformers
+
+    kwargs = dict(config=config, trust_remote_code=trust_remote_code, dtype=dtype or "auto")
+    if not allow_pickle:
+        kwargs["use_safetensors"] = True
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # we report a new head ourselves
+    try:
+        return cls.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"Cannot load '{source.ref}': {exc}") from None
+    except RuntimeError as exc:
+        raise RuntimeFailure(f"Loading '{source.ref}' failed: {exc}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def _load_processors(source: ModelSource, kind: str):
+    from .tiny import tiny_processors
+
+    if source.kind == "tiny":
+        return tiny_processors(source.family)
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    tokenizer = image_processor = None
+    try:
+        if kind in ("text-encoder", "causal-lm", "clip"):
+            tokenizer = AutoTokenizer.from_pretrained(source.path)
+        if kind in ("vision", "clip"):
+            image_processor = AutoImageProcessor.from_pretrained(source.path)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"'{source.ref}' has no usable tokenizer or image processor ({exc}). "
+                         "Save it beside the weights with save_pretrained.") from None
+    return tokenizer, image_processor

@@ -1,0 +1,114 @@
+"""profile(model, device, shape): latency, throughput, memory, size and parameter count."""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+
+from .errors import InputError
+from .loading import LoadedModel, resolve_device
+from .tasks import get_task
+from .tasks.common import to_device
+from .versions import environment
+
+
+def count_parameters(model) -> int:
+    """Parameters of a model, counting packed (quantized) storage by its logical size."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def weights_bytes(model) -> int:
+    """Bytes the model's parameters and buffers take in memory."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def disk_bytes(folder: str | None) -> int | None:
+    """Bytes of the weight files in a model folder (None when the model has no folder)."""
+    if not folder or not os.path.isdir(folder):
+        return None
+    files = list(Path(folder).glob("*.safetensors")) or list(Path(folder).glob("*.bin"))
+    return sum(f.stat().st_size for f in files)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q
+    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _time_calls(run, device: str, warmup: int, repeats: int) -> list[float]:
+    import torch
+
+    for _ in range(warmup):
+        run()
+    times = []
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000.0)
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def profile(loaded: LoadedModel, device: str = "cpu", batch_size: int = 1, seq_len: int = 128,
+            *, warmup: int = 3, repeats: int = 20, threads: int | None = None) -> dict:
+    """Time the forward pass on random inputs of the given shape.
+
+    Warm-up calls first, then `repeats` timed calls (CUDA events on a GPU, perf_counter on
+    CPU); reports median / p90 / mean latency in ms, throughput in samples/s, peak memory,
+    size in memory and on disk, and the parameter count.
+    """
+    import torch
+
+    for name, value, low in (("--batch-size", batch_size, 1), ("--seq-len", seq_len, 1),
+                             ("--repeats", repeats, 1), ("--warmup", warmup, 0)):
+        if value < low:
+            raise InputError(f"{name} must be at least {low} (got {value}).")
+    device = resolve_device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    model = loaded.model.to(device) if device != "cpu" else loaded.model
+    batch = to_device(get_task(loaded.task).dummy_batch(loaded, batch_size, seq_len), device)
+    dtype = next(model.parameters()).dtype
+    if "pixel_values" in batch and dtype.is_floating_point:
+        batch["pixel_values"] = batch["pixel_values"].to(dtype)
+
+    def run():
+        with torch.inference_mode():
+            model(**batch)
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    times = _time_calls(run, device, warmup, repeats)
+    if device.startswith("cuda"):
+        peak, peak_kind = torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    else:
+        # ru_maxrss is the process high-water mark in KiB on Linux
+        peak, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_max_rss"
+    median = statistics.median(times)
+    shape = {k: list(v.shape) for k, v in batch.items()}
+    return {
+        "device": device, "batch_size": batch_size, "seq_len": seq_len, "input_shapes": shape,
+        "warmup": warmup, "repeats": repeats,
+        "latency_ms": {"median": median * 1e3, "p90": _percentile(times, 0.9) * 1e3,
+                       "mean": statistics.fmean(times) * 1e3, "min": min(times) * 1e3},
+        "throughput_per_s": batch_size / median,
+        "peak_memory_mb": peak / 2**20, "peak_memory_kind": peak_kind,
+        "parameters": count_parameters(model), "weights_mb": weights_bytes(model) / 2**20,
+        "disk_mb": (lambda b: None if b is None else b / 2**20)(disk_bytes(loaded.source.path)),
+        "dtype": str(dtype).replace("torch.", ""), "environment": environment(device),
+    }

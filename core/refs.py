@@ -1,0 +1,124 @@
+"""Model references: one string names any model, resolved here to where it lives."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .embedded import ALIASES, alias_path
+from .errors import InputError
+from .tiny import TINY_FAMILIES
+
+MANIFEST = "mmkit.json"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+@dataclass
+class ModelSource:
+    """Where a model reference points.
+
+    kind is "tiny", "embedded", "artifact" (an mmkit output folder), "folder" (a plain HF
+    folder) or "hub". `path` is the local folder (None for tiny; the hub id for hub).
+    """
+
+    ref: str
+    kind: str
+    path: str | None = None
+    family: str | None = None  # for tiny
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def is_adapter(self) -> bool:
+        """True when the folder holds a peft adapter rather than full weights."""
+        return self.path is not None and Path(self.path, "adapter_config.json").is_file()
+
+
+def _aliases_hint() -> str:
+    names = ", ".join(sorted(ALIASES)) + ", " + ", ".join(f"tiny:{f}" for f in TINY_FAMILIES)
+    return f"Built-in names: {names}."
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """The mmkit.json of an artifact folder ({} when there is none)."""
+    path = Path(folder, MANIFEST)
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path} is not valid JSON ({exc}); the artifact is damaged. "
+                         "Re-create it, or delete mmkit.json to load the folder as plain "
+                         "Hugging Face files.") from None
+
+
+def _local_folder(ref: str, path: Path) -> ModelSource:
+    if not path.is_dir():
+        raise InputError(f"Model '{ref}' is a file, not a folder. Pass the folder that holds "
+                         "config.json and the weights.")
+    has_config = (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+    if not has_config:
+        raise InputError(f"The folder '{ref}' has no config.json (nor adapter_config.json), so "
+                         "it is not a Hugging Face model folder. Pass the folder that "
+                         "save_pretrained wrote, or an mmkit artifact.")
+    manifest = read_manifest(path)
+    return ModelSource(ref, "artifact" if manifest else "folder", str(path.resolve()),
+                       manifest=manifest)
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the model hub answers at all (a fast TCP probe, not a download)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = re.sub(r"^https?://", "", endpoint).split("/")[0]
+    host, _, port = host.partition(":")
+    try:
+        socket.create_connection((host, int(port or 443)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    hit = try_to_load_from_cache(repo_id, "config.json")
+    return isinstance(hit, str)
+
+
+def resolve(ref: str) -> ModelSource:
+    """Resolve a model reference, or fail at once with what was tried.
+
+    Order: `tiny:<family>`, an embedded alias, a local folder, a hub id (online, or in the
+    local hub cache when offline).
+    """
+    ref = ref.strip()
+    if ref.startswith("tiny:"):
+        family = ref.split(":", 1)[1]
+        if family not in TINY_FAMILIES:
+            raise InputError(f"Unknown tiny model '{ref}'. Tiny families: "
+                             f"{', '.join('tiny:' + f for f in TINY_FAMILIES)}.")
+        return ModelSource(ref, "tiny", family=family)
+    if ref in ALIASES:
+        return ModelSource(ref, "embedded", str(alias_path(ref)))
+    path = Path(ref).expanduser()
+    if path.exists():
+        return _local_folder(ref, path)
+    looks_like_path = ref.startswith((".", "/", "~")) or os.sep in ref.strip("/").split("/", 1)[-1]
+    if HUB_ID.match(ref) and not looks_like_path:
+        if _hub_cached(ref) or hub_reachable():
+            return ModelSource(ref, "hub", ref)
+        raise InputError(
+            f"Model '{ref}' is not a local folder, not a built-in name, and the model hub "
+            f"cannot be reached (offline or HF_HUB_OFFLINE=1) with no cached copy. Tried: a "
+            f"folder at {path.resolve()}, the built-in names, the hub cache. Pass a local "
+            f"folder or a built-in name. {_aliases_hint()}"
+        )
+    raise InputError(f"Model '{ref}' does not exist: no folder at {path.resolve()} and it is "
+                     f"not a built-in name or a hub id. {_aliases_hint()}")

@@ -1,0 +1,111 @@
+"""The method registry: every technique is registered by an explicit call under its step.
+
+A method is `apply(loaded, config, ctx) -> loaded` with a typed config that rejects unknown
+keys and bad values. The list of registrations lives in `core/methods.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import InputError
+
+STEPS = ("finetune", "prune", "quantize", "merge", "extract", "cast")
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's config: typed, frozen, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registered technique."""
+
+    step: str
+    name: str
+    config: type[MethodConfig]
+    apply: Callable
+    summary: str
+    kinds: tuple[str, ...] = ("text-encoder", "vision", "clip", "causal-lm")
+    needs_data: bool = False
+
+
+@dataclass
+class Context:
+    """What a method may use besides the model: data, device, seed, a place for its report."""
+
+    device: str = "cpu"
+    seed: int = 0
+    dataset: object = None
+    workdir: object = None
+    report: dict = field(default_factory=dict)
+
+
+_REGISTRY: dict[tuple[str, str], Method] = {}
+_DEFAULT: dict[str, str] = {}
+
+
+def register(method: Method, default: bool = False) -> Method:
+    """Add a method; `default` makes it the one a step uses when none is named."""
+    if method.step not in STEPS:
+        raise ValueError(f"unknown step {method.step}")
+    key = (method.step, method.name)
+    if key in _REGISTRY:
+        raise ValueError(f"method {key} registered twice")
+    _REGISTRY[key] = method
+    if default or method.step not in _DEFAULT:
+        _DEFAULT[method.step] = method.name
+    return method
+
+
+def _loaded():
+    from . import methods  # noqa: F401  (its import runs the registrations)
+
+    return _REGISTRY
+
+
+def all_methods() -> list[Method]:
+    """Every registered method, in registration order."""
+    return list(_loaded().values())
+
+
+def get_method(step: str, name: str | None = None) -> Method:
+    """Look a method up, or fail with the list of what exists."""
+    registry = _loaded()
+    if step not in STEPS:
+        raise InputError(f"Unknown recipe step '{step}'. Steps: {', '.join(STEPS)}.")
+    available = sorted(n for s, n in registry if s == step)
+    if not available:
+        raise InputError(f"No method is registered for step '{step}' in this version of mmkit "
+                         f"yet. Steps with methods: {', '.join(sorted({s for s, _ in registry}))}.")
+    name = name or _DEFAULT[step]
+    if (step, name) not in registry:
+        raise InputError(f"Unknown {step} method '{name}'. Methods: {', '.join(available)}.")
+    return registry[(step, name)]
+
+
+def methods_for(kind: str) -> list[Method]:
+    """Methods that apply to a model kind (text-encoder, vision, clip, causal-lm)."""
+    return [m for m in all_methods() if kind in m.kinds]
+
+
+def build_config(method: Method, params: dict, where: str) -> MethodConfig:
+    """Validate a step's parameters, turning pydantic's errors into one clear paragraph."""
+    try:
+        return method.config(**params)
+    except ValidationError as exc:
+        allowed = ", ".join(method.config.model_fields) or "none"
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(config)"
+            if err["type"] == "extra_forbidden":
+                problems.append(f"unknown key '{key}'")
+            else:
+                problems.append(f"'{key}': {err['msg']}")
+        raise InputError(f"{where}: {'; '.join(problems)}. Keys that {method.step} "
+                         f"{method.name} takes: {allowed}.") from None

@@ -1,0 +1,1 @@
+"""Optuna multi-objective search over recipes."""
