@@ -1,2 +1,88 @@
-def main():
-    pass
+"""The `mmkit` command group: error handling, logging, and the list of commands.
+
+Command modules import only click at load time, so `mmkit --help` stays fast; each command
+imports torch and transformers inside its body.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+from ..core.errors import MmkitError
+from . import bench, eval as eval_cmd, inspect, run
+
+
+def _setup_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
+                        format="%(message)s")
+    for noisy in ("bitsandbytes", "torchao"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    if not debug:
+        # Read by transformers / huggingface_hub when the commands import them.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+class MmkitGroup(click.Group):
+    """Turns mmkit's exceptions into one-paragraph messages and exit codes.
+
+    0 ok, 1 runtime failure, 2 bad usage or input, 130 interrupted. --debug shows tracebacks.
+    """
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except MmkitError as exc:
+            if _debug(ctx):
+                raise
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("Interrupted; nothing was written.", err=True)
+            ctx.exit(130)
+        except Exception as exc:  # noqa: BLE001 - last resort: one line, not a traceback
+            if _debug(ctx):
+                raise
+            click.echo(f"Error: {type(exc).__name__}: {exc}\n(run again with --debug for the "
+                       "traceback)", err=True)
+            ctx.exit(1)
+
+
+def _debug(ctx) -> bool:
+    if os.environ.get("MMKIT_DEBUG") == "1" or ctx.meta.get("mmkit.debug"):
+        return True
+    return False
+
+
+@click.group(cls=MmkitGroup, context_settings={"help_option_names": ["-h", "--help"],
+                                              "terminal_width": 100, "max_content_width": 100})
+@click.version_option(package_name="mmkit", prog_name="mmkit")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors (also MMKIT_DEBUG=1).")
+@click.pass_context
+def cli(ctx, debug):
+    """mmkit: adapt and compress pretrained transformer models.
+
+    MODEL is a hub id, a local Hugging Face folder, an mmkit artifact, a built-in name
+    (minilm, smollm2) or tiny:<bert|vit|clip|llama|gpt2>. `-` reads artifact paths from stdin.
+    """
+    if debug:
+        ctx.meta["mmkit.debug"] = True
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _setup_logging(debug or os.environ.get("MMKIT_DEBUG") == "1")
+
+
+cli.add_command(eval_cmd.eval_command)
+cli.add_command(bench.bench_command)
+cli.add_command(inspect.inspect_command)
+cli.add_command(run.run_command)
+
+
+def main() -> None:
+    """Console entry point."""
+    cli(prog_name="mmkit")

@@ -194,8 +194,11 @@ def peek(ref: str | ModelSource, task: str | None = None, trust_remote_code: boo
 
 def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str] | None = None,
                *, dtype=None, device: str = "cpu", seed: int = 0, allow_pickle: bool = False,
-               trust_remote_code: bool = False) -> LoadedModel:
+               trust_remote_code: bool = False, task_head: bool = True) -> LoadedModel:
     """Load a model reference for a task.
+
+    With `task_head=False` a classification model with no trained head is loaded as its bare
+    backbone (for inspecting it) instead of growing a new head.
 
     The task defaults to the artifact's, then the checkpoint head's, then the kind's default.
     For classification, `labels` (class names from the data) create a new head when the
@@ -205,10 +208,11 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
 
     source, config, kind, task = peek(ref, task, trust_remote_code)
     has_head = head_task(config) == task and task.endswith("classification")
-    head_labels = _head_labels(config, labels, task, has_head, source.ref)
+    bare = not task_head and not has_head and task.endswith("classification")
+    head_labels = None if bare else _head_labels(config, labels, task, has_head, source.ref)
     device = resolve_device(device)
     torch.manual_seed(seed)  # a new head is the same for the same seed
-    cls = _auto_class(task)
+    cls = _auto_class("zero-shot-image-classification" if bare else task)  # AutoModel if bare
     if source.kind == "tiny":
         model = cls.from_config(config)
     else:
@@ -221,7 +225,8 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
     tokenizer, image_processor = _load_processors(source, kind)
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    fresh = task.endswith("classification") and not has_head and task != "zero-shot-image-classification"
+    fresh = (task.endswith("classification") and not has_head and not bare
+             and task != "zero-shot-image-classification")
     if fresh:
         log.warning("'%s' has no trained %s head: a new one was created for %d classes "
                     "(its accuracy is chance until the model is fine-tuned).",

@@ -45,21 +45,21 @@ def byte_tokenizer(style: str):
 
 def tiny_config(family: str):
     """The config of `tiny:<family>`: two layers, four heads, hidden size 32-64."""
-    from transformers import BertConfig, CLIPConfig, GPT2Config, LlamaConfig, ViTConfig
+    import transformers  # each config class is imported on first use (some pull in a lot)
 
     vocab = 260  # byte_tokenizer's size
     if family == "bert":
-        return BertConfig(
+        return transformers.BertConfig(
             vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             intermediate_size=64, max_position_embeddings=128, pad_token_id=0,
         )
     if family == "vit":
-        return ViTConfig(
+        return transformers.ViTConfig(
             hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
             image_size=IMAGE_SIZE, patch_size=8,
         )
     if family == "clip":
-        return CLIPConfig(
+        return transformers.CLIPConfig(
             text_config=dict(
                 vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                 intermediate_size=64, max_position_embeddings=64,
@@ -72,13 +72,13 @@ def tiny_config(family: str):
             projection_dim=32,
         )
     if family == "llama":
-        return LlamaConfig(
+        return transformers.LlamaConfig(
             vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
             pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False,
         )
     if family == "gpt2":
-        return GPT2Config(
+        return transformers.GPT2Config(
             vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=256,
             bos_token_id=2, eos_token_id=3, pad_token_id=0,
         )

@@ -1,0 +1,48 @@
+"""mmkit eval: accuracy and macro-F1, or perplexity, of a model on a dataset split."""
+
+from __future__ import annotations
+
+import click
+
+from . import options
+
+
+def _human(r: dict) -> str:
+    if "perplexity" in r:
+        score = f"perplexity {r['perplexity']:.3f} over {r['tokens']} tokens"
+    else:
+        score = f"accuracy {r['accuracy']:.4f}  macro-F1 {r['macro_f1']:.4f}  ({r['examples']} examples)"
+    return f"{r['model']}  {r['task']}  {r['data']}:{r['split']}  {score}  [{r['seconds']:.1f} s]"
+
+
+@click.command("eval")
+@options.model_argument
+@options.data
+@click.option("--split", type=click.Choice(["train", "validation", "test"]), default="test",
+              show_default=True, help="Which split to score.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--max-length", type=click.IntRange(min=2), default=None,
+              help="Tokens per text (classification, default 128) or per window (causal-lm, "
+                   "default 512).")
+@options.device()
+@options.loading
+@options.common
+@options.with_models
+def eval_command(ref, task, data, text_column, image_column, label_column, max_samples, seed,
+                 split, batch_size, max_length, device, allow_pickle, trust_remote_code, as_json):
+    """Score MODEL on a split of a dataset (accuracy and macro-F1, or perplexity)."""
+    from ..core.data import DEFAULT_DATA, load_data
+    from ..core.evaluate import evaluate
+    from ..core.loading import load_model, peek
+
+    source, _, _, task = peek(ref, task, trust_remote_code)
+    dataset = load_data(data or DEFAULT_DATA[task], task, text_column=text_column,
+                        image_column=image_column, label_column=label_column, seed=seed,
+                        max_samples=max_samples)
+    labels = dataset.label_names if task != "zero-shot-image-classification" else None
+    loaded = load_model(source, task, labels, device=device, seed=seed,
+                        allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    result = {"model": ref, **evaluate(loaded, dataset, split, batch_size=batch_size,
+                                       max_length=max_length),
+              "fresh_head": loaded.fresh_head, "data_info": dataset.info}
+    options.emit(result, as_json, _human)

@@ -1,0 +1,118 @@
+"""Options that several commands share, defined once."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+
+def _set_debug(ctx, _param, value):
+    if value:
+        ctx.meta["mmkit.debug"] = True
+    return value
+
+
+def common(func):
+    """--json and --debug, on every command."""
+    func = click.option("--json", "as_json", is_flag=True,
+                        help="Print one JSON object per result on stdout.")(func)
+    func = click.option("--debug", is_flag=True, expose_value=False, is_eager=True,
+                        callback=_set_debug, help="Show tracebacks on errors.")(func)
+    return func
+
+
+def model_argument(func):
+    """MODEL: a reference, or `-` to read artifact paths / JSON lines from stdin."""
+    return click.argument("model", default="minilm", required=False)(func)
+
+
+def loading(func):
+    """--trust-remote-code and --allow-pickle: both off unless asked for."""
+    func = click.option("--allow-pickle", is_flag=True,
+                        help="Allow loading pickle (.bin) weights. Only for files you trust.")(func)
+    func = click.option("--trust-remote-code", is_flag=True,
+                        help="Run model code shipped with a hub model. Only for code you trust.")(func)
+    return func
+
+
+def device(default: str = "cpu"):
+    """--device cpu|cuda|cuda:N|auto."""
+    return click.option("--device", default=default, show_default=True,
+                        help="Where to run: cpu, cuda, cuda:N or auto.")
+
+
+def data(func):
+    """Task and data selection, shared by every command that reads data."""
+    options = [
+        click.option("--task", default=None,
+                     help="text-classification, image-classification, "
+                          "zero-shot-image-classification or causal-lm (default: the model's)."),
+        click.option("--data", default=None,
+                     help="A bundled dataset name, a CSV / TSV / JSONL / parquet / text file, an "
+                          "image folder, or hf:<name>. Default: the task's bundled dataset."),
+        click.option("--text-column", default=None, help="Column holding the text."),
+        click.option("--image-column", default=None, help="Column holding image paths."),
+        click.option("--label-column", default=None, help="Column holding the label."),
+        click.option("--max-samples", type=click.IntRange(min=1), default=None,
+                     help="Use at most this many examples of each split."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed for the data split and any new weights."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def output(func):
+    """-o/--output and --overwrite, for commands that write an artifact."""
+    func = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")(func)
+    func = click.option("-o", "--output", "out", required=True, type=click.Path(),
+                        help="Folder to write the artifact to (created whole, or not at all).")(func)
+    return func
+
+
+def models_from(model: str) -> list[str]:
+    """The model references to work on: MODEL itself, or one per stdin line for `-`."""
+    if model != "-":
+        return [model]
+    refs = []
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("{"):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                raise click.BadParameter(f"stdin line is not valid JSON: {line[:80]}") from None
+            if "artifact" not in obj:
+                raise click.BadParameter("a JSON line on stdin has no 'artifact' key: "
+                                         f"{line[:80]}")
+            refs.append(obj["artifact"])
+        else:
+            refs.append(line)
+    if not refs:
+        raise click.BadParameter("MODEL is '-' but stdin held no artifact paths.")
+    return refs
+
+
+def emit(result: dict, as_json: bool, human) -> None:
+    """Print a result: one JSON line, or the short human form."""
+    if as_json:
+        click.echo(json.dumps(result, default=str))
+    else:
+        click.echo(human(result))
+
+
+def with_models(func):
+    """Call `func(ref=..., **kwargs)` once per model reference."""
+
+    @functools.wraps(func)
+    def wrapper(model, **kwargs):
+        for ref in models_from(model):
+            func(ref=ref, **kwargs)
+
+    return wrapper
