@@ -18,7 +18,7 @@ def _human(r: dict) -> str:
 
 @click.command("bench")
 @options.model_argument
-@click.option("--task", default=None, help="Which head to run (default: the model's task).")
+@options.task_option
 @click.option("--batch-size", type=click.IntRange(min=1), multiple=True, default=(1,),
               show_default=True, help="Batch size; repeat the option to measure several.")
 @click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True,

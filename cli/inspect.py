@@ -27,7 +27,7 @@ def _human(r: dict) -> str:
 
 @click.command("inspect")
 @options.model_argument
-@click.option("--task", default=None, help="Load the model for this task (default: its own).")
+@options.task_option
 @options.loading
 @options.common
 @options.with_models

@@ -8,6 +8,8 @@ import sys
 
 import click
 
+from ..core.loading import TASKS
+
 
 def _set_debug(ctx, _param, value):
     if value:
@@ -47,9 +49,8 @@ def device(default: str = "cpu"):
 def data(func):
     """Task and data selection, shared by every command that reads data."""
     options = [
-        click.option("--task", default=None,
-                     help="text-classification, image-classification, "
-                          "zero-shot-image-classification or causal-lm (default: the model's)."),
+        click.option("--task", type=click.Choice(TASKS), default=None,
+                     help="What to score (default: the model's own task)."),
         click.option("--data", default=None,
                      help="A bundled dataset name, a CSV / TSV / JSONL / parquet / text file, an "
                           "image folder, or hf:<name>. Default: the task's bundled dataset."),
@@ -97,6 +98,12 @@ def models_from(model: str) -> list[str]:
     if not refs:
         raise click.BadParameter("MODEL is '-' but stdin held no artifact paths.")
     return refs
+
+
+def task_option(func):
+    """--task for commands that only need to pick the head."""
+    return click.option("--task", type=click.Choice(TASKS), default=None,
+                        help="Load the model for this task (default: its own).")(func)
 
 
 def emit(result: dict, as_json: bool, human) -> None:

@@ -93,6 +93,8 @@ def parse_recipe(data: dict, where: str = "recipe") -> Recipe:
     """Validate a recipe mapping and every step's method and parameters (before any work)."""
     from .registry import build_config, get_method
 
+    raw_steps = data.get("steps") if isinstance(data.get("steps"), list) else []
+    lines = [getattr(step, "line", None) for step in raw_steps]  # before pydantic copies them
     try:
         recipe = Recipe(**data)
     except ValidationError as exc:
@@ -104,7 +106,7 @@ def parse_recipe(data: dict, where: str = "recipe") -> Recipe:
             msg = f"'{key}': {err['msg']}"
         raise InputError(f"{where}: {msg}.") from None
     for i, step in enumerate(recipe.steps, 1):
-        line = getattr(step, "line", None)
+        line = lines[i - 1] if i - 1 < len(lines) else None
         at = f"{where}, step {i}" + (f" (line {line})" if line else "")
         if not isinstance(step, dict) or "step" not in step:
             raise InputError(f"{at}: each step needs a 'step' key (finetune, prune, quantize, "

@@ -1,0 +1,79 @@
+"""Recipes: safe YAML, clear errors naming the step and line, shipped recipes run."""
+
+from pathlib import Path
+
+import pytest
+
+from conftest import read_manifest
+from mmkit.core.errors import InputError
+from mmkit.core.recipe import load_recipe, parse_recipe, run_recipe
+from mmkit.core.registry import all_methods, get_method, methods_for
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+TINY_FOR = {"minilm": "tiny:bert", "smollm2": "tiny:llama"}
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_step_names_the_steps(tmp_path):
+    path = _write(tmp_path, "model: tiny:bert\nsteps:\n  - step: distill\n")
+    with pytest.raises(InputError, match="Unknown recipe step 'distill'.*quantize"):
+        parse_recipe(load_recipe(path))
+
+
+def test_unknown_step_key_names_step_line_and_allowed_keys(tmp_path):
+    path = _write(tmp_path, "model: tiny:bert\nsteps:\n  - step: cast\n    dtype: fp16\n"
+                            "  - step: cast\n    dtpye: bf16\n")
+    with pytest.raises(InputError) as err:
+        parse_recipe(load_recipe(path), where=str(path))
+    msg = str(err.value)
+    assert "step 2 (line 5)" in msg and "unknown key 'dtpye'" in msg and "dtype" in msg
+
+
+def test_bad_value_and_unknown_recipe_key(tmp_path):
+    with pytest.raises(InputError, match="'dtype'"):
+        parse_recipe({"steps": [{"step": "cast", "dtype": "int3"}]})
+    with pytest.raises(InputError, match="unknown key 'modle'"):
+        parse_recipe({"modle": "tiny:bert"})
+    with pytest.raises(InputError, match="needs a 'step' key"):
+        parse_recipe({"steps": [{"dtype": "fp16"}]})
+    with pytest.raises(InputError, match="Unknown cast method"):
+        parse_recipe({"steps": [{"step": "cast", "method": "nope"}]})
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = _write(tmp_path, "model: tiny:bert\nsteps: [\n  - step: cast\n")
+    with pytest.raises(InputError, match="not valid YAML at line"):
+        load_recipe(path)
+
+
+def test_yaml_is_safe_loaded(tmp_path):
+    path = _write(tmp_path, "model: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(InputError, match="not valid YAML"):
+        load_recipe(path)
+
+
+def test_step_without_registered_methods_says_so():
+    with pytest.raises(InputError, match="No method is registered for step 'prune'"):
+        get_method("prune")
+
+
+def test_registry_lists_methods_by_kind():
+    assert {m.step for m in all_methods()} >= {"cast"}
+    assert get_method("cast") in methods_for("vision")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_run_on_a_tiny_model(path, tmp_path):
+    recipe = load_recipe(path)
+    recipe["model"] = TINY_FOR.get(recipe["model"], recipe["model"])
+    recipe["max_samples"] = 8
+    result = run_recipe(parse_recipe(recipe, where=path.name), tmp_path / "out")
+    manifest = read_manifest(result["artifact"])
+    assert [s["step"] for s in manifest["steps"]] == [s["step"] for s in recipe["steps"]]
+    if recipe.get("eval") is not None:
+        assert manifest["metrics"]
