@@ -16,9 +16,18 @@ from ..core.errors import MmkitError
 from . import bench, eval as eval_cmd, inspect, run
 
 
+class _StderrHandler(logging.Handler):
+    """Writes log records to the current stderr (click swaps it in tests and pipes)."""
+
+    def emit(self, record):
+        click.echo(self.format(record), err=True)
+
+
 def _setup_logging(debug: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
-                        format="%(message)s")
+    log = logging.getLogger("mmkit")
+    log.handlers[:] = [_StderrHandler()]
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.propagate = False
     for noisy in ("bitsandbytes", "torchao"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if not debug:

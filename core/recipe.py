@@ -16,6 +16,7 @@ Every command that produces a model builds a one-step recipe and calls `run_reci
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -23,6 +24,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import InputError
+
+log = logging.getLogger("mmkit")
 
 RECIPE_KEYS = ("model", "task", "data", "seed", "max_samples", "text_column", "image_column",
                "label_column", "steps", "eval")
@@ -162,12 +165,14 @@ def run_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False, device: s
     labels = dataset.label_names if dataset is not None else None
     if task == "zero-shot-image-classification":
         labels = None
+    log.info("loading %s for %s", recipe.model, task)
     loaded = load_model(source, task, labels, device=device, seed=recipe.seed,
                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     ctx = Context(device=device, seed=recipe.seed, dataset=dataset)
     done = []
     for method, cfg, _ in steps:
         ctx.report = {}
+        log.info("step %s:%s", method.step, method.name)
         start = time.perf_counter()
         loaded = method.apply(loaded, cfg, ctx)
         done.append({"step": method.step, "method": method.name,
@@ -175,12 +180,14 @@ def run_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False, device: s
                      "seconds": round(time.perf_counter() - start, 3), "report": ctx.report})
     metrics = []
     if recipe.eval is not None:
+        log.info("evaluating on the %s split", recipe.eval.split)
         metrics.append(evaluate(loaded, dataset, recipe.eval.split,
                                 batch_size=recipe.eval.batch_size,
                                 max_length=recipe.eval.max_length))
     resolved = recipe.model_dump(mode="json", exclude_none=True)
     resolved["task"] = task
     resolved["steps"] = [{"step": d["step"], "method": d["method"], **d["params"]} for d in done]
+    log.info("writing %s", out)
     path = write_artifact(loaded, out, recipe=resolved, steps=done, metrics=metrics,
                           data_info=dataset.info if dataset is not None else None,
                           overwrite=overwrite)
