@@ -159,3 +159,12 @@ def test_image_processor_round_trips(tiny_artifacts):
     proc = AutoImageProcessor.from_pretrained(tiny_artifacts["tiny:vit"])
     assert proc.size["height"] == 32
     assert json.loads((tiny_artifacts["tiny:clip"] / "mmkit.json").read_text())["kind"] == "clip"
+
+
+@pytest.mark.slow
+def test_minilm_artifact_round_trip(tmp_path):
+    result = run_recipe({"model": "minilm", "max_samples": 8, "steps": []}, tmp_path / "m")
+    original = load_model("minilm", labels=["negative", "positive"], seed=0)
+    reloaded = load_model(result["artifact"])
+    assert torch.equal(_outputs(original), _outputs(reloaded))
+    assert read_manifest(result["artifact"])["parent"]["weights_sha256"]
