@@ -4,8 +4,33 @@ Adding a method: write its module (config class + apply function), add one line 
 one row to the test matrix in tests/test_methods.py.
 """
 
+from ..adapters import peft_methods as pm
+from ..adapters.full import FullConfig, full_finetune
 from ..compression.cast import CastConfig, cast_
 from .registry import Method, register
 
+ALL = ("text-encoder", "vision", "clip", "causal-lm")
+TEXT = ("text-encoder", "causal-lm")
+
+# finetune: the default is LoRA
+register(Method("finetune", "lora", pm.LoraConfig, pm.make_apply("lora"),
+                "LoRA low-rank updates (rsLoRA, DoRA and QLoRA as options)", ALL, True),
+         default=True)
+register(Method("finetune", "dora", pm.LoraConfig, pm.make_apply("dora"),
+                "DoRA: LoRA on the direction, a trained magnitude per column", ALL, True))
+register(Method("finetune", "adalora", pm.AdaLoraConfig, pm.make_apply("adalora"),
+                "AdaLoRA: LoRA with an adaptive rank budget", ALL, True))
+register(Method("finetune", "vera", pm.VeraConfig, pm.make_apply("vera"),
+                "VeRA: shared random projections, trained scaling vectors", ALL, True))
+register(Method("finetune", "ia3", pm.IA3Config, pm.make_apply("ia3"),
+                "IA3: learned rescaling of keys, values and FFN activations", ALL, True))
+register(Method("finetune", "prompt", pm.PromptConfig, pm.make_apply("prompt"),
+                "prompt tuning: trained virtual input tokens (text models)", TEXT, True))
+register(Method("finetune", "prefix", pm.PrefixConfig, pm.make_apply("prefix"),
+                "prefix tuning: trained key/value prefixes in every layer (text models)", TEXT, True))
+register(Method("finetune", "full", FullConfig, full_finetune,
+                "full fine-tuning of every weight (the reference)", ALL, True))
+
+# cast
 register(Method("cast", "dtype", CastConfig, cast_,
                 "convert floating-point weights to float32 / float16 / bfloat16"), default=True)

@@ -132,13 +132,25 @@ def resolved_steps(recipe: Recipe) -> list[tuple]:
     return out
 
 
+def checkpoint_dir(out) -> Path:
+    """Where a run keeps its training checkpoints: `<OUT>.checkpoints` beside the output."""
+    out = Path(out).expanduser()
+    return out.parent / f"{out.name}.checkpoints"
+
+
 def run_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False, device: str = "cpu",
-               trust_remote_code: bool = False, allow_pickle: bool = False) -> dict:
+               trust_remote_code: bool = False, allow_pickle: bool = False,
+               resume: bool = False, callbacks=None) -> dict:
     """Run a recipe's steps on its model and write one artifact to `out`.
 
     Everything that can be checked is checked before the model is loaded: the recipe, each
-    step's parameters, the output path, the model reference, the task, the data.
+    step's parameters, the output path, the model reference, the task, the data. Training
+    steps checkpoint into `<OUT>.checkpoints`; `resume` continues from the last checkpoint
+    of the same run. The checkpoints are removed once the artifact is written.
     """
+    import shutil
+
+    from .train import run_fingerprint
     from .artifacts import check_output, write_artifact
     from .data import DEFAULT_DATA, load_data
     from .evaluate import evaluate
@@ -168,7 +180,15 @@ def run_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False, device: s
     log.info("loading %s for %s", recipe.model, task)
     loaded = load_model(source, task, labels, device=device, seed=recipe.seed,
                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    ctx = Context(device=device, seed=recipe.seed, dataset=dataset)
+    resolved = recipe.model_dump(mode="json", exclude_none=True)
+    resolved["task"] = task
+    workdir = checkpoint_dir(out)
+    if resume and not workdir.is_dir():
+        raise InputError(f"--resume: there are no checkpoints to resume at {workdir}. Run without "
+                         "--resume to start afresh.")
+    ctx = Context(device=device, seed=recipe.seed, dataset=dataset, workdir=workdir,
+                  fingerprint=run_fingerprint(resolved), resume=resume,
+                  callbacks=list(callbacks or []))
     done = []
     for method, cfg, _ in steps:
         ctx.report = {}
@@ -184,12 +204,11 @@ def run_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False, device: s
         metrics.append(evaluate(loaded, dataset, recipe.eval.split,
                                 batch_size=recipe.eval.batch_size,
                                 max_length=recipe.eval.max_length))
-    resolved = recipe.model_dump(mode="json", exclude_none=True)
-    resolved["task"] = task
     resolved["steps"] = [{"step": d["step"], "method": d["method"], **d["params"]} for d in done]
     log.info("writing %s", out)
     path = write_artifact(loaded, out, recipe=resolved, steps=done, metrics=metrics,
                           data_info=dataset.info if dataset is not None else None,
-                          overwrite=overwrite)
+                          overwrite=overwrite, fmt=loaded.extra.get("format", "hf-model"))
+    shutil.rmtree(workdir, ignore_errors=True)
     return {"artifact": str(path), "model": recipe.model, "task": task, "steps": done,
             "metrics": metrics}

@@ -42,7 +42,11 @@ class Context:
     device: str = "cpu"
     seed: int = 0
     dataset: object = None
-    workdir: object = None
+    workdir: object = None  # where a training step keeps its checkpoints
+    fingerprint: str = ""  # identifies the run, so --resume refuses another run's checkpoints
+    resume: bool = False
+    callbacks: list = field(default_factory=list)  # extra HF TrainerCallbacks
+    options: dict = field(default_factory=dict)
     report: dict = field(default_factory=dict)
 
 

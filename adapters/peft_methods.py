@@ -1,0 +1,189 @@
+"""PEFT methods through the peft library: LoRA (with rsLoRA / DoRA), AdaLoRA, VeRA, IA3,
+prompt tuning and prefix tuning. The artifact is a peft adapter folder that
+`PeftModel.from_pretrained(base, folder)` loads.
+
+References: LoRA (Hu et al. 2021), rsLoRA (Kalajdzievski 2023), DoRA (Liu et al. 2024),
+AdaLoRA (Zhang et al. 2023), VeRA (Kopiczko et al. 2024), IA3 (Liu et al. 2022),
+prompt tuning (Lester et al. 2021), prefix tuning (Li & Liang 2021).
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from ..core.errors import InputError
+from ..core.train import TrainingConfig, clip_classifier, train
+from .targets import check_targets, ia3_targets
+
+TEXT_ONLY = ("text-encoder", "causal-lm")
+
+
+class LoraConfig(TrainingConfig):
+    """LoRA: rank-r updates B·A on the target layers, scaled by alpha / r (or / sqrt(r))."""
+
+    r: int = Field(16, ge=1)
+    alpha: float | None = Field(None, gt=0, description="default: 2 x r")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+    rslora: bool = False
+    dora: bool = False
+    bits: int | None = Field(None, description="QLoRA: load the base in 4 or 8 bits")
+
+    @model_validator(mode="after")
+    def _bits(self):
+        if self.bits not in (None, 4, 8):
+            raise ValueError(f"bits must be 4 or 8 (QLoRA through bitsandbytes), not {self.bits}")
+        return self
+
+
+class AdaLoraConfig(TrainingConfig):
+    """AdaLoRA: LoRA whose rank budget moves to the layers that need it during training."""
+
+    init_r: int = Field(12, ge=1)
+    target_r: int = Field(8, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+
+    @model_validator(mode="after")
+    def _ranks(self):
+        if self.target_r > self.init_r:
+            raise ValueError("target_r must not exceed init_r")
+        return self
+
+
+class VeraConfig(TrainingConfig):
+    """VeRA: frozen shared random projections, trained per-layer scaling vectors."""
+
+    r: int = Field(256, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+
+
+class IA3Config(TrainingConfig):
+    """IA3: learned vectors that rescale keys, values and FFN activations."""
+
+    target_modules: list[str] | None = None
+    feedforward_modules: list[str] | None = None
+
+
+class PromptConfig(TrainingConfig):
+    """Prompt tuning: trained virtual tokens prepended to the input (text models only)."""
+
+    virtual_tokens: int = Field(20, ge=1)
+
+    @model_validator(mode="after")
+    def _no_merge(self):
+        if self.merge:
+            raise ValueError("prompt and prefix tuning cannot be merged into the weights (they "
+                             "add tokens, not weight changes); drop merge")
+        return self
+
+
+class PrefixConfig(PromptConfig):
+    """Prefix tuning: trained key / value prefixes in every layer (text models only)."""
+
+
+def _task_type(loaded):
+    from peft import TaskType
+
+    return {"text-classification": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM}.get(loaded.task)
+
+
+def _head_names(loaded) -> list[str] | None:
+    """Modules trained in full beside the adapter: a new task head must learn."""
+    if loaded.task == "image-classification":
+        return ["classifier"]
+    return None  # peft's SEQ_CLS already keeps classifier / score trainable
+
+
+def _peft_config(method: str, cfg, loaded):
+    import peft
+
+    common = {"task_type": _task_type(loaded)}
+    if method in ("lora", "dora"):
+        check_targets(loaded.model, cfg.target_modules, method)
+        return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha or 2 * cfg.r,
+                               lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+                               use_rslora=cfg.rslora, use_dora=cfg.dora or method == "dora",
+                               modules_to_save=_head_names(loaded), **common)
+    if method == "adalora":
+        check_targets(loaded.model, cfg.target_modules, method)
+        return peft.AdaLoraConfig(init_r=cfg.init_r, target_r=cfg.target_r,
+                                  lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                  target_modules=cfg.target_modules, total_step=None,
+                                  modules_to_save=_head_names(loaded), **common)
+    if method == "vera":
+        check_targets(loaded.model, cfg.target_modules, method)
+        return peft.VeraConfig(r=cfg.r, vera_dropout=cfg.dropout, target_modules=cfg.target_modules,
+                               modules_to_save=_head_names(loaded), **common)
+    if method == "ia3":
+        targets, ff = ia3_targets(loaded.family)
+        targets, ff = cfg.target_modules or targets, cfg.feedforward_modules or ff
+        check_targets(loaded.model, targets, method)
+        return peft.IA3Config(target_modules=targets, feedforward_modules=ff,
+                              modules_to_save=_head_names(loaded), **common)
+    if method in ("prompt", "prefix"):
+        if loaded.kind not in TEXT_ONLY:
+            raise InputError(f"--{method} tuning works on text models only (peft's prompt methods "
+                             f"need token inputs); this is a {loaded.kind} model. For ViT use "
+                             "--vpt (visual prompt tuning).")
+        cls = peft.PromptTuningConfig if method == "prompt" else peft.PrefixTuningConfig
+        return cls(num_virtual_tokens=cfg.virtual_tokens, **common)
+    raise ValueError(method)
+
+
+DEFAULT_LR = {"lora": 5e-4, "dora": 5e-4, "adalora": 1e-3, "vera": 4e-3, "ia3": 3e-3,
+              "prompt": 3e-2, "prefix": 1e-2}
+
+
+class _AdaLoraAllocator:
+    """Calls AdaLoRA's rank allocation after each backward, before the optimizer step."""
+
+    def __new__(cls, peft_model):
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def on_pre_optimizer_step(self, args, state, control, **kwargs):
+                peft_model.base_model.update_and_allocate(state.global_step)
+
+        return Callback()
+
+
+def make_apply(method: str):
+    """The apply function of one peft method."""
+
+    def apply(loaded, cfg, ctx):
+        import peft
+
+        pconfig = _peft_config(method, cfg, loaded)
+        if method == "adalora":
+            import math
+
+            n = len(ctx.dataset.split("train"))
+            steps = cfg.max_steps or math.ceil(n / (cfg.batch_size * cfg.grad_accum) * cfg.epochs)
+            pconfig.total_step = max(steps, 2)
+            pconfig.tinit = min(pconfig.tinit, steps // 4)
+            pconfig.tfinal = min(pconfig.tfinal, steps // 4)
+        if getattr(loaded.model, "is_loaded_in_4bit", False) or getattr(loaded.model, "is_loaded_in_8bit", False):
+            loaded.model = peft.prepare_model_for_kbit_training(loaded.model,
+                                                                use_gradient_checkpointing=False)
+        model = peft.get_peft_model(loaded.model, pconfig)
+        trained = model
+        if loaded.task == "zero-shot-image-classification":
+            trained = clip_classifier(model, loaded.tokenizer, ctx.dataset.label_names,
+                                      ctx.options.get("template", "a photo of {}."))
+        if method == "adalora":
+            ctx.callbacks.append(_AdaLoraAllocator(model))
+        ctx.report.update(train(loaded, trained, cfg, ctx, DEFAULT_LR[method]))
+        model.eval()
+        if cfg.merge:
+            loaded.model = model.merge_and_unload()
+            ctx.report["merged"] = True
+        else:
+            loaded.model = model
+            loaded.extra["format"] = "peft-adapter"
+        return loaded
+
+    apply.__name__ = f"{method}_finetune"
+    return apply

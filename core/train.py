@@ -1,0 +1,238 @@
+"""The training loop every fine-tuning method shares: HF Trainer with dynamic padding,
+length-grouped batches, a learning-rate schedule, evaluation each epoch, the best checkpoint
+kept, and resume from the last checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from .errors import InputError
+from .registry import MethodConfig
+
+log = logging.getLogger("mmkit")
+RUN_FILE = "mmkit-run.json"
+
+
+class TrainingConfig(MethodConfig):
+    """Training settings every fine-tuning method takes."""
+
+    epochs: float = Field(3.0, gt=0)
+    lr: float | None = Field(None, gt=0, description="default: the method's own")
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(128, ge=2)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup: float = Field(0.06, ge=0, lt=1, description="fraction of steps")
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    grad_accum: int = Field(1, ge=1)
+    save_steps: int | None = Field(None, ge=1, description="also checkpoint every N steps")
+    max_steps: int | None = Field(None, ge=1)
+    merge: bool = False
+
+
+# ---------------------------------------------------------------- data
+class _Items:
+    """A list of dict examples as a torch map-style dataset."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _text_items(loaded, split, max_length):
+    enc = loaded.tokenizer(split.inputs, truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    return [{**{k: enc[k][i] for k in keys}, "labels": split.labels[i]} for i in range(len(split))]
+
+
+def _lm_items(loaded, split, max_length):
+    from .tasks.causal_lm import max_positions, token_stream, windows
+
+    seq = min(max_length, max_positions(loaded.model.config))
+    return [{"input_ids": w} for w in windows(token_stream(loaded, split.inputs), seq)]
+
+
+def build_items(loaded, split, max_length):
+    """Training examples for the loaded model's task."""
+    if loaded.task == "text-classification":
+        return _Items(_text_items(loaded, split, max_length))
+    if loaded.task == "causal-lm":
+        return _Items(_lm_items(loaded, split, max_length))
+    return _Items([{"image": x, "labels": y} for x, y in zip(split.inputs, split.labels)])
+
+
+class Collator:
+    """Pads a batch to its longest member (dynamic padding); runs image processors lazily."""
+
+    def __init__(self, loaded):
+        self.loaded = loaded
+
+    def __call__(self, batch):
+        import torch
+
+        if "image" in batch[0]:
+            from .tasks.common import as_rgb
+
+            pixels = self.loaded.image_processor(images=[as_rgb(b["image"]) for b in batch],
+                                                 return_tensors="pt")["pixel_values"]
+            return {"pixel_values": pixels, "labels": torch.tensor([b["labels"] for b in batch])}
+        pad = self.loaded.tokenizer.pad_token_id or 0
+        width = max(len(b["input_ids"]) for b in batch)
+        out = {"input_ids": torch.full((len(batch), width), pad, dtype=torch.long),
+               "attention_mask": torch.zeros(len(batch), width, dtype=torch.long)}
+        if "token_type_ids" in batch[0]:
+            out["token_type_ids"] = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, b in enumerate(batch):
+            n = len(b["input_ids"])
+            out["input_ids"][row, :n] = torch.tensor(b["input_ids"])
+            out["attention_mask"][row, :n] = 1
+            if "token_type_ids" in b:
+                out["token_type_ids"][row, :n] = torch.tensor(b["token_type_ids"])
+        if "labels" in batch[0]:
+            out["labels"] = torch.tensor([b["labels"] for b in batch])
+        else:  # causal LM: predict every real token, ignore padding
+            out["labels"] = out["input_ids"].masked_fill(out["attention_mask"] == 0, -100)
+        return out
+
+
+# ---------------------------------------------------------------- CLIP as a classifier
+def clip_classifier(model, tokenizer, label_names, template):
+    """Wrap a CLIPModel so that it returns class logits (image vs. prompt similarity) and a
+    cross-entropy loss: the objective for fine-tuning CLIP on labelled images."""
+    import torch
+
+    from .tasks.zero_shot import prompts
+
+    class ClipClassifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.clip = model
+            self.prompt_ids = tokenizer(prompts(label_names, template), padding=True,
+                                        return_tensors="pt")
+
+        def forward(self, pixel_values, labels=None):
+            text = {k: v.to(pixel_values.device) for k, v in self.prompt_ids.items()}
+            out = self.clip(pixel_values=pixel_values, **text)
+            logits = out.logits_per_image
+            loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
+            return {"loss": loss, "logits": logits}
+
+    return ClipClassifier()
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+def run_fingerprint(recipe: dict) -> str:
+    """Identifies a run: the same recipe (model, data, steps) gives the same fingerprint."""
+    text = json.dumps(recipe, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def prepare_checkpoints(workdir: Path, fingerprint: str, resume: bool) -> str | None:
+    """Check or create the checkpoint folder; return the checkpoint to resume from."""
+    marker = workdir / RUN_FILE
+    if resume:
+        if not marker.is_file():
+            raise InputError(f"--resume: {workdir} is not a checkpoint folder of an mmkit run "
+                             f"(no {RUN_FILE}). Run without --resume to start afresh.")
+        recorded = json.loads(marker.read_text()).get("fingerprint")
+        if recorded != fingerprint:
+            raise InputError(f"--resume: {workdir} holds checkpoints of a different run (its "
+                             "model, data or settings differ). Resume with the same command, or "
+                             "run without --resume to start afresh.")
+        found = sorted(workdir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        return str(found[-1]) if found else None
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    marker.write_text(json.dumps({"fingerprint": fingerprint}))
+    return None
+
+
+def _compute_metrics(task):
+    import numpy as np
+
+    from .tasks.common import classification_metrics
+
+    def compute(pred):
+        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        metrics = classification_metrics(pred.label_ids.tolist(), np.argmax(logits, -1).tolist())
+        return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+
+    return None if task == "causal-lm" else compute
+
+
+def train(loaded, model, cfg: TrainingConfig, ctx, default_lr: float) -> dict:
+    """Train `model` (the loaded model, possibly wrapped) on ctx.dataset; return a report.
+
+    Evaluates on the validation split each epoch and ends with the best epoch's weights.
+    """
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    dataset = ctx.dataset
+    train_items = build_items(loaded, dataset.split("train"), cfg.max_length)
+    eval_items = build_items(loaded, dataset.split("validation"), cfg.max_length)
+    if len(train_items) == 0:
+        raise InputError("The training split is empty; use more data.")
+    labels = dataset.split("train").labels
+    if labels is not None and len(set(labels)) < 2:
+        raise InputError(f"The training data has a single class ({dataset.label_names[labels[0]]}"
+                         "); a classifier needs at least two. Check the label column.")
+    classify = loaded.task != "causal-lm"
+    workdir = Path(ctx.workdir)
+    resume_from = prepare_checkpoints(workdir, ctx.fingerprint, ctx.resume)
+    set_seed(ctx.seed)
+    steps_per_epoch = math.ceil(len(train_items) / (cfg.batch_size * cfg.grad_accum))
+    total = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
+    has_ids = "input_ids" in train_items[0]
+    args = TrainingArguments(
+        output_dir=str(workdir), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
+        learning_rate=cfg.lr or default_lr, per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        weight_decay=cfg.weight_decay, warmup_steps=int(cfg.warmup * total),
+        lr_scheduler_type=cfg.scheduler, eval_strategy="epoch",
+        save_strategy="steps" if cfg.save_steps else "epoch", save_steps=cfg.save_steps or 500,
+        save_total_limit=2, load_best_model_at_end=True,
+        metric_for_best_model="accuracy" if classify else "loss", greater_is_better=classify,
+        train_sampling_strategy="group_by_length" if has_ids else "random",
+        seed=ctx.seed, data_seed=ctx.seed, report_to="none", logging_strategy="epoch",
+        disable_tqdm=True, remove_unused_columns=False, use_cpu=ctx.device == "cpu",
+        dataloader_num_workers=0, label_names=["labels"],
+    )
+    if cfg.save_steps:
+        args.eval_strategy = "steps"
+        args.eval_steps = cfg.save_steps
+    trainer = Trainer(model=model, args=args, train_dataset=train_items, eval_dataset=eval_items,
+                      data_collator=Collator(loaded), compute_metrics=_compute_metrics(loaded.task),
+                      callbacks=list(ctx.callbacks))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total_params = sum(p.numel() for p in model.parameters())
+    log.info("training %s of %s parameters (%.2f%%), %d examples, %s epochs%s", f"{trainable:,}",
+             f"{total_params:,}", 100 * trainable / total_params, len(train_items), cfg.epochs,
+             f", resuming from {resume_from}" if resume_from else "")
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    history = [h for h in trainer.state.log_history if "eval_loss" in h]
+    return {
+        "trainable_parameters": trainable, "total_parameters": total_params,
+        "trainable_percent": 100 * trainable / total_params, "epochs": cfg.epochs,
+        "steps": trainer.state.global_step, "train_examples": len(train_items),
+        "train_loss": result.training_loss,
+        "train_seconds": result.metrics.get("train_runtime"),
+        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        "best_checkpoint_metric": trainer.state.best_metric,
+        "validation_history": [{k: v for k, v in h.items() if k.startswith("eval_") or k == "epoch"}
+                               for h in history],
+        "lr": cfg.lr or default_lr, "resumed_from": resume_from,
+        "device": str(next(model.parameters()).device),
+    }
