@@ -97,7 +97,14 @@ def _head_names(loaded) -> list[str] | None:
     return None  # peft's SEQ_CLS already keeps classifier / score trainable
 
 
-def _peft_config(method: str, cfg, loaded):
+def _total_steps(cfg, ctx) -> int:
+    import math
+
+    n = len(ctx.dataset.split("train"))
+    return cfg.max_steps or math.ceil(n / (cfg.batch_size * cfg.grad_accum) * cfg.epochs)
+
+
+def _peft_config(method: str, cfg, loaded, ctx):
     import peft
 
     common = {"task_type": _task_type(loaded)}
@@ -109,9 +116,12 @@ def _peft_config(method: str, cfg, loaded):
                                modules_to_save=_head_names(loaded), **common)
     if method == "adalora":
         check_targets(loaded.model, cfg.target_modules, method)
+        steps = max(_total_steps(cfg, ctx), 4)
+        # rank pruning happens between a warm-up and a final phase, a quarter of training each
         return peft.AdaLoraConfig(init_r=cfg.init_r, target_r=cfg.target_r,
                                   lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                  target_modules=cfg.target_modules, total_step=None,
+                                  target_modules=cfg.target_modules, total_step=steps,
+                                  tinit=steps // 4, tfinal=steps // 4, deltaT=1,
                                   modules_to_save=_head_names(loaded), **common)
     if method == "vera":
         check_targets(loaded.model, cfg.target_modules, method)
@@ -156,15 +166,7 @@ def make_apply(method: str):
     def apply(loaded, cfg, ctx):
         import peft
 
-        pconfig = _peft_config(method, cfg, loaded)
-        if method == "adalora":
-            import math
-
-            n = len(ctx.dataset.split("train"))
-            steps = cfg.max_steps or math.ceil(n / (cfg.batch_size * cfg.grad_accum) * cfg.epochs)
-            pconfig.total_step = max(steps, 2)
-            pconfig.tinit = min(pconfig.tinit, steps // 4)
-            pconfig.tfinal = min(pconfig.tfinal, steps // 4)
+        pconfig = _peft_config(method, cfg, loaded, ctx)
         if getattr(loaded.model, "is_loaded_in_4bit", False) or getattr(loaded.model, "is_loaded_in_8bit", False):
             loaded.model = peft.prepare_model_for_kbit_training(loaded.model,
                                                                 use_gradient_checkpointing=False)

@@ -175,8 +175,7 @@ def peek(ref: str | ModelSource, task: str | None = None, trust_remote_code: boo
     """
     source = ref if isinstance(ref, ModelSource) else resolve(ref)
     if source.is_adapter:
-        raise InputError(f"'{source.ref}' is a peft adapter folder; load it with "
-                         "`PeftModel.from_pretrained(base, folder)` or pass its base model.")
+        source = _adapter_base(source)
     config = _load_config(source, trust_remote_code)
     kind = model_kind(config)
     manifest_task = (source.manifest.get("task") or {}).get("name")
@@ -190,6 +189,37 @@ def peek(ref: str | ModelSource, task: str | None = None, trust_remote_code: boo
                          f"({config.model_type}); it takes {', '.join(TASK_KINDS[task])} models. "
                          f"Use --task {DEFAULT_TASK.get(kind, '...')}.")
     return source, config, kind, task
+
+
+def _adapter_base(adapter: ModelSource) -> ModelSource:
+    """For an adapter folder: the base model it was trained on (from the manifest, else from
+    adapter_config.json), carrying the adapter's manifest so task and labels follow it."""
+    import json
+
+    parent = (adapter.manifest.get("parent") or {}).get("ref")
+    if not parent:
+        cfg = json.loads(Path(adapter.path, "adapter_config.json").read_text())
+        parent = cfg.get("base_model_name_or_path")
+    if not parent:
+        raise InputError(f"'{adapter.ref}' is an adapter folder that does not say which base "
+                         "model it belongs to; load it with `PeftModel.from_pretrained(base, "
+                         "folder)`.")
+    base = resolve(parent)
+    if base.adapter is not None or base.is_adapter:
+        raise InputError(f"'{adapter.ref}' sits on another adapter ({parent}); merge that one "
+                         "first (finetune --merge).")
+    base.adapter = adapter
+    base.manifest = adapter.manifest or base.manifest
+    return base
+
+
+def _attach_adapter(model, adapter: ModelSource):
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter.path)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise InputError(f"Cannot load the adapter '{adapter.ref}' onto its base: {exc}") from None
 
 
 def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str] | None = None,
@@ -207,6 +237,10 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
     import torch
 
     source, config, kind, task = peek(ref, task, trust_remote_code)
+    if source.adapter is not None:
+        # the base grows the head the adapter was trained with (peft restores its weights)
+        labels = labels or (source.manifest.get("task") or {}).get("labels")
+        seed = (source.manifest.get("parent") or {}).get("seed", seed)
     has_head = head_task(config) == task and task.endswith("classification")
     bare = not task_head and not has_head and task.endswith("classification")
     head_labels = None if bare else _head_labels(config, labels, task, has_head, source.ref)
@@ -219,6 +253,11 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
         if source.kind != "hub":
             check_weights(source, allow_pickle)
         model = _from_pretrained(cls, source, config, dtype, allow_pickle, trust_remote_code)
+    adapter = source.adapter
+    if adapter is not None:
+        check_weights(adapter, allow_pickle)
+        model = _attach_adapter(model, adapter)
+        source = adapter
     model.eval()
     if device != "cpu":
         model.to(device)

@@ -30,6 +30,7 @@ class ModelSource:
     path: str | None = None
     family: str | None = None  # for tiny
     manifest: dict = field(default_factory=dict)
+    adapter: "ModelSource | None" = None  # set on a base model when an adapter goes on top
 
     @property
     def is_adapter(self) -> bool:

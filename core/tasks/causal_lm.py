@@ -54,6 +54,7 @@ def evaluate(loaded, split, batch_size: int = 8, max_length: int = DEFAULT_SEQ_L
         ids, mask = ids.to(device), mask.to(device)
         with torch.inference_mode():
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        logits = logits[:, -ids.size(1):]  # prompt tuning prepends virtual-token positions
         target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), target.reshape(-1),
                                ignore_index=-100, reduction="sum")
