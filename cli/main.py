@@ -13,7 +13,7 @@ import sys
 import click
 
 from ..core.errors import MmkitError
-from . import bench, eval as eval_cmd, inspect, run
+from . import bench, eval as eval_cmd, finetune, inspect, run
 
 
 class _StderrHandler(logging.Handler):
@@ -31,6 +31,10 @@ def _setup_logging(debug: bool) -> None:
     for noisy in ("bitsandbytes", "torchao"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if not debug:
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="peft")
         # Read by transformers / huggingface_hub when the commands import them.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -88,6 +92,7 @@ def cli(ctx, debug):
 
 cli.add_command(eval_cmd.eval_command)
 cli.add_command(bench.bench_command)
+cli.add_command(finetune.finetune_command)
 cli.add_command(inspect.inspect_command)
 cli.add_command(run.run_command)
 

@@ -166,7 +166,8 @@ def run_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False, device: s
     for method, _, _ in steps:
         if kind not in method.kinds:
             raise InputError(f"{method.step} {method.name} does not apply to '{recipe.model}', a "
-                             f"{kind} model; it applies to {', '.join(method.kinds)}.")
+                             f"{kind} model; it applies to {', '.join(method.kinds)}. "
+                             f"{method.hint}".strip())
     needs_data = (recipe.eval is not None or task.endswith("classification")
                   or any(m.needs_data for m, _, _ in steps))
     dataset = None

@@ -33,6 +33,7 @@ class Method:
     summary: str
     kinds: tuple[str, ...] = ("text-encoder", "vision", "clip", "causal-lm")
     needs_data: bool = False
+    hint: str = ""  # what to use instead on the kinds it does not apply to
 
 
 @dataclass
@@ -106,10 +107,11 @@ def build_config(method: Method, params: dict, where: str) -> MethodConfig:
         allowed = ", ".join(method.config.model_fields) or "none"
         problems = []
         for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "(config)"
+            key = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 problems.append(f"unknown key '{key}'")
             else:
-                problems.append(f"'{key}': {err['msg']}")
+                problems.append(f"'{key}': {msg}" if key else msg)
         raise InputError(f"{where}: {'; '.join(problems)}. Keys that {method.step} "
                          f"{method.name} takes: {allowed}.") from None

@@ -160,6 +160,20 @@ def prepare_checkpoints(workdir: Path, fingerprint: str, resume: bool) -> str | 
     return None
 
 
+def _LogCallback():
+    """Logs each evaluation to mmkit's logger (stderr)."""
+    from transformers import TrainerCallback
+
+    class LogCallback(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            shown = {k[5:]: round(v, 4) for k, v in (metrics or {}).items()
+                     if k in ("eval_loss", "eval_accuracy", "eval_macro_f1")}
+            log.info("epoch %.2f step %d: validation %s", state.epoch or 0, state.global_step,
+                     shown)
+
+    return LogCallback()
+
+
 def _compute_metrics(task):
     import numpy as np
 
@@ -178,7 +192,7 @@ def train(loaded, model, cfg: TrainingConfig, ctx, default_lr: float) -> dict:
 
     Evaluates on the validation split each epoch and ends with the best epoch's weights.
     """
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
     dataset = ctx.dataset
     train_items = build_items(loaded, dataset.split("train"), cfg.max_length)
@@ -216,6 +230,8 @@ def train(loaded, model, cfg: TrainingConfig, ctx, default_lr: float) -> dict:
     trainer = Trainer(model=model, args=args, train_dataset=train_items, eval_dataset=eval_items,
                       data_collator=Collator(loaded), compute_metrics=_compute_metrics(loaded.task),
                       callbacks=list(ctx.callbacks))
+    trainer.remove_callback(PrinterCallback)  # it prints to stdout, which carries results only
+    trainer.add_callback(_LogCallback())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
     log.info("training %s of %s parameters (%.2f%%), %d examples, %s epochs%s", f"{trainable:,}",
