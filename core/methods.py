@@ -28,9 +28,11 @@ register(Method("finetune", "vera", pm.VeraConfig, pm.make_apply("vera"),
 register(Method("finetune", "ia3", pm.IA3Config, pm.make_apply("ia3"),
                 "IA3: learned rescaling of keys, values and FFN activations", ALL, True))
 register(Method("finetune", "prompt", pm.PromptConfig, pm.make_apply("prompt"),
-                "prompt tuning: trained virtual input tokens (text models)", TEXT, True))
+                "prompt tuning: trained virtual input tokens (text models)", TEXT, True,
+                hint="For ViT use --vpt (visual prompt tuning)."))
 register(Method("finetune", "prefix", pm.PrefixConfig, pm.make_apply("prefix"),
-                "prefix tuning: trained key/value prefixes in every layer (text models)", TEXT, True))
+                "prefix tuning: trained key/value prefixes in every layer (text models)", TEXT, True,
+                hint="For ViT use --vpt (visual prompt tuning)."))
 register(Method("finetune", "full", FullConfig, full_finetune,
                 "full fine-tuning of every weight (the reference)", ALL, True))
 

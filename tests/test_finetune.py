@@ -1,0 +1,192 @@
+"""finetune: the method x family matrix, save/load, merge, resume, and bad input."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import TINY, TINY_DATA
+from mmkit.cli.main import cli
+from mmkit.core.artifacts import write_artifact
+from mmkit.core.data import load_data
+from mmkit.core.errors import InputError
+from mmkit.core.loading import load_model, peek
+from mmkit.core.recipe import run_recipe
+from mmkit.core.registry import Context, build_config, get_method
+from mmkit.core.tasks import get_task
+
+PEFT = ["lora", "dora", "adalora", "vera", "ia3", "prompt", "prefix"]
+MERGEABLE = ["lora", "dora", "adalora", "vera", "ia3"]
+
+
+def _applies(method, ref):
+    kind = peek(ref)[2]
+    return kind in get_method("finetune", method).kinds
+
+
+CASES = [(m, r) for m in PEFT + ["full"] for r in TINY if _applies(m, r)]
+
+
+def _train(method, ref, tmp_path, **params):
+    task = peek(ref)[3]
+    ds = load_data(TINY_DATA[ref], task, max_samples=16)
+    labels = None if task.startswith("zero-shot") else ds.label_names
+    loaded = load_model(ref, task, labels)
+    before = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
+    m = get_method("finetune", method)
+    cfg = build_config(m, {"max_steps": 3, "batch_size": 4, "max_length": 32, "lr": 1e-2,
+                           **params}, "test")
+    ctx = Context(dataset=ds, workdir=tmp_path / "ckpt", fingerprint="t")
+    loaded = m.apply(loaded, cfg, ctx)
+    return loaded, before, ctx.report
+
+
+def _outputs(loaded):
+    batch = get_task(loaded.task).dummy_batch(loaded, 2, 12)
+    with torch.no_grad():
+        out = loaded.model(**batch)
+    return out.logits if getattr(out, "logits", None) is not None else out.logits_per_image
+
+
+def _base_params(model):
+    """Base weights by their plain names (peft's wrappers and adapter weights stripped)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out = {}
+    for name, value in base.state_dict().items():
+        if any(t in name for t in ("lora_", "vera_", "ia3_", "modules_to_save", "magnitude")):
+            continue
+        out[name.replace(".base_layer", "").replace(".original_module", "")] = value
+    return out
+
+
+@pytest.mark.parametrize("method,ref", CASES, ids=[f"{m}-{r[5:]}" for m, r in CASES])
+def test_method_trains_only_what_it_should_and_round_trips(method, ref, tmp_path):
+    loaded, before, report = _train(method, ref, tmp_path)
+    assert torch.isfinite(torch.tensor(report["train_loss"]))
+    assert 0 < report["trainable_parameters"] <= report["total_parameters"]
+    base = _base_params(loaded.model)
+    changed = [k for k, v in base.items() if k in before and not torch.equal(v, before[k])]
+    head = ("classifier", "score")
+    if method == "full":
+        assert len(changed) > len(base) // 2
+    else:  # the backbone is frozen; only a new task head may move
+        assert all(k.split(".")[0] in head or ".classifier." in k for k in changed), changed
+        assert report["trainable_parameters"] < report["total_parameters"]
+    expected = _outputs(loaded)
+    out = write_artifact(loaded, tmp_path / "art", recipe={"model": ref, "seed": 0}, steps=[],
+                         metrics=[], fmt=loaded.extra.get("format", "hf-model"))
+    reloaded = load_model(str(out))
+    assert torch.allclose(_outputs(reloaded), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", MERGEABLE)
+@pytest.mark.parametrize("ref", ["tiny:bert", "tiny:llama", "tiny:vit"])
+def test_merged_equals_unmerged(method, ref, tmp_path):
+    if not _applies(method, ref):
+        pytest.skip("method does not apply")
+    loaded, _, _ = _train(method, ref, tmp_path)
+    unmerged = _outputs(loaded)
+    loaded.model = loaded.model.merge_and_unload()
+    assert type(loaded.model).__name__.startswith(("Bert", "Llama", "ViT"))
+    assert torch.allclose(_outputs(loaded), unmerged, atol=1e-4)
+
+
+def test_merge_option_writes_a_plain_model(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    result = run_recipe({"model": "tiny:bert", "max_samples": 16, "steps": [
+        {"step": "finetune", "method": "lora", "max_steps": 2, "merge": True}]}, tmp_path / "m")
+    plain = AutoModelForSequenceClassification.from_pretrained(result["artifact"])
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+
+
+def test_peft_artifact_opens_with_plain_peft(tmp_path):
+    import peft
+    from transformers import AutoModelForSequenceClassification
+
+    result = run_recipe({"model": "tiny:bert", "max_samples": 16, "seed": 0, "steps": [
+        {"step": "finetune", "method": "lora", "max_steps": 2, "lr": 1e-2}]}, tmp_path / "a")
+    base = load_model("tiny:bert", labels=["negative", "positive"], seed=0).model
+    model = peft.PeftModel.from_pretrained(base, result["artifact"]).eval()
+    ours = load_model(result["artifact"])
+    batch = get_task("text-classification").dummy_batch(ours, 2, 10)
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, ours.model(**batch).logits, atol=1e-6)
+
+
+def test_resume_ends_where_the_uninterrupted_run_ends(tmp_path):
+    from transformers import TrainerCallback
+
+    recipe = {"model": "tiny:bert", "max_samples": 48, "steps": [
+        {"step": "finetune", "method": "lora", "epochs": 3, "batch_size": 8, "lr": 5e-3}]}
+    straight = run_recipe(recipe, tmp_path / "straight")
+
+    class Interrupt(TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            if state.epoch >= 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, tmp_path / "cut", callbacks=[Interrupt()])
+    assert not (tmp_path / "cut").exists() and (tmp_path / "cut.checkpoints").is_dir()
+    resumed = run_recipe(recipe, tmp_path / "cut", resume=True)
+    assert resumed["steps"][0]["report"]["resumed_from"].endswith("checkpoint-12")
+    assert not (tmp_path / "cut.checkpoints").exists()
+    a = load_model(straight["artifact"])
+    b = load_model(resumed["artifact"])
+    for (na, pa), (nb, pb) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert na == nb and torch.allclose(pa, pb, atol=1e-6), na
+
+
+def test_resume_refuses_another_runs_checkpoints(tmp_path):
+    from transformers import TrainerCallback
+
+    class Stop(TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            raise KeyboardInterrupt
+
+    recipe = {"model": "tiny:bert", "max_samples": 16, "steps": [
+        {"step": "finetune", "method": "lora", "epochs": 2}]}
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, tmp_path / "o", callbacks=[Stop()])
+    recipe["steps"][0]["epochs"] = 5
+    with pytest.raises(InputError, match="different run"):
+        run_recipe(recipe, tmp_path / "o", resume=True)
+    with pytest.raises(InputError, match="no checkpoints"):
+        run_recipe(recipe, tmp_path / "never", resume=True)
+
+
+# ---------------------------------------------------------------- CLI
+def _cli(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_cli_finetune_json(tmp_path):
+    result = _cli("finetune", "tiny:gpt2", "--lora", "--r", 4, "--max-steps", 2,
+                  "--max-samples", 4, "--max-length", 32, "-o", tmp_path / "o", "--json")
+    assert result.exit_code == 0, result.stderr
+    row = json.loads(result.stdout)
+    rep = row["steps"][0]["report"]
+    assert rep["steps"] == 2 and row["steps"][0]["params"]["r"] == 4
+    assert (tmp_path / "o" / "adapter_model.safetensors").is_file()
+
+
+def test_cli_finetune_bad_input(tmp_path):
+    one_class = tmp_path / "one.csv"
+    one_class.write_text("text,label\n" + "\n".join(f"t{i},pos" for i in range(10)))
+    cases = {
+        "option for another method": (["tiny:bert", "--ia3", "--r", "4"], "--r does not apply"),
+        "targets match nothing": (["tiny:bert", "--target-modules", "q_proj,v_proj",
+                                   "--max-samples", "8"], "query"),
+        "prompt on vision": (["tiny:vit", "--prompt"], "--vpt"),
+        "bits 3": (["tiny:llama", "--bits", "3"], "'3' is not one of"),
+        "single class": (["tiny:bert", "--data", one_class], "two classes"),
+        "resume without checkpoints": (["tiny:bert", "--resume"], "no checkpoints"),
+        "merge prompt": (["tiny:bert", "--prompt", "--merge"], "cannot be merged"),
+    }
+    for name, (args, needle) in cases.items():
+        result = _cli("finetune", *args, "-o", tmp_path / "out")
+        assert result.exit_code == 2, f"{name}: {result.exit_code} {result.stderr}"
+        assert needle in result.stderr, f"{name}: {result.stderr}"
+        assert not (tmp_path / "out").exists() and not (tmp_path / "out.checkpoints").exists()
