@@ -57,6 +57,9 @@ class MmkitGroup(click.Group):
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
+            import signal
+
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the exit
             click.echo("Interrupted; nothing was written.", err=True)
             ctx.exit(130)
         except Exception as exc:  # noqa: BLE001 - last resort: one line, not a traceback
