@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY, TINY_DATA, read_manifest
+from conftest import TINY, read_manifest
 from mmkit.core.artifacts import check_output, file_hashes
 from mmkit.core.data import load_data
 from mmkit.core.errors import InputError

@@ -103,7 +103,6 @@ def test_merge_option_writes_a_plain_model(tmp_path):
 
 def test_peft_artifact_opens_with_plain_peft(tmp_path):
     import peft
-    from transformers import AutoModelForSequenceClassification
 
     result = run_recipe({"model": "tiny:bert", "max_samples": 16, "seed": 0, "steps": [
         {"step": "finetune", "method": "lora", "max_steps": 2, "lr": 1e-2}]}, tmp_path / "a")
