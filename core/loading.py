@@ -178,7 +178,8 @@ def peek(ref: str | ModelSource, task: str | None = None, trust_remote_code: boo
         source = _adapter_base(source)
     config = _load_config(source, trust_remote_code)
     kind = model_kind(config)
-    manifest_task = (source.manifest.get("task") or {}).get("name")
+    manifest = (source.adapter or source).manifest
+    manifest_task = (manifest.get("task") or {}).get("name")
     task = task or manifest_task or head_task(config) or DEFAULT_TASK.get(kind)
     if task is None:
         raise InputError(f"'{source.ref}' is a {config.model_type} model, which no mmkit task "
@@ -208,8 +209,7 @@ def _adapter_base(adapter: ModelSource) -> ModelSource:
     if base.adapter is not None or base.is_adapter:
         raise InputError(f"'{adapter.ref}' sits on another adapter ({parent}); merge that one "
                          "first (finetune --merge).")
-    base.adapter = adapter
-    base.manifest = adapter.manifest or base.manifest
+    base.adapter = adapter  # its manifest (task, labels, seed) governs; the base keeps its own
     return base
 
 
@@ -239,8 +239,8 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
     source, config, kind, task = peek(ref, task, trust_remote_code)
     if source.adapter is not None:
         # the base grows the head the adapter was trained with (peft restores its weights)
-        labels = labels or (source.manifest.get("task") or {}).get("labels")
-        seed = (source.manifest.get("parent") or {}).get("seed", seed)
+        labels = labels or (source.adapter.manifest.get("task") or {}).get("labels")
+        seed = (source.adapter.manifest.get("parent") or {}).get("seed", seed)
     has_head = head_task(config) == task and task.endswith("classification")
     bare = not task_head and not has_head and task.endswith("classification")
     head_labels = None if bare else _head_labels(config, labels, task, has_head, source.ref)

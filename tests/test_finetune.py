@@ -190,3 +190,12 @@ def test_cli_finetune_bad_input(tmp_path):
         assert result.exit_code == 2, f"{name}: {result.exit_code} {result.stderr}"
         assert needle in result.stderr, f"{name}: {result.stderr}"
         assert not (tmp_path / "out").exists() and not (tmp_path / "out.checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_minilm_adapter_artifact_loads_back(tmp_path):
+    # a real base folder: its own files must not be checked against the adapter's manifest
+    result = run_recipe({"model": "minilm", "max_samples": 8, "steps": [
+        {"step": "finetune", "method": "lora", "max_steps": 1}]}, tmp_path / "a")
+    loaded = load_model(result["artifact"])
+    assert loaded.labels == ["negative", "positive"] and loaded.source.kind == "artifact"
