@@ -15,8 +15,7 @@ def full_finetune(loaded, cfg: FullConfig, ctx):
         p.requires_grad_(True)
     trained = loaded.model
     if loaded.task == "zero-shot-image-classification":
-        trained = clip_classifier(loaded.model, loaded.tokenizer, ctx.dataset.label_names,
-                                  ctx.options.get("template", "a photo of {}."))
+        trained = clip_classifier(loaded.model, loaded.tokenizer, ctx.dataset.label_names)
     ctx.report.update(train(loaded, trained, cfg, ctx, default_lr=5e-5))
     loaded.model.eval()
     return loaded

@@ -147,17 +147,16 @@ DEFAULT_LR = {"lora": 5e-4, "dora": 5e-4, "adalora": 1e-3, "vera": 4e-3, "ia3": 
               "prompt": 3e-2, "prefix": 1e-2}
 
 
-class _AdaLoraAllocator:
-    """Calls AdaLoRA's rank allocation after each backward, before the optimizer step."""
+def _adalora_allocator(peft_model):
+    """A TrainerCallback running AdaLoRA's rank allocation after each backward, before the
+    optimizer step (where peft requires it)."""
+    from transformers import TrainerCallback
 
-    def __new__(cls, peft_model):
-        from transformers import TrainerCallback
+    class AdaLoraAllocator(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            peft_model.base_model.update_and_allocate(state.global_step)
 
-        class Callback(TrainerCallback):
-            def on_pre_optimizer_step(self, args, state, control, **kwargs):
-                peft_model.base_model.update_and_allocate(state.global_step)
-
-        return Callback()
+    return AdaLoraAllocator()
 
 
 def make_apply(method: str):
@@ -173,10 +172,9 @@ def make_apply(method: str):
         model = peft.get_peft_model(loaded.model, pconfig)
         trained = model
         if loaded.task == "zero-shot-image-classification":
-            trained = clip_classifier(model, loaded.tokenizer, ctx.dataset.label_names,
-                                      ctx.options.get("template", "a photo of {}."))
+            trained = clip_classifier(model, loaded.tokenizer, ctx.dataset.label_names)
         if method == "adalora":
-            ctx.callbacks.append(_AdaLoraAllocator(model))
+            ctx.callbacks.append(_adalora_allocator(model))
         ctx.report.update(train(loaded, trained, cfg, ctx, DEFAULT_LR[method]))
         model.eval()
         if cfg.merge:

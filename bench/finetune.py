@@ -10,13 +10,13 @@ batches. Writes bench/results/finetune.json. Not a test.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results_io import RESULTS, write_result  # bench/ is on sys.path when run as a script
 
 
 def mmkit_run(method: str, samples: int, epochs: float, workdir: Path) -> dict:
@@ -92,7 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--epochs", type=float, default=3)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "finetune.json"))
+    parser.add_argument("--out", default=str(RESULTS / "finetune.json"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     workdir = Path(tempfile.mkdtemp(prefix="mmkit-bench-"))
@@ -106,10 +106,7 @@ def main() -> None:
               "runs": [lora, plain, full],
               "lora_vs_plain_throughput": lora["train_samples_per_second"] / plain["train_samples_per_second"],
               "lora_minus_full_accuracy_points": 100 * (lora["test_accuracy"] - full["test_accuracy"])}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    json.dump(result, sys.stdout, indent=2)
-    print()
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,12 @@ Writes one JSON file; prints it too. Not a test: nothing here asserts a time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
-import sys
 import time
-from pathlib import Path
+
+from results_io import RESULTS, write_result  # bench/ is on sys.path when run as a script
 
 
 def help_wall_time(runs: int = 7) -> dict:
@@ -45,14 +44,11 @@ def bench_minilm(batch_sizes=(1, 32), seq_len: int = 128, repeats: int = 20) -> 
 def main() -> None:
     """Measure and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "foundation.json"))
+    parser.add_argument("--out", default=str(RESULTS / "foundation.json"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     result = {"help": help_wall_time(), "bench_minilm": bench_minilm()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    json.dump(result, sys.stdout, indent=2)
-    print()
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The list of registered methods: one `register` call per technique, grouped by step.
 
 Adding a method: write its module (config class + apply function), add one line here, and
-one row to the test matrix in tests/test_methods.py.
+one row to its family's test matrix (tests/test_finetune.py for finetune methods).
 """
 
 from ..adapters import peft_methods as pm

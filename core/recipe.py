@@ -150,12 +150,12 @@ def run_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False, device: s
     """
     import shutil
 
-    from .train import run_fingerprint
     from .artifacts import check_output, write_artifact
     from .data import DEFAULT_DATA, load_data
     from .evaluate import evaluate
     from .loading import load_model, peek, resolve_device
     from .registry import Context
+    from .train import run_fingerprint
 
     if isinstance(recipe, dict):
         recipe = parse_recipe(recipe)
@@ -168,6 +168,10 @@ def run_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False, device: s
             raise InputError(f"{method.step} {method.name} does not apply to '{recipe.model}', a "
                              f"{kind} model; it applies to {', '.join(method.kinds)}. "
                              f"{method.hint}".strip())
+    workdir = checkpoint_dir(out)
+    if resume and not workdir.is_dir():
+        raise InputError(f"--resume: there are no checkpoints to resume at {workdir}. Run without "
+                         "--resume to start afresh.")
     needs_data = (recipe.eval is not None or task.endswith("classification")
                   or any(m.needs_data for m, _, _ in steps))
     dataset = None
@@ -183,16 +187,13 @@ def run_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False, device: s
                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     resolved = recipe.model_dump(mode="json", exclude_none=True)
     resolved["task"] = task
-    workdir = checkpoint_dir(out)
-    if resume and not workdir.is_dir():
-        raise InputError(f"--resume: there are no checkpoints to resume at {workdir}. Run without "
-                         "--resume to start afresh.")
     ctx = Context(device=device, seed=recipe.seed, dataset=dataset, workdir=workdir,
                   fingerprint=run_fingerprint(resolved), resume=resume,
                   callbacks=list(callbacks or []))
     done = []
-    for method, cfg, _ in steps:
+    for i, (method, cfg, _) in enumerate(steps, 1):
         ctx.report = {}
+        ctx.workdir = workdir / f"step-{i}"  # each training step keeps its own checkpoints
         log.info("step %s:%s", method.step, method.name)
         start = time.perf_counter()
         loaded = method.apply(loaded, cfg, ctx)

@@ -47,7 +47,6 @@ class Context:
     fingerprint: str = ""  # identifies the run, so --resume refuses another run's checkpoints
     resume: bool = False
     callbacks: list = field(default_factory=list)  # extra HF TrainerCallbacks
-    options: dict = field(default_factory=dict)
     report: dict = field(default_factory=dict)
 
 

@@ -108,18 +108,19 @@ class Collator:
 
 
 # ---------------------------------------------------------------- CLIP as a classifier
-def clip_classifier(model, tokenizer, label_names, template):
+def clip_classifier(model, tokenizer, label_names, template: str | None = None):
     """Wrap a CLIPModel so that it returns class logits (image vs. prompt similarity) and a
     cross-entropy loss: the objective for fine-tuning CLIP on labelled images."""
     import torch
 
-    from .tasks.zero_shot import prompts
+    from .tasks.zero_shot import DEFAULT_TEMPLATE, prompts
 
     class ClipClassifier(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.clip = model
-            self.prompt_ids = tokenizer(prompts(label_names, template), padding=True,
+            self.prompt_ids = tokenizer(prompts(label_names, template or DEFAULT_TEMPLATE),
+                                        padding=True,
                                         return_tensors="pt")
 
         def forward(self, pixel_values, labels=None):
@@ -160,7 +161,7 @@ def prepare_checkpoints(workdir: Path, fingerprint: str, resume: bool) -> str | 
     return None
 
 
-def _LogCallback():
+def _log_callback():
     """Logs each evaluation to mmkit's logger (stderr)."""
     from transformers import TrainerCallback
 
@@ -231,7 +232,7 @@ def train(loaded, model, cfg: TrainingConfig, ctx, default_lr: float) -> dict:
                       data_collator=Collator(loaded), compute_metrics=_compute_metrics(loaded.task),
                       callbacks=list(ctx.callbacks))
     trainer.remove_callback(PrinterCallback)  # it prints to stdout, which carries results only
-    trainer.add_callback(_LogCallback())
+    trainer.add_callback(_log_callback())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
     log.info("training %s of %s parameters (%.2f%%), %d examples, %s epochs%s", f"{trainable:,}",

@@ -37,9 +37,31 @@ def _train(method, ref, tmp_path, **params):
     m = get_method("finetune", method)
     cfg = build_config(m, {"max_steps": 3, "batch_size": 4, "max_length": 32, "lr": 1e-2,
                            **params}, "test")
-    ctx = Context(dataset=ds, workdir=tmp_path / "ckpt", fingerprint="t")
+    watch = _TrainedWatcher()
+    ctx = Context(dataset=ds, workdir=tmp_path / "ckpt", fingerprint="t", callbacks=[watch])
     loaded = m.apply(loaded, cfg, ctx)
+    ctx.report["moved"] = watch.moved
     return loaded, before, ctx.report
+
+
+class _TrainedWatcher:
+    """A TrainerCallback noting which trainable tensors actually moved during training."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class Watcher(TrainerCallback):
+            moved: list = []
+
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                self.start = {n: p.detach().clone() for n, p in model.named_parameters()
+                              if p.requires_grad}
+
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                self.moved = [n for n, p in model.named_parameters()
+                              if n in self.start and not torch.equal(p, self.start[n])]
+
+        return Watcher()
 
 
 def _outputs(loaded):
@@ -73,6 +95,10 @@ def test_method_trains_only_what_it_should_and_round_trips(method, ref, tmp_path
     else:  # the backbone is frozen; only a new task head may move
         assert all(k.split(".")[0] in head or ".classifier." in k for k in changed), changed
         assert report["trainable_parameters"] < report["total_parameters"]
+        # the adapter itself learned: a trainable tensor outside any task head moved
+        adapter_moved = [n for n in report["moved"]
+                         if not any(h in n for h in ("classifier", "score", "modules_to_save"))]
+        assert adapter_moved, report["moved"]
     expected = _outputs(loaded)
     out = write_artifact(loaded, tmp_path / "art", recipe={"model": ref, "seed": 0}, steps=[],
                          metrics=[], fmt=loaded.extra.get("format", "hf-model"))
