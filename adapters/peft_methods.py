@@ -36,6 +36,11 @@ class LoraConfig(TrainingConfig):
         return self
 
 
+def qlora_base(cfg: LoraConfig) -> dict:
+    """How QLoRA loads its base: in 4 or 8 bits through bitsandbytes."""
+    return {"bits": cfg.bits} if cfg.bits else {}
+
+
 class AdaLoraConfig(TrainingConfig):
     """AdaLoRA: LoRA whose rank budget moves to the layers that need it during training."""
 
@@ -166,9 +171,10 @@ def make_apply(method: str):
         import peft
 
         pconfig = _peft_config(method, cfg, loaded, ctx)
-        if getattr(loaded.model, "is_loaded_in_4bit", False) or getattr(loaded.model, "is_loaded_in_8bit", False):
+        if getattr(loaded.model, "is_quantized", False):  # QLoRA: a 4/8-bit base
             loaded.model = peft.prepare_model_for_kbit_training(loaded.model,
                                                                 use_gradient_checkpointing=False)
+            ctx.report["base_bits"] = getattr(cfg, "bits", None)
         model = peft.get_peft_model(loaded.model, pconfig)
         trained = model
         if loaded.task == "zero-shot-image-classification":

@@ -224,8 +224,12 @@ def _attach_adapter(model, adapter: ModelSource):
 
 def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str] | None = None,
                *, dtype=None, device: str = "cpu", seed: int = 0, allow_pickle: bool = False,
-               trust_remote_code: bool = False, task_head: bool = True) -> LoadedModel:
+               trust_remote_code: bool = False, task_head: bool = True,
+               bits: int | None = None) -> LoadedModel:
     """Load a model reference for a task.
+
+    `bits` (4 or 8) loads the Linear layers through bitsandbytes (nf4 with double
+    quantization, or int8), leaving task heads in full precision: the base of QLoRA.
 
     With `task_head=False` a classification model with no trained head is loaded as its bare
     backbone (for inspecting it) instead of growing a new head.
@@ -241,25 +245,31 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
         # the base grows the head the adapter was trained with (peft restores its weights)
         labels = labels or (source.adapter.manifest.get("task") or {}).get("labels")
         seed = (source.adapter.manifest.get("parent") or {}).get("seed", seed)
+        steps = source.adapter.manifest.get("steps") or [{}]
+        bits = bits or (steps[0].get("params") or {}).get("bits")  # a QLoRA adapter's base
     has_head = head_task(config) == task and task.endswith("classification")
     bare = not task_head and not has_head and task.endswith("classification")
     head_labels = None if bare else _head_labels(config, labels, task, has_head, source.ref)
     device = resolve_device(device)
     torch.manual_seed(seed)  # a new head is the same for the same seed
     cls = _auto_class("zero-shot-image-classification" if bare else task)  # AutoModel if bare
+    quant = _bnb_config(bits, device) if bits else {}
     if source.kind == "tiny":
         model = cls.from_config(config)
+        if quant:
+            model = _requantize(cls, model, quant)
     else:
         if source.kind != "hub":
             check_weights(source, allow_pickle)
-        model = _from_pretrained(cls, source, config, dtype, allow_pickle, trust_remote_code)
+        model = _from_pretrained(cls, source, config, dtype, allow_pickle, trust_remote_code,
+                                 **quant)
     adapter = source.adapter
     if adapter is not None:
         check_weights(adapter, allow_pickle)
         model = _attach_adapter(model, adapter)
         source = adapter
     model.eval()
-    if device != "cpu":
+    if device != "cpu" and not quant:  # bitsandbytes placed a quantized model already
         model.to(device)
     tokenizer, image_processor = _load_processors(source, kind)
     if tokenizer is not None and tokenizer.pad_token is None:
@@ -275,10 +285,40 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
                        config_kind=config.model_type)
 
 
-def _from_pretrained(cls, source, config, dtype, allow_pickle, trust_remote_code):
+HEAD_MODULES = ["classifier", "score", "lm_head"]  # kept in full precision when quantizing
+
+
+def _bnb_config(bits: int, device: str) -> dict:
+    """from_pretrained kwargs that load Linear layers in 4-bit nf4 or 8-bit via bitsandbytes."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if bits not in (4, 8):
+        raise InputError(f"bits must be 4 or 8 for a bitsandbytes base, not {bits}.")
+    compute = torch.bfloat16 if device.startswith("cuda") else torch.float32  # no bf16 on CPU
+    if bits == 4:
+        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute,
+                                llm_int8_skip_modules=HEAD_MODULES)
+    else:
+        qc = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=HEAD_MODULES)
+    return {"quantization_config": qc, "device_map": {"": device}}
+
+
+def _requantize(cls, model, quant: dict):
+    """Quantize an in-memory model (a tiny one) by a save / from_pretrained round trip."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mmkit-q-") as tmp:
+        model.save_pretrained(tmp)
+        return cls.from_pretrained(tmp, config=model.config, **quant)
+
+
+def _from_pretrained(cls, source, config, dtype, allow_pickle, trust_remote_code, **extra):
     import transformers
 
-    kwargs = dict(config=config, trust_remote_code=trust_remote_code, dtype=dtype or "auto")
+    kwargs = dict(config=config, trust_remote_code=trust_remote_code, dtype=dtype or "auto",
+                  **extra)
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     verbosity = transformers.logging.get_verbosity()

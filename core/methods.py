@@ -14,10 +14,11 @@ TEXT = ("text-encoder", "causal-lm")
 
 # finetune: the default is LoRA
 register(Method("finetune", "lora", pm.LoraConfig, pm.make_apply("lora"),
-                "LoRA low-rank updates (rsLoRA, DoRA and QLoRA as options)", ALL, True),
-         default=True)
+                "LoRA low-rank updates (rsLoRA, DoRA and QLoRA as options)", ALL, True,
+                load_options=pm.qlora_base), default=True)
 register(Method("finetune", "dora", pm.LoraConfig, pm.make_apply("dora"),
-                "DoRA: LoRA on the direction, a trained magnitude per column", ALL, True))
+                "DoRA: LoRA on the direction, a trained magnitude per column", ALL, True,
+                load_options=pm.qlora_base))
 register(Method("finetune", "adalora", pm.AdaLoraConfig, pm.make_apply("adalora"),
                 "AdaLoRA: LoRA with an adaptive rank budget", ALL, True))
 # VeRA's projections are buffers shared by every layer; checkpointing them through the CLIP

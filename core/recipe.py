@@ -182,9 +182,17 @@ def run_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False, device: s
     labels = dataset.label_names if dataset is not None else None
     if task == "zero-shot-image-classification":
         labels = None
+    load_options = {}
+    for i, (method, cfg, _) in enumerate(steps):
+        wanted = method.load_options(cfg) if method.load_options else {}
+        if wanted and i > 0:
+            raise InputError(f"step {i + 1} ({method.step} {method.name}) changes how the base "
+                             "model is loaded (a 4/8-bit QLoRA base); it must be the first step.")
+        load_options.update(wanted)
     log.info("loading %s for %s", recipe.model, task)
     loaded = load_model(source, task, labels, device=device, seed=recipe.seed,
-                        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+                        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                        **load_options)
     resolved = recipe.model_dump(mode="json", exclude_none=True)
     resolved["task"] = task
     ctx = Context(device=device, seed=recipe.seed, dataset=dataset, workdir=workdir,

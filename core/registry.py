@@ -34,6 +34,7 @@ class Method:
     kinds: tuple[str, ...] = ("text-encoder", "vision", "clip", "causal-lm")
     needs_data: bool = False
     hint: str = ""  # what to use instead on the kinds it does not apply to
+    load_options: Callable | None = None  # config -> load_model kwargs (QLoRA's 4/8-bit base)
 
 
 @dataclass

@@ -225,3 +225,38 @@ def test_minilm_adapter_artifact_loads_back(tmp_path):
         {"step": "finetune", "method": "lora", "max_steps": 1}]}, tmp_path / "a")
     loaded = load_model(result["artifact"])
     assert loaded.labels == ["negative", "positive"] and loaded.source.kind == "artifact"
+
+
+@pytest.mark.parametrize("bits,layer", [(4, "Linear4bit"), (8, "Linear8bitLt")])
+def test_qlora_trains_on_a_quantized_base_and_reloads_on_one(bits, layer, tmp_path):
+    from mmkit.core.evaluate import evaluate
+
+    recipe = {"model": "tiny:llama", "data": "bbc-text", "max_samples": 4, "steps": [
+        {"step": "finetune", "method": "lora", "bits": bits, "max_steps": 2, "lr": 1e-2,
+         "max_length": 32}], "eval": {"max_length": 32}}
+    result = run_recipe(recipe, tmp_path / "q")
+    report = result["steps"][0]["report"]
+    assert report["base_bits"] == bits and torch.isfinite(torch.tensor(report["train_loss"]))
+    reloaded = load_model(result["artifact"])
+    base = reloaded.model.get_base_model()
+    assert type(base.model.layers[0].self_attn.q_proj.base_layer).__name__ == layer
+    assert type(base.lm_head).__name__ == "Linear"  # heads stay in full precision
+    again = evaluate(reloaded, load_data("bbc-text", "causal-lm", max_samples=4), max_length=32)
+    assert again["perplexity"] == pytest.approx(result["metrics"][0]["perplexity"], rel=1e-5)
+
+
+def test_qlora_must_be_the_first_step(tmp_path):
+    recipe = {"model": "tiny:llama", "steps": [
+        {"step": "cast", "dtype": "fp32"},
+        {"step": "finetune", "method": "lora", "bits": 4}]}
+    with pytest.raises(InputError, match="must be the first step"):
+        run_recipe(recipe, tmp_path / "q")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_qlora_on_cuda(tmp_path):
+    result = run_recipe({"model": "tiny:llama", "data": "bbc-text", "max_samples": 4, "steps": [
+        {"step": "finetune", "method": "lora", "bits": 4, "max_steps": 2}]}, tmp_path / "q",
+        device="cuda")
+    assert result["steps"][0]["report"]["device"].startswith("cuda")
