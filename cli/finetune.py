@@ -7,12 +7,14 @@ import click
 from ..core.errors import InputError
 from . import options
 
-METHODS = ("lora", "dora", "adalora", "vera", "ia3", "prompt", "prefix", "full")
+METHODS = ("lora", "dora", "adalora", "vera", "ia3", "adaptformer", "prompt", "prefix", "vpt",
+           "svfit", "full")
 # CLI option -> config key, for the method-specific options
 METHOD_OPTIONS = {
     "r": "--r", "alpha": "--alpha", "dropout": "--dropout", "target_modules": "--target-modules",
     "rslora": "--rslora", "bits": "--bits", "virtual_tokens": "--virtual-tokens",
-    "init_r": "--init-r", "target_r": "--target-r",
+    "init_r": "--init-r", "target_r": "--target-r", "bottleneck": "--bottleneck",
+    "scale": "--scale", "deep": "--deep",
 }
 TRAINING_OPTIONS = ("epochs", "lr", "batch_size", "max_length", "weight_decay", "warmup",
                     "scheduler", "grad_accum", "save_steps", "max_steps", "merge")
@@ -42,16 +44,24 @@ def _method_flags(func):
 @options.model_argument
 @options.data
 @_method_flags
-@click.option("--r", type=click.IntRange(min=1), help="Rank (LoRA, DoRA, VeRA). [default: 16; VeRA 256]")
+@click.option("--r", type=click.IntRange(min=1),
+              help="Rank (LoRA, DoRA, VeRA), or singular values per layer (SVFit). [default: 16; "
+                   "VeRA 256; SVFit 32]")
 @click.option("--alpha", type=click.FloatRange(min=0, min_open=True),
               help="LoRA scaling numerator. [default: 2 x r]")
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), help="Adapter dropout.")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True),
+              help="Adapter dropout (LoRA family, VeRA, AdaptFormer).")
 @click.option("--target-modules", help="Comma-separated layer names, or all-linear. [default: "
                                        "all-linear; IA3: keys, values, FFN down-projection]")
 @click.option("--rslora", is_flag=True, default=None, help="Scale LoRA by alpha/sqrt(r).")
 @click.option("--bits", type=click.Choice(["4", "8"]), help="QLoRA: load the base in 4-bit (nf4, "
                                                             "double quantization) or 8-bit.")
-@click.option("--virtual-tokens", type=click.IntRange(min=1), help="Prompt / prefix length.")
+@click.option("--virtual-tokens", type=click.IntRange(min=1),
+              help="Prompt / prefix / VPT length. [default: 20; VPT 10]")
+@click.option("--deep", is_flag=True, default=None, help="VPT: fresh prompts in every layer.")
+@click.option("--bottleneck", type=click.IntRange(min=1), help="AdaptFormer width. [default: 64]")
+@click.option("--scale", type=click.FloatRange(min=0, min_open=True),
+              help="AdaptFormer branch scale. [default: 0.1]")
 @click.option("--init-r", type=click.IntRange(min=1), help="AdaLoRA starting rank.")
 @click.option("--target-r", type=click.IntRange(min=1), help="AdaLoRA average final rank.")
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=3, show_default=True)

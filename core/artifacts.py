@@ -101,8 +101,14 @@ def staging(out: Path, overwrite: bool):
 
 
 def save_model_files(loaded, folder: Path) -> None:
-    """Write the model's HF files (safetensors) and its tokenizer / processor."""
-    loaded.model.save_pretrained(folder)
+    """Write the model's HF files (safetensors), or an mmkit adapter's, and its tokenizer /
+    processor."""
+    if loaded.extra.get("format") == "mmkit-adapter":
+        from ..adapters.own import save_adapter
+
+        save_adapter(loaded, folder)
+    else:
+        loaded.model.save_pretrained(folder)
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(folder)
     if loaded.image_processor is not None:

@@ -194,13 +194,17 @@ def peek(ref: str | ModelSource, task: str | None = None, trust_remote_code: boo
 
 def _adapter_base(adapter: ModelSource) -> ModelSource:
     """For an adapter folder: the base model it was trained on (from the manifest, else from
-    adapter_config.json), carrying the adapter's manifest so task and labels follow it."""
+    the adapter's own config), carrying the adapter's manifest so task and labels follow it."""
     import json
 
+    from ..adapters.own import read_spec
+
     parent = (adapter.manifest.get("parent") or {}).get("ref")
-    if not parent:
+    if not parent and Path(adapter.path, "adapter_config.json").is_file():
         cfg = json.loads(Path(adapter.path, "adapter_config.json").read_text())
         parent = cfg.get("base_model_name_or_path")
+    elif not parent:
+        parent = read_spec(adapter.path).get("base_model")
     if not parent:
         raise InputError(f"'{adapter.ref}' is an adapter folder that does not say which base "
                          "model it belongs to; load it with `PeftModel.from_pretrained(base, "
@@ -213,7 +217,13 @@ def _adapter_base(adapter: ModelSource) -> ModelSource:
     return base
 
 
-def _attach_adapter(model, adapter: ModelSource):
+def _attach_adapter(model, adapter: ModelSource, extra: dict):
+    """Put a peft adapter, or one of mmkit's own, onto its freshly loaded base."""
+    if Path(adapter.path, "mmkit_adapter.json").is_file():
+        from ..adapters.own import attach_adapter, read_spec
+
+        extra.update({"format": "mmkit-adapter", "adapter": read_spec(adapter.path)})
+        return attach_adapter(model, adapter.path)
     from peft import PeftModel
 
     try:
@@ -263,10 +273,10 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
             check_weights(source, allow_pickle)
         model = _from_pretrained(cls, source, config, dtype, allow_pickle, trust_remote_code,
                                  **quant)
-    adapter = source.adapter
+    adapter, extra = source.adapter, {}
     if adapter is not None:
         check_weights(adapter, allow_pickle)
-        model = _attach_adapter(model, adapter)
+        model = _attach_adapter(model, adapter, extra)
         source = adapter
     model.eval()
     if device != "cpu" and not quant:  # bitsandbytes placed a quantized model already
@@ -282,7 +292,7 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
                     source.ref, task, len(head_labels))
     return LoadedModel(model=model, source=source, kind=kind, task=task, tokenizer=tokenizer,
                        image_processor=image_processor, labels=head_labels, fresh_head=fresh,
-                       config_kind=config.model_type)
+                       config_kind=config.model_type, extra=extra)
 
 
 HEAD_MODULES = ["classifier", "score", "lm_head"]  # kept in full precision when quantizing

@@ -4,7 +4,11 @@ Adding a method: write its module (config class + apply function), add one line 
 one row to its family's test matrix (tests/test_finetune.py for finetune methods).
 """
 
+from ..adapters import own
 from ..adapters import peft_methods as pm
+from ..adapters.adaptformer import AdaptFormerConfig
+from ..adapters.svfit import SVFitConfig
+from ..adapters.vpt import VPTConfig
 from ..adapters.full import FullConfig, full_finetune
 from ..compression.cast import CastConfig, cast_
 from .registry import Method, register
@@ -34,6 +38,13 @@ register(Method("finetune", "prompt", pm.PromptConfig, pm.make_apply("prompt"),
 register(Method("finetune", "prefix", pm.PrefixConfig, pm.make_apply("prefix"),
                 "prefix tuning: trained key/value prefixes in every layer (text models)", TEXT, True,
                 hint="For ViT use --vpt (visual prompt tuning)."))
+register(Method("finetune", "adaptformer", AdaptFormerConfig, own.make_apply("adaptformer"),
+                "AdaptFormer: a scaled bottleneck branch beside every MLP", ALL, True))
+register(Method("finetune", "vpt", VPTConfig, own.make_apply("vpt"),
+                "visual prompt tuning: trained tokens in a ViT's patch sequence (shallow / deep)",
+                ("vision", "clip"), True, hint="For text models use --prompt or --prefix."))
+register(Method("finetune", "svfit", SVFitConfig, own.make_apply("svfit"),
+                "SVFit: train the top-r singular values of each weight (mergeable)", ALL, True))
 register(Method("finetune", "full", FullConfig, full_finetune,
                 "full fine-tuning of every weight (the reference)", ALL, True))
 

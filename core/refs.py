@@ -14,6 +14,7 @@ from .errors import InputError
 from .tiny import TINY_FAMILIES
 
 MANIFEST = "mmkit.json"
+ADAPTER_FILES = ("adapter_config.json", "mmkit_adapter.json")  # peft's, mmkit's own
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
@@ -34,8 +35,8 @@ class ModelSource:
 
     @property
     def is_adapter(self) -> bool:
-        """True when the folder holds a peft adapter rather than full weights."""
-        return self.path is not None and Path(self.path, "adapter_config.json").is_file()
+        """True when the folder holds an adapter (peft's or mmkit's) rather than full weights."""
+        return self.path is not None and any(Path(self.path, f).is_file() for f in ADAPTER_FILES)
 
 
 def _aliases_hint() -> str:
@@ -60,9 +61,9 @@ def _local_folder(ref: str, path: Path) -> ModelSource:
     if not path.is_dir():
         raise InputError(f"Model '{ref}' is a file, not a folder. Pass the folder that holds "
                          "config.json and the weights.")
-    has_config = (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+    has_config = any((path / f).is_file() for f in ("config.json", *ADAPTER_FILES))
     if not has_config:
-        raise InputError(f"The folder '{ref}' has no config.json (nor adapter_config.json), so "
+        raise InputError(f"The folder '{ref}' has no config.json (nor an adapter's config), so "
                          "it is not a Hugging Face model folder. Pass the folder that "
                          "save_pretrained wrote, or an mmkit artifact.")
     manifest = read_manifest(path)

@@ -134,6 +134,56 @@ def clip_classifier(model, tokenizer, label_names, template: str | None = None):
 
 
 # ---------------------------------------------------------------- checkpoints and resume
+def _tied_duplicates(state: dict) -> list[str]:
+    """Keys whose tensor is the same memory as an earlier key's."""
+    seen, dups = set(), []
+    for key, value in state.items():
+        if value.data_ptr() in seen:
+            dups.append(key)
+        seen.add(value.data_ptr())
+    return dups
+
+
+def raw_checkpoints(model):
+    """Wrap a transformers model so the Trainer checkpoints its plain state dict.
+
+    The Trainer saves a transformers model with save_pretrained, which in transformers 5
+    renames some keys on the way out (ViT's `layers.N` become `encoder.layer.N`), but reloads
+    checkpoints (best model, --resume) with a plain load_state_dict that does not rename them
+    back: the weights were silently not restored. Through a plain Module the Trainer saves and
+    loads the same names. peft models and our CLIP wrapper are plain already.
+    """
+    import torch
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return model
+
+    class RawCheckpoints(torch.nn.Module):
+        accepts_loss_kwargs = False
+
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            # tied weights (lm_head = embeddings) are saved once: safetensors refuses shared
+            # tensors, and loading the one kept restores both; the Trainer expects them missing
+            self._keys_to_ignore_on_save = _tied_duplicates(super().state_dict())
+
+        def forward(self, **inputs):
+            return self.model(**inputs)
+
+        def state_dict(self, *args, **kwargs):
+            full = super().state_dict(*args, **kwargs)
+            for key in self._keys_to_ignore_on_save:
+                full.pop(key, None)
+            return full
+
+        def tie_weights(self):
+            """Nothing to do: tied tensors are one tensor, restored in place."""
+
+    return RawCheckpoints()
+
+
 def run_fingerprint(recipe: dict) -> str:
     """Identifies a run: the same recipe (model, data, steps) gives the same fingerprint."""
     text = json.dumps(recipe, sort_keys=True, default=str)
@@ -228,7 +278,7 @@ def train(loaded, model, cfg: TrainingConfig, ctx, default_lr: float) -> dict:
     if cfg.save_steps:
         args.eval_strategy = "steps"
         args.eval_steps = cfg.save_steps
-    trainer = Trainer(model=model, args=args, train_dataset=train_items, eval_dataset=eval_items,
+    trainer = Trainer(model=raw_checkpoints(model), args=args, train_dataset=train_items, eval_dataset=eval_items,
                       data_collator=Collator(loaded), compute_metrics=_compute_metrics(loaded.task),
                       callbacks=list(ctx.callbacks))
     trainer.remove_callback(PrinterCallback)  # it prints to stdout, which carries results only
