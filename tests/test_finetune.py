@@ -17,6 +17,7 @@ from mmkit.core.registry import Context, build_config, get_method
 from mmkit.core.tasks import get_task
 
 PEFT = ["lora", "dora", "adalora", "vera", "ia3", "prompt", "prefix"]
+OWN = ["adaptformer", "vpt", "svfit"]  # mmkit's own adapters
 MERGEABLE = ["lora", "dora", "adalora", "vera", "ia3"]
 
 
@@ -25,7 +26,7 @@ def _applies(method, ref):
     return kind in get_method("finetune", method).kinds
 
 
-CASES = [(m, r) for m in PEFT + ["full"] for r in TINY if _applies(m, r)]
+CASES = [(m, r) for m in PEFT + OWN + ["full"] for r in TINY if _applies(m, r)]
 
 
 def _train(method, ref, tmp_path, **params):
@@ -76,7 +77,8 @@ def _base_params(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     out = {}
     for name, value in base.state_dict().items():
-        if any(t in name for t in ("lora_", "vera_", "ia3_", "modules_to_save", "magnitude")):
+        if any(t in name for t in ("lora_", "vera_", "ia3_", "modules_to_save", "magnitude",
+                                   "mmkit_")):
             continue
         out[name.replace(".base_layer", "").replace(".original_module", "")] = value
     return out
@@ -210,6 +212,10 @@ def test_cli_finetune_bad_input(tmp_path):
         "single class": (["tiny:bert", "--data", one_class], "two classes"),
         "resume without checkpoints": (["tiny:bert", "--resume"], "no checkpoints"),
         "merge prompt": (["tiny:bert", "--prompt", "--merge"], "cannot be merged"),
+        "merge adaptformer": (["tiny:bert", "--adaptformer", "--merge"], "cannot be merged"),
+        "vpt on text": (["tiny:bert", "--vpt"], "--prompt or --prefix"),
+        "bottleneck for lora": (["tiny:bert", "--bottleneck", "8"], "--bottleneck does not apply"),
+        "deep for svfit": (["tiny:bert", "--svfit", "--deep"], "--deep does not apply"),
     }
     for name, (args, needle) in cases.items():
         result = _cli("finetune", *args, "-o", tmp_path / "out")
