@@ -107,6 +107,10 @@ def save_model_files(loaded, folder: Path) -> None:
         from ..adapters.own import save_adapter
 
         save_adapter(loaded, folder)
+    elif loaded.extra.get("format") == "mmkit-quantized":
+        from ..compression.quantize.storage import save_quantized
+
+        save_quantized(loaded.model, folder)
     else:
         loaded.model.save_pretrained(folder)
     if loaded.tokenizer is not None:

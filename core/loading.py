@@ -250,6 +250,8 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
     """
     import torch
 
+    from ..compression.quantize.storage import is_quantized_folder, load_quantized
+
     source, config, kind, task = peek(ref, task, trust_remote_code)
     if source.adapter is not None:
         # the base grows the head the adapter was trained with (peft restores its weights)
@@ -271,8 +273,11 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
     else:
         if source.kind != "hub":
             check_weights(source, allow_pickle)
-        model = _from_pretrained(cls, source, config, dtype, allow_pickle, trust_remote_code,
-                                 **quant)
+        if is_quantized_folder(source.path):  # RTN / GPTQ / dynamic-int8, mmkit's format
+            model = load_quantized(cls, source.path, config)
+        else:
+            model = _from_pretrained(cls, source, config, dtype, allow_pickle, trust_remote_code,
+                                     **quant)
     adapter, extra = source.adapter, {}
     if adapter is not None:
         check_weights(adapter, allow_pickle)

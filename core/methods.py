@@ -11,6 +11,7 @@ from ..adapters.svfit import SVFitConfig
 from ..adapters.vpt import VPTConfig
 from ..adapters.full import FullConfig, full_finetune
 from ..compression.cast import CastConfig, cast_
+from ..compression.quantize import methods as qm
 from .registry import Method, register
 
 ALL = ("text-encoder", "vision", "clip", "causal-lm")
@@ -47,6 +48,19 @@ register(Method("finetune", "svfit", SVFitConfig, own.make_apply("svfit"),
                 "SVFit: train the top-r singular values of each weight (mergeable)", ALL, True))
 register(Method("finetune", "full", FullConfig, full_finetune,
                 "full fine-tuning of every weight (the reference)", ALL, True))
+
+# quantize: `mmkit quantize --bits N` with no --method picks one for the device
+register(Method("quantize", "rtn", qm.RTNConfig, qm.rtn_,
+                "round-to-nearest weight-only, 2-8 bits, per channel or grouped"), default=True)
+register(Method("quantize", "gptq", qm.GPTQConfig, qm.gptq_,
+                "GPTQ weight-only, 2-8 bits, Hessian-aware rounding from calibration data"))
+register(Method("quantize", "dynamic-int8", qm.DynamicInt8Config, qm.dynamic_int8_,
+                "int8 weights and dynamic int8 activations (integer matmuls on CPU)"))
+register(Method("quantize", "nf4", qm.NF4Config, qm.bnb_apply("nf4"),
+                "bitsandbytes 4-bit NormalFloat (double quantization)"))
+register(Method("quantize", "fp4", qm.FP4Config, qm.bnb_apply("fp4"), "bitsandbytes 4-bit float"))
+register(Method("quantize", "int8", qm.Int8Config, qm.bnb_apply("int8"),
+                "bitsandbytes LLM.int8 8-bit weights"))
 
 # cast
 register(Method("cast", "dtype", CastConfig, cast_,

@@ -1,0 +1,338 @@
+"""The quantize methods: bitsandbytes nf4 / fp4 / int8, RTN and GPTQ weight-only, and
+dynamic int8. Which layers: every Linear (and GPT-2 Conv1D) but the task heads and `skip`
+patterns; `bits` may map module patterns to bits (mixed precision)."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ...core.errors import InputError
+from ...core.registry import MethodConfig
+
+log = logging.getLogger("mmkit")
+
+HEADS = ("classifier", "score", "lm_head", "visual_projection", "text_projection")
+KEEP = 16  # in a bits mapping: leave the layer in floating point
+
+
+def _check_bits(value, allowed: tuple[int, ...], method: str):
+    values = value.values() if isinstance(value, dict) else [value]
+    bad = [b for b in values if b not in allowed and b != KEEP]
+    if bad:
+        raise ValueError(f"{method} takes bits {', '.join(map(str, allowed))}, not {bad[0]}")
+    return value
+
+
+class _Common(MethodConfig):
+    skip: list[str] = Field(default_factory=list, description="module name patterns to leave "
+                                                                "in floating point")
+
+
+class RTNConfig(_Common):
+    """Round-to-nearest weight-only quantization."""
+
+    bits: int | dict[str, int] = Field(4, description="2-8, or {pattern: bits, default: bits}")
+    group_size: int | None = Field(128, ge=1, description="columns per scale; none = per channel")
+    symmetric: bool = False
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v):
+        return _check_bits(v, tuple(range(2, 9)), "rtn / gptq")
+
+
+class GPTQConfig(RTNConfig):
+    """GPTQ: Hessian-aware rounding with error compensation, from calibration data."""
+
+    calib: str | None = Field(None, description="calibration data (any --data reference)")
+    calib_samples: int = Field(128, ge=1)
+    calib_length: int = Field(256, ge=8, description="tokens per calibration sample")
+    act_order: bool = False
+    damp: float = Field(0.01, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _needs_calib(self):
+        if not self.calib:
+            raise ValueError("gptq needs calibration data: pass --calib D (e.g. the training "
+                             "data, or bbc-text for a language model)")
+        return self
+
+
+class DynamicInt8Config(_Common):
+    """int8 weights (per channel, symmetric) with dynamic int8 activations (CPU)."""
+
+    bits: int = 8
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v):
+        return _check_bits(v, (8,), "dynamic-int8")
+
+
+class BnbConfig(_Common):
+    """bitsandbytes: nf4 / fp4 (4-bit) or int8 (LLM.int8), quantized while loading."""
+
+    bits: int = 4
+    double_quant: bool = True
+
+
+def _bnb_config(kind: Literal["nf4", "fp4", "int8"]):
+    allowed = (8,) if kind == "int8" else (4,)
+
+    class Config(BnbConfig):
+        bits: int = allowed[0]
+
+        @field_validator("bits")
+        @classmethod
+        def _bits(cls, v):
+            return _check_bits(v, allowed, kind)
+
+    Config.__name__ = f"{kind.upper()}Config"
+    Config.__doc__ = f"bitsandbytes {kind}."
+    return Config
+
+
+NF4Config, FP4Config, Int8Config = _bnb_config("nf4"), _bnb_config("fp4"), _bnb_config("int8")
+
+
+# ---------------------------------------------------------------- which layers, how many bits
+def _is_linear(module) -> bool:
+    import torch
+
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern) or name == pattern or name.endswith("." + pattern) \
+        or fnmatch.fnmatchcase(name, "*." + pattern)
+
+
+def check_quantizable(loaded) -> None:
+    """Refuse a model that is already quantized, or one without Linear layers."""
+    from .qlinear import QuantLinear
+
+    model = loaded.model
+    already = getattr(model.config, "quantization_config", None) is not None or any(
+        isinstance(m, QuantLinear) or type(m).__name__ in ("Linear4bit", "Linear8bitLt")
+        for m in model.modules())
+    if already:
+        parent = (loaded.source.manifest.get("parent") or {}).get("ref")
+        raise InputError(f"'{loaded.source.ref}' is already quantized; quantizing it again would "
+                         "stack rounding errors on rounded weights. Quantize its floating-point "
+                         f"original instead{f' ({parent})' if parent else ''}.")
+    if not any(_is_linear(m) for m in model.modules()):
+        raise InputError(f"'{loaded.source.ref}' has no Linear layers, so there is nothing for "
+                         "weight quantization to do.")
+
+
+def layer_bits(model, bits, skip: list[str]) -> dict[str, int]:
+    """{layer name: bits} for every layer to quantize, from an int or a pattern mapping."""
+    names = [n for n, m in model.named_modules() if _is_linear(m)]
+    skipped = [p for p in skip if not any(_matches(n, p) for n in names)]
+    if skipped:
+        raise InputError(f"--skip {skipped[0]} matches no Linear layer. Layer names end in: "
+                         f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in names}))}.")
+    names = [n for n in names
+             if n.split(".")[-1] not in HEADS and n.split(".")[0] not in HEADS
+             and not any(_matches(n, p) for p in skip)]
+    if not isinstance(bits, dict):
+        return {n: bits for n in names}
+    default = bits.get("default")
+    patterns = {p: b for p, b in bits.items() if p != "default"}
+    unused = [p for p in patterns if not any(_matches(n, p) for n in names)]
+    if unused:
+        raise InputError(f"The bits mapping's pattern '{unused[0]}' matches no quantizable "
+                         f"layer. Layer names look like {names[0]} (patterns are globs on the "
+                         "full name, or a name suffix such as mlp.down_proj).")
+    out = {}
+    for n in names:
+        b = next((b for p, b in patterns.items() if _matches(n, p)), default)
+        if b is None:
+            raise InputError(f"The bits mapping gives no bits for layer {n}; add a 'default' "
+                             "entry (e.g. default=4).")
+        if b != KEEP:
+            out[n] = b
+    return out
+
+
+def _weights_bytes(model) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _report(ctx, loaded, before: int, plan: dict, errors: dict, how: dict, method: str):
+    quantized = [m for n, m in loaded.model.named_modules() if n in plan]
+    payload = sum(8 * sum(t.numel() * t.element_size() for t in (m.qweight, m.scales, m.zeros,
+                                                                    m.g_idx))
+                  for m in quantized if hasattr(m, "qweight"))
+    weights = sum(m.in_features * m.out_features for m in quantized if hasattr(m, "qweight"))
+    ctx.report.update({
+        "method": method, "layers_quantized": len(plan),
+        "bits_per_weight": payload / weights if weights else None,
+        "weights_mb_before": before / 2**20, "weights_mb_after": _weights_bytes(loaded.model) / 2**20,
+        "layers": {n: {"bits": plan[n], **errors.get(n, {}), "how": how.get(n, method)}
+                   for n in plan},
+    })
+
+
+# ---------------------------------------------------------------- RTN, dynamic int8, GPTQ
+def _quantize_layer(module, bits, group_size, symmetric, kernel="dequant"):
+    from . import grid
+    from .qlinear import QuantLinear, linear_weight
+
+    w = linear_weight(module)
+    codes, scales, zeros = grid.quantize_rows(w, bits, group_size, symmetric)
+    g_idx = grid.group_index(w.shape[1], group_size)
+    layer = QuantLinear.from_codes(codes, scales, zeros, g_idx, bits, module.bias, kernel)
+    return layer.to(w.device), _weight_error(w, layer)
+
+
+def _weight_error(w, layer) -> dict:
+    diff = (w - layer.weight_float()).norm() / w.norm().clamp_min(1e-12)
+    return {"weight_rel_error": float(diff)}
+
+
+def _apply_weight_only(loaded, cfg, ctx, kernel: str, method: str):
+    from .qlinear import set_module
+
+    check_quantizable(loaded)
+    model = loaded.model
+    before = _weights_bytes(model)
+    plan = layer_bits(model, cfg.bits, cfg.skip)
+    group = getattr(cfg, "group_size", None)
+    errors = {}
+    for name, bits in plan.items():
+        layer, errors[name] = _quantize_layer(model.get_submodule(name), bits, group,
+                                              getattr(cfg, "symmetric", True), kernel)
+        set_module(model, name, layer)
+    _report(ctx, loaded, before, plan, errors, {}, method)
+    loaded.extra["format"] = "mmkit-quantized"
+    return loaded
+
+
+def rtn_(loaded, cfg: RTNConfig, ctx):
+    """Round every target weight to the nearest grid point (per group of columns)."""
+    return _apply_weight_only(loaded, cfg, ctx, "dequant", "rtn")
+
+
+def dynamic_int8_(loaded, cfg: DynamicInt8Config, ctx):
+    """int8 per-channel symmetric weights, run by torch's dynamic int8 Linear on CPU."""
+    return _apply_weight_only(loaded, cfg, ctx, "int8-dynamic", "dynamic-int8")
+
+
+def gptq_(loaded, cfg: GPTQConfig, ctx):
+    """GPTQ block by block on calibration data; layers outside the blocks get RTN."""
+    from ...core.data import load_data
+    from . import calibrate, gptq
+    from .qlinear import QuantLinear, linear_weight, set_module
+
+    check_quantizable(loaded)
+    model = loaded.model
+    before = _weights_bytes(model)
+    plan = layer_bits(model, cfg.bits, cfg.skip)
+    data = load_data(cfg.calib, loaded.task, seed=ctx.seed, max_samples=cfg.calib_samples)
+    batches = calibrate.calibration_batches(loaded, data, cfg.calib_samples, cfg.calib_length)
+    device = next(model.parameters()).device
+    errors, how = {}, {}
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def quantize_block(block, run):
+        targets = {names[id(m)]: m for m in block.modules() if names.get(id(m)) in plan}
+        collectors = {n: gptq.HessianCollector(linear_weight(m).shape[1]) for n, m in targets.items()}
+        hooks = [m.register_forward_hook(lambda mod, a, o, c=collectors[n]: c.add(a[0]))
+                 for n, m in targets.items()]
+        run()
+        for h in hooks:
+            h.remove()
+        for n, m in targets.items():
+            w, h = linear_weight(m), collectors[n].h
+            codes, scales, zeros, g_idx = gptq.gptq_quantize(
+                w.cpu(), h, plan[n], cfg.group_size, cfg.symmetric, cfg.act_order, cfg.damp)
+            layer = QuantLinear.from_codes(codes, scales.float(), zeros.float(), g_idx, plan[n],
+                                           m.bias).to(device)
+            errors[n] = {**_weight_error(w, layer), **_output_error(w, layer, h)}
+            how[n] = "gptq"
+            set_module(model, n, layer)
+
+    for stack_name, blocks in calibrate.block_stacks(model):
+        inputs = calibrate.capture_inputs(model, blocks, batches, device)
+        calibrate.run_blocks(blocks, inputs, quantize_block)
+    for name in [n for n in plan if n not in how]:  # outside every block (e.g. BERT's pooler)
+        layer, errors[name] = _quantize_layer(model.get_submodule(name), plan[name],
+                                              cfg.group_size, cfg.symmetric)
+        set_module(model, name, layer)
+        how[name] = "rtn"
+    _report(ctx, loaded, before, plan, errors, how, "gptq")
+    ctx.report["calibration"] = {"data": cfg.calib, "samples": sum(len(next(iter(b.values())))
+                                                                   for b in batches)}
+    loaded.extra["format"] = "mmkit-quantized"
+    return loaded
+
+
+def _output_error(w, layer, h) -> dict:
+    """||(W - Q) X||^2 / ||W X||^2 on the calibration inputs, through H = 2 X X^T / n."""
+    diff = (w.cpu().double() - layer.weight_float().cpu().double())
+    num = (diff @ h * diff).sum()
+    den = (w.cpu().double() @ h * w.cpu().double()).sum()
+    return {"output_rel_error": float(num / den.clamp_min(1e-30))}
+
+
+# ---------------------------------------------------------------- bitsandbytes
+def bnb_apply(kind: str):
+    """The apply function of one bitsandbytes method."""
+
+    def apply(loaded, cfg: BnbConfig, ctx):
+        import logging as _logging
+
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        from ...core.loading import _auto_class, _requantize
+
+        check_quantizable(loaded)
+        plan = layer_bits(loaded.model, cfg.bits, cfg.skip)
+        before = _weights_bytes(loaded.model)
+        device = str(next(loaded.model.parameters()).device)
+        skip = list(HEADS) + list(cfg.skip)
+        compute = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        if kind == "int8":
+            _logging.getLogger("bitsandbytes").setLevel(_logging.ERROR)  # a warning per matmul
+            qc = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+        else:
+            qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind,
+                                    bnb_4bit_use_double_quant=cfg.double_quant,
+                                    bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=skip)
+        task = "zero-shot-image-classification" if loaded.kind == "clip" else loaded.task
+        loaded.model = _requantize(_auto_class(task), loaded.model,
+                                   {"quantization_config": qc, "device_map": {"": device}}).eval()
+        ctx.report.update({"method": kind, "layers_quantized": len(plan), "bits_per_weight": None,
+                           "weights_mb_before": before / 2**20,
+                           "weights_mb_after": _weights_bytes(loaded.model) / 2**20})
+        return loaded
+
+    apply.__name__ = f"{kind}_"
+    return apply
+
+
+def pick_method(bits, device: str, calib: str | None) -> tuple[str, str]:
+    """The method `--bits` alone uses on a device, and why."""
+    if isinstance(bits, dict):
+        return ("gptq", "per-layer bits, calibration data given") if calib else (
+            "rtn", "per-layer bits, no calibration data")
+    if device.startswith("cuda"):
+        return ("nf4", "bitsandbytes nf4 kernels on CUDA") if bits == 4 else (
+            ("int8", "bitsandbytes int8 kernels on CUDA") if bits == 8 else
+            ("gptq", "calibration data given") if calib else ("rtn", "no calibration data"))
+    if bits == 8:
+        return "dynamic-int8", "int8 matmuls are the one variant faster than fp32 on CPU"
+    if calib:
+        return "gptq", "calibration data given (GPTQ beats RTN at the same bits)"
+    return "rtn", "no calibration data (pass --calib D for GPTQ)"

@@ -1,0 +1,98 @@
+"""QuantLinear: a Linear layer whose weight is stored as packed integer codes + scales.
+
+Stored (and saved) tensors: `qweight` (int32 words, `bits` bits per code, row-major over the
+input dimension), `scales` and `zeros` (fp16, out x n_groups), `g_idx` (int32, the group of
+each input column; act-order GPTQ permutes it) and `bias`. Two kernels:
+- "dequant": rebuild the float weight at every forward and use a float matmul. Weight-only
+  quantization: the model is smaller on disk and in memory, the arithmetic is floating point.
+- "int8-dynamic" (8-bit symmetric per-channel only): torch's dynamic int8 Linear (fbgemm /
+  qnnpack): activations are quantized to int8 per batch and the matmul runs in integers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import grid
+
+KERNELS = ("dequant", "int8-dynamic")
+
+
+class QuantLinear(torch.nn.Module):
+    """A quantized replacement for nn.Linear (or GPT-2's Conv1D, stored as out x in)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, n_groups: int,
+                 bias: bool, kernel: str = "dequant", dtype=torch.float32):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.kernel = kernel
+        words = -(-in_features * bits // 32)
+        self.register_buffer("qweight", torch.zeros(out_features, words, dtype=torch.int32))
+        # fp16 scales and zero points (zero points are small integers, exact in fp16)
+        self.register_buffer("scales", torch.ones(out_features, n_groups, dtype=torch.float16))
+        self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=torch.float16))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+        object.__setattr__(self, "_int8", None)  # the int8 kernel, built on first use
+
+    @classmethod
+    def from_codes(cls, codes, scales, zeros, g_idx, bits: int, bias=None, kernel="dequant"):
+        """Build from integer codes (out x in) and their grid."""
+        out_f, in_f = codes.shape
+        dtype = bias.dtype if bias is not None else torch.float32
+        layer = cls(in_f, out_f, bits, scales.shape[1], bias is not None, kernel, dtype)
+        layer.qweight.copy_(grid.pack(codes, bits))
+        layer.scales.copy_(scales)
+        layer.zeros.copy_(zeros)
+        layer.g_idx.copy_(g_idx)
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        return layer
+
+    def codes(self):
+        """The integer codes, (out, in)."""
+        return grid.unpack(self.qweight, self.bits, self.in_features)
+
+    def weight_float(self):
+        """The dequantized weight, (out, in)."""
+        return grid.dequantize(self.codes(), self.scales.float(), self.zeros.float(),
+                               self.g_idx.long())
+
+    def _int8_kernel(self):
+        if self._int8 is None:
+            from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+            # symmetric 8-bit codes are offset by 128: int8 value = code - 128
+            q = torch._make_per_channel_quantized_tensor(
+                (self.codes() - 128).to(torch.int8), self.scales[:, 0].double(),
+                torch.zeros(self.out_features, dtype=torch.long), 0)
+            layer = DynamicLinear(self.in_features, self.out_features, dtype=torch.qint8)
+            layer.set_weight_bias(q, None if self.bias is None else self.bias.float())
+            object.__setattr__(self, "_int8", layer)
+        return self._int8
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        object.__setattr__(self, "_int8", None)  # new codes: rebuild the int8 kernel
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x):
+        if self.kernel == "int8-dynamic" and x.device.type == "cpu":
+            return self._int8_kernel()(x.float()).to(x.dtype)
+        return torch.nn.functional.linear(x, self.weight_float().to(x.dtype),
+                                          None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={self.bits}, groups={self.scales.shape[1]}, kernel={self.kernel}")
+
+
+def linear_weight(module):
+    """A Linear's or Conv1D's weight as (out, in), float."""
+    w = module.weight.T if type(module).__name__ == "Conv1D" else module.weight
+    return w.detach().float()
+
+
+def set_module(model, name: str, new) -> None:
+    """Replace the submodule called `name`."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
