@@ -111,6 +111,10 @@ def save_model_files(loaded, folder: Path) -> None:
         from ..compression.quantize.storage import save_quantized
 
         save_quantized(loaded.model, folder)
+    elif loaded.extra.get("format") == "mmkit-ptq":
+        from ..compression.quantize.ptq import save_ptq
+
+        save_ptq(loaded, folder)
     else:
         loaded.model.save_pretrained(folder)
     if loaded.tokenizer is not None:

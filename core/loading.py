@@ -250,6 +250,7 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
     """
     import torch
 
+    from ..compression.quantize.ptq import attach_ptq, is_ptq_folder
     from ..compression.quantize.storage import is_quantized_folder, load_quantized
 
     source, config, kind, task = peek(ref, task, trust_remote_code)
@@ -266,6 +267,7 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
     torch.manual_seed(seed)  # a new head is the same for the same seed
     cls = _auto_class("zero-shot-image-classification" if bare else task)  # AutoModel if bare
     quant = _bnb_config(bits, device) if bits else {}
+    extra = {}
     if source.kind == "tiny":
         model = cls.from_config(config)
         if quant:
@@ -278,7 +280,9 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
         else:
             model = _from_pretrained(cls, source, config, dtype, allow_pickle, trust_remote_code,
                                      **quant)
-    adapter, extra = source.adapter, {}
+            if is_ptq_folder(source.path):  # simulated activation quantization on top
+                extra = {"format": "mmkit-ptq", "ptq": attach_ptq(model, source.path)}
+    adapter = source.adapter
     if adapter is not None:
         check_weights(adapter, allow_pickle)
         model = _attach_adapter(model, adapter, extra)

@@ -12,6 +12,7 @@ from ..adapters.vpt import VPTConfig
 from ..adapters.full import FullConfig, full_finetune
 from ..compression.cast import CastConfig, cast_
 from ..compression.quantize import methods as qm
+from ..compression.quantize.ptq import PTQConfig, ptq_
 from .registry import Method, register
 
 ALL = ("text-encoder", "vision", "clip", "causal-lm")
@@ -56,6 +57,9 @@ register(Method("quantize", "gptq", qm.GPTQConfig, qm.gptq_,
                 "GPTQ weight-only, 2-8 bits, Hessian-aware rounding from calibration data"))
 register(Method("quantize", "dynamic-int8", qm.DynamicInt8Config, qm.dynamic_int8_,
                 "int8 weights and dynamic int8 activations (integer matmuls on CPU)"))
+register(Method("quantize", "ptq", PTQConfig, ptq_,
+                "simulated W8A8 / W4A8 activation PTQ (RepQuant-style LayerNorm folding, log2 "
+                "softmax)", ("text-encoder", "vision"), hint="Use rtn, gptq or dynamic-int8."))
 register(Method("quantize", "nf4", qm.NF4Config, qm.bnb_apply("nf4"),
                 "bitsandbytes 4-bit NormalFloat (double quantization)"))
 register(Method("quantize", "fp4", qm.FP4Config, qm.bnb_apply("fp4"), "bitsandbytes 4-bit float"))

@@ -85,6 +85,11 @@ def pack(codes, bits: int):
     import torch
 
     rows, n = codes.shape
+    if 32 % bits == 0:  # fast path (2, 4, 8 bits): whole codes per word, same layout
+        per = 32 // bits
+        padded = torch.nn.functional.pad(codes.long(), (0, -n % per)).reshape(rows, -1, per)
+        value = (padded << (torch.arange(per) * bits)).sum(-1)
+        return torch.where(value >= 2**31, value - 2**32, value).to(torch.int32)
     shifts = torch.arange(bits)
     stream = ((codes.long().unsqueeze(-1) >> shifts) & 1).reshape(rows, n * bits)
     words = -(-n * bits // 32)
@@ -99,5 +104,9 @@ def unpack(packed, bits: int, n: int):
 
     rows = packed.shape[0]
     value = packed.long() & 0xFFFFFFFF
+    if 32 % bits == 0:
+        per = 32 // bits
+        codes = (value.unsqueeze(-1) >> (torch.arange(per) * bits)) & (2**bits - 1)
+        return codes.reshape(rows, -1)[:, :n]
     stream = ((value.unsqueeze(-1) >> torch.arange(32)) & 1).reshape(rows, -1)[:, :n * bits]
     return (stream.reshape(rows, n, bits) << torch.arange(bits)).sum(-1)

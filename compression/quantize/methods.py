@@ -116,9 +116,12 @@ def check_quantizable(loaded) -> None:
     from .qlinear import QuantLinear
 
     model = loaded.model
+    if hasattr(model, "peft_config") or loaded.extra.get("format") == "mmkit-adapter":
+        raise InputError(f"'{loaded.source.ref}' is an adapter on a base model; quantize a full "
+                         "model: write one with `mmkit finetune ... --merge`, then quantize that.")
     already = getattr(model.config, "quantization_config", None) is not None or any(
         isinstance(m, QuantLinear) or type(m).__name__ in ("Linear4bit", "Linear8bitLt")
-        for m in model.modules())
+        or hasattr(m, "mmkit_aq") for m in model.modules())
     if already:
         parent = (loaded.source.manifest.get("parent") or {}).get("ref")
         raise InputError(f"'{loaded.source.ref}' is already quantized; quantizing it again would "
