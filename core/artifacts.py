@@ -115,6 +115,10 @@ def save_model_files(loaded, folder: Path) -> None:
         from ..compression.quantize.ptq import save_ptq
 
         save_ptq(loaded, folder)
+    elif loaded.extra.get("format") == "mmkit-pruned":
+        from ..compression.prune.storage import save_pruned
+
+        save_pruned(loaded, folder)
     else:
         loaded.model.save_pretrained(folder)
     if loaded.tokenizer is not None:

@@ -250,6 +250,7 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
     """
     import torch
 
+    from ..compression.prune.storage import is_pruned_folder, load_pruned
     from ..compression.quantize.ptq import attach_ptq, is_ptq_folder
     from ..compression.quantize.storage import is_quantized_folder, load_quantized
 
@@ -277,6 +278,8 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
             check_weights(source, allow_pickle)
         if is_quantized_folder(source.path):  # RTN / GPTQ / dynamic-int8, mmkit's format
             model = load_quantized(cls, source.path, config)
+        elif is_pruned_folder(source.path):  # head counts its config cannot state
+            model = load_pruned(cls, source.path, config)
         else:
             model = _from_pretrained(cls, source, config, dtype, allow_pickle, trust_remote_code,
                                      **quant)

@@ -11,6 +11,7 @@ from ..adapters.svfit import SVFitConfig
 from ..adapters.vpt import VPTConfig
 from ..adapters.full import FullConfig, full_finetune
 from ..compression.cast import CastConfig, cast_
+from ..compression.prune import methods as pr
 from ..compression.quantize import methods as qm
 from ..compression.quantize.ptq import PTQConfig, ptq_
 from .registry import Method, register
@@ -65,6 +66,20 @@ register(Method("quantize", "nf4", qm.NF4Config, qm.bnb_apply("nf4"),
 register(Method("quantize", "fp4", qm.FP4Config, qm.bnb_apply("fp4"), "bitsandbytes 4-bit float"))
 register(Method("quantize", "int8", qm.Int8Config, qm.bnb_apply("int8"),
                 "bitsandbytes LLM.int8 8-bit weights"))
+
+# prune
+register(Method("prune", "magnitude", pr.MagnitudeConfig, pr.magnitude_,
+                "zero the smallest weights, per layer or globally"), default=True)
+register(Method("prune", "wanda", pr.WandaConfig, pr.wanda_,
+                "zero weights with the smallest |W| x input norm (calibration data)"))
+register(Method("prune", "nm", pr.NMConfig, pr.nm_,
+                "N:M semi-structured sparsity (2:4, 4:8) with magnitude or Wanda scores"))
+register(Method("prune", "heads", pr.StructuredConfig, pr.heads_,
+                "remove attention heads (BERT, ViT, CLIP, Llama): smaller tensors"))
+register(Method("prune", "neurons", pr.StructuredConfig, pr.neurons_,
+                "remove FFN intermediate neurons (BERT, ViT, CLIP, Llama)"))
+register(Method("prune", "layers", pr.StructuredConfig, pr.layers_,
+                "remove whole transformer layers (BERT, ViT, CLIP, Llama)"))
 
 # cast
 register(Method("cast", "dtype", CastConfig, cast_,
