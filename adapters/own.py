@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from ..core.errors import InputError
+from ..core.sparsity import reapply_, zero_masks
 from ..core.train import clip_classifier, train
 from . import adaptformer, svfit, vpt
 
@@ -61,8 +62,10 @@ def make_apply(name: str):
         model.eval()
         ctx.report["adapted_modules"] = len(targets)
         if cfg.merge:
+            masks = zero_masks(model)  # a pruned base keeps its zeros through the merge
             module.merge(model)
-            ctx.report["merged"] = True
+            reapply_(masks)
+            ctx.report.update({"merged": True, "sparse_layers_kept": len(masks)})
         else:
             loaded.extra["format"] = "mmkit-adapter"
             loaded.extra["adapter"] = {"method": name, "params": params, "targets": targets,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from ..core.errors import InputError
+from ..core.sparsity import reapply_, zero_masks
 from ..core.train import TrainingConfig, clip_classifier, train
 from .targets import check_targets, ia3_targets
 
@@ -184,8 +185,10 @@ def make_apply(method: str):
         ctx.report.update(train(loaded, trained, cfg, ctx, DEFAULT_LR[method]))
         model.eval()
         if cfg.merge:
+            masks = zero_masks(model)  # a pruned base keeps its zeros through the merge
             loaded.model = model.merge_and_unload()
-            ctx.report["merged"] = True
+            reapply_(masks)
+            ctx.report.update({"merged": True, "sparse_layers_kept": len(masks)})
         else:
             loaded.model = model
             loaded.extra["format"] = "peft-adapter"

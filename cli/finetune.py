@@ -17,7 +17,7 @@ METHOD_OPTIONS = {
     "scale": "--scale", "deep": "--deep",
 }
 TRAINING_OPTIONS = ("epochs", "lr", "batch_size", "max_length", "weight_decay", "warmup",
-                    "scheduler", "grad_accum", "save_steps", "max_steps", "merge")
+                    "scheduler", "grad_accum", "save_steps", "max_steps", "merge", "keep_sparsity")
 
 
 def _human(r: dict) -> str:
@@ -81,6 +81,8 @@ def _method_flags(func):
 @click.option("--max-steps", type=click.IntRange(min=1), help="Stop after N optimizer steps.")
 @click.option("--merge", is_flag=True, default=None,
               help="Merge the adapter into the weights and write a full model.")
+@click.option("--keep-sparsity", is_flag=True, default=None,
+              help="Keep a pruned model's zeros while training (merges always keep them).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of this same command "
                                              "from its last checkpoint (in OUT.checkpoints).")
 @click.option("--eval-split", type=click.Choice(["validation", "test", "none"]), default="test",

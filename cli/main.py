@@ -12,7 +12,7 @@ import os
 import click
 
 from ..core.errors import MmkitError
-from . import bench, eval as eval_cmd, finetune, inspect, quantize, run
+from . import bench, eval as eval_cmd, finetune, inspect, prune, quantize, run
 
 
 class _StderrHandler(logging.Handler):
@@ -96,6 +96,7 @@ cli.add_command(eval_cmd.eval_command)
 cli.add_command(bench.bench_command)
 cli.add_command(finetune.finetune_command)
 cli.add_command(inspect.inspect_command)
+cli.add_command(prune.prune_command)
 cli.add_command(quantize.quantize_command)
 cli.add_command(run.run_command)
 

@@ -35,6 +35,7 @@ class TrainingConfig(MethodConfig):
     save_steps: int | None = Field(None, ge=1, description="also checkpoint every N steps")
     max_steps: int | None = Field(None, ge=1)
     merge: bool = False
+    keep_sparsity: bool = Field(False, description="keep a pruned model's zeros while training")
 
 
 # ---------------------------------------------------------------- data
@@ -281,6 +282,15 @@ def train(loaded, model, cfg: TrainingConfig, ctx, default_lr: float) -> dict:
     trainer = Trainer(model=raw_checkpoints(model), args=args, train_dataset=train_items, eval_dataset=eval_items,
                       data_collator=Collator(loaded), compute_metrics=_compute_metrics(loaded.task),
                       callbacks=list(ctx.callbacks))
+    if cfg.keep_sparsity:
+        from .sparsity import keep_sparsity_callback, zero_masks
+
+        masks = zero_masks(model)
+        if not masks:
+            raise InputError("--keep-sparsity: this model has no sparse layers (no Linear layer "
+                             "is 1% or more exact zeros); prune it first, or drop the option.")
+        trainer.add_callback(keep_sparsity_callback(masks))
+        log.info("keeping the zeros of %d sparse layers", len(masks))
     trainer.remove_callback(PrinterCallback)  # it prints to stdout, which carries results only
     trainer.add_callback(_log_callback())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

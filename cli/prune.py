@@ -1,0 +1,84 @@
+"""mmkit prune: unstructured (magnitude, Wanda, N:M) and structured (heads, neurons, layers)."""
+
+from __future__ import annotations
+
+import click
+
+from ..core.errors import InputError
+from . import options
+
+METHODS = ("magnitude", "wanda", "nm", "heads", "neurons", "layers")
+METHOD_OPTIONS = {"sparsity": "--sparsity", "scope": "--scope", "nm": "--nm", "score": "--score",
+                  "importance": "--importance", "calib": "--calib",
+                  "calib_samples": "--calib-samples", "calib_length": "--calib-length",
+                  "skip": "--skip"}
+
+
+def _human(r: dict) -> str:
+    rep = r["steps"][0]["report"]
+    what = (f"{rep['sparsity']:.1%} of {rep['layers_pruned']} layers' weights zero"
+            if "sparsity" in rep else
+            {"heads": lambda: f"{len(rep['attention'])} attention layers resized",
+             "neurons": lambda: f"FFN width {rep['intermediate_size']}",
+             "layers": lambda: f"removed layers {rep['removed_layers']}"}[rep["method"]]())
+    line = f"{r['artifact']}  {rep['method']} on {r['model']}: {what}"
+    for m in r["metrics"]:
+        score = (f"perplexity {m['perplexity']:.3f}" if "perplexity" in m
+                 else f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}")
+        line += f"\n  {m['split']}: {score}"
+    return line
+
+
+@click.command("prune")
+@options.model_argument
+@click.option("--method", type=click.Choice(METHODS), default="magnitude", show_default=True)
+@click.option("--sparsity", type=float, help="Fraction of weights (or of heads / neurons / "
+              "layers) to remove, in [0, 1). [default: 0.5; structured 0.25]")
+@click.option("--scope", type=click.Choice(["layer", "global"]),
+              help="magnitude: one threshold per layer or for all. [default: layer]")
+@click.option("--nm", help="nm: keep N of every M weights, e.g. 2:4. [default: 2:4]")
+@click.option("--score", type=click.Choice(["magnitude", "wanda"]), help="nm: the weight score.")
+@click.option("--importance", type=click.Choice(["weights", "calibration"]),
+              help="heads / neurons / layers: how to rank them. [default: calibration with "
+                   "--calib, else weights]")
+@click.option("--calib", help="Calibration data (wanda, nm --score wanda, importance).")
+@click.option("--calib-samples", type=click.IntRange(min=1), help="[default: 64]")
+@click.option("--calib-length", type=click.IntRange(min=8), help="[default: 128]")
+@click.option("--skip", multiple=True, help="Leave layers matching this pattern dense.")
+@click.option("--eval", "do_eval", is_flag=True, help="Score the result on the test split.")
+@options.data
+@options.output
+@options.device()
+@options.loading
+@options.common
+@click.pass_context
+def prune_command(ctx, model, method, do_eval, task, data, text_column, image_column,
+                  label_column, max_samples, seed, out, overwrite, device, allow_pickle,
+                  trust_remote_code, as_json, **settings):
+    """Prune MODEL and write OUT: zeroed weights (magnitude, wanda, nm), or a smaller model
+    (heads, neurons, layers)."""
+    from ..core.recipe import parse_recipe, run_recipe
+    from ..core.registry import get_method
+
+    if model == "-":
+        model = options.models_from(model)[0]
+    fields = get_method("prune", method).config.model_fields
+    params = {}
+    for key, value in settings.items():
+        if value is None or value == ():
+            continue
+        if key not in fields:
+            usable = ", ".join(METHOD_OPTIONS[k] for k in fields if k in METHOD_OPTIONS)
+            raise InputError(f"{METHOD_OPTIONS[key]} does not apply to --method {method}. "
+                             f"Options it takes: {usable}.")
+        params[key] = list(value) if key == "skip" else value
+    recipe = {"model": model, "task": task, "data": data, "seed": seed, "max_samples": max_samples,
+              "text_column": text_column, "image_column": image_column,
+              "label_column": label_column,
+              "steps": [{"step": "prune", "method": method, **params}],
+              "eval": {"split": "test"} if do_eval else None}
+    recipe = {k: v for k, v in recipe.items() if v is not None}
+    result = run_recipe(parse_recipe(recipe, where="prune"), out, overwrite=overwrite,
+                        device=device, allow_pickle=allow_pickle,
+                        trust_remote_code=trust_remote_code)
+    options.emit(result, as_json, _human)
