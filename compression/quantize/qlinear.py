@@ -62,10 +62,14 @@ class QuantLinear(torch.nn.Module):
         if self._int8 is None:
             from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
+            import warnings
+
             # symmetric 8-bit codes are offset by 128: int8 value = code - 128
-            q = torch._make_per_channel_quantized_tensor(
-                (self.codes() - 128).to(torch.int8), self.scales[:, 0].double(),
-                torch.zeros(self.out_features, dtype=torch.long), 0)
+            with warnings.catch_warnings():  # torch.ao's quantized tensors are deprecated; the
+                warnings.simplefilter("ignore")  # dynamic int8 kernel has no successor on CPU yet
+                q = torch._make_per_channel_quantized_tensor(
+                    (self.codes() - 128).to(torch.int8), self.scales[:, 0].double(),
+                    torch.zeros(self.out_features, dtype=torch.long), 0)
             layer = DynamicLinear(self.in_features, self.out_features, dtype=torch.qint8)
             layer.set_weight_bias(q, None if self.bias is None else self.bias.float())
             object.__setattr__(self, "_int8", layer)
