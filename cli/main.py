@@ -12,7 +12,7 @@ import os
 import click
 
 from ..core.errors import MmkitError
-from . import bench, eval as eval_cmd, finetune, inspect, prune, quantize, run
+from . import bench, eval as eval_cmd, finetune, inspect, prune, quantize, run, search
 
 
 class _StderrHandler(logging.Handler):
@@ -99,8 +99,13 @@ cli.add_command(inspect.inspect_command)
 cli.add_command(prune.prune_command)
 cli.add_command(quantize.quantize_command)
 cli.add_command(run.run_command)
+cli.add_command(search.search_group)
 
 
 def main() -> None:
     """Console entry point."""
     cli(prog_name="mmkit")
+
+
+if __name__ == "__main__":
+    main()

@@ -276,10 +276,13 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
     else:
         if source.kind != "hub":
             check_weights(source, allow_pickle)
-        if is_quantized_folder(source.path):  # RTN / GPTQ / dynamic-int8, mmkit's format
+        # mmkit's own formats: the loaded model remembers its format, so a later save keeps it
+        if is_quantized_folder(source.path):  # RTN / GPTQ / dynamic-int8
             model = load_quantized(cls, source.path, config)
+            extra = {"format": "mmkit-quantized"}
         elif is_pruned_folder(source.path):  # head counts its config cannot state
-            model = load_pruned(cls, source.path, config)
+            model, layout = load_pruned(cls, source.path, config)
+            extra = {"format": "mmkit-pruned", "pruned": {"attention": layout}}
         else:
             model = _from_pretrained(cls, source, config, dtype, allow_pickle, trust_remote_code,
                                      **quant)

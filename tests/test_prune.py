@@ -233,3 +233,15 @@ def test_cli_prune_bad_input(tmp_path):
         assert result.exit_code == 2, f"{name}: {result.exit_code} {result.stderr}"
         assert needle in result.stderr, f"{name}: {result.stderr}"
         assert not (tmp_path / "out").exists()
+
+
+def test_a_head_pruned_bert_stays_loadable_after_fine_tuning(tmp_path):
+    pruned = run_recipe({"model": "tiny:bert", "max_samples": 16, "steps": [
+        {"step": "prune", "method": "heads", "sparsity": 0.5}]}, tmp_path / "p")["artifact"]
+    tuned = run_recipe({"model": pruned, "max_samples": 16, "steps": [
+        {"step": "finetune", "method": "full", "max_steps": 2}]}, tmp_path / "f")["artifact"]
+    assert (tmp_path / "f" / "mmkit_prune.json").is_file()
+    a, b = load_model(pruned), load_model(tuned)
+    assert sum(p.numel() for p in a.model.parameters()) == \
+        sum(p.numel() for p in b.model.parameters())
+    _logits(b)

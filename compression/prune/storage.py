@@ -46,7 +46,8 @@ def is_pruned_folder(path) -> bool:
 
 
 def load_pruned(cls, folder, config):
-    """Rebuild a saved mmkit-pruned model of class `cls` (an Auto class)."""
+    """Rebuild a saved mmkit-pruned model of class `cls` (an Auto class); returns the model
+    and its attention layout."""
     from safetensors.torch import load_file
 
     from ..quantize.qlinear import set_module
@@ -72,4 +73,4 @@ def load_pruned(cls, folder, config):
         raise InputError(f"{folder} does not match its own {PRUNE_JSON} (missing {missing[:3]}, "
                          f"unexpected {result.unexpected_keys[:3]}); re-create the artifact.")
     model.tie_weights()
-    return model.eval()
+    return model.eval(), spec["attention"]

@@ -1,0 +1,101 @@
+"""mmkit search: Optuna multi-objective search (accuracy / latency / size) under a latency
+budget, and `mmkit search pick` to export another point later."""
+
+from __future__ import annotations
+
+import click
+
+from . import options
+
+
+class SearchGroup(click.Group):
+    """`mmkit search [MODEL] ...` runs a search; `mmkit search pick OUT ...` picks from one."""
+
+    def parse_args(self, ctx, args):
+        if not args or args[0] not in self.commands:
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+def _human(r: dict) -> str:
+    lines = [f"{r['out']}: {r['trials_completed']} trials ({r['rejected_without_evaluation']} "
+             "over the budget, not evaluated)", r["table"]]
+    if r["exported"]:
+        lines.append("exported: " + ", ".join(r["exported"]))
+    return "\n".join(lines)
+
+
+@click.group("search", cls=SearchGroup)
+def search_group():
+    """Search for the most accurate model under a latency budget (`mmkit search --help`), or
+    pick another point from a finished search (`mmkit search pick --help`)."""
+
+
+@search_group.command("run")
+@options.model_argument
+@options.data
+@click.option("--latency-budget", help="Fastest acceptable median latency, e.g. 20ms or 0.5s. "
+                                       "Slower candidates are not evaluated.")
+@click.option("--objectives", default="accuracy,latency,size", show_default=True,
+              help="Comma-separated: accuracy | macro_f1 | perplexity, latency, size.")
+@click.option("--knobs", help="Comma-separated knobs with their default values: layers, heads, "
+                              "ffn, sparsity, quant, recovery. [default: layers,heads,ffn,quant]")
+@click.option("--space", "space_file", type=click.Path(),
+              help="A YAML file `knobs: {name: [values]}` (instead of --knobs).")
+@click.option("--trials", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Completed trials the study should hold (all workers together).")
+@click.option("--timeout", help="Stop starting trials after this long, e.g. 600s or 10m.")
+@click.option("--sampler", default="tpe", show_default=True,
+              help="tpe | nsga2 | nsga3 | random | grid | qmc.")
+@click.option("--storage", help="Optuna storage URL (default: sqlite in OUT); journal:PATH for "
+                                "a journal file.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes running trials on the same storage.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Batch size the latency is measured at.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Tokens per input when measuring latency (text models).")
+@click.option("--export", type=click.Choice(["best", "pareto", "none"]), default="best",
+              show_default=True, help="Which models to write under OUT.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(),
+              help="Search folder: study, pareto.*, exported models. Run again to resume.")
+@click.option("--overwrite", is_flag=True, help="Delete OUT's study and start afresh.")
+@options.device()
+@options.common
+def search_run(model, task, data, text_column, image_column, label_column, max_samples, seed,
+               latency_budget, objectives, knobs, space_file, trials, timeout, sampler, storage,
+               workers, batch_size, seq_len, export, out, overwrite, device, as_json):
+    """Search MODEL's compressed variants (structural cuts, sparsity, quantization) for the
+    best accuracy / latency / size trade-offs on the target device, and export the most
+    accurate one under --latency-budget."""
+    from ..core.errors import InputError
+    from ..search.run import parse_seconds, prepare, search
+
+    if any(c is not None for c in (text_column, image_column, label_column)):
+        raise InputError("search reads data by its default columns; convert the file or use "
+                         "a bundled dataset.")
+    if knobs and space_file:
+        raise InputError("Pass either --knobs or --space, not both.")
+    timeout_s = parse_seconds(timeout)
+    job = prepare(model, data=data, task=task, max_samples=max_samples, seed=seed,
+                  budget=latency_budget, objectives=objectives, knobs=knobs,
+                  space_file=space_file, device=device, sampler=sampler, batch_size=batch_size,
+                  seq_len=seq_len, out=out, storage=storage, overwrite=overwrite)
+    options.emit(search(job, trials, timeout_s, workers, export), as_json, _human)
+
+
+@search_group.command("pick")
+@click.argument("out", type=click.Path())
+@click.option("--latency-budget", required=True, help="The new budget, e.g. 10ms.")
+@click.option("-o", "--output", "dest", type=click.Path(),
+              help="Where to write the model. [default: OUT/pick-<budget>ms]")
+@click.option("--overwrite", is_flag=True, help="Replace the output if it exists.")
+@options.common
+def search_pick(out, latency_budget, dest, overwrite, as_json):
+    """Export the most accurate evaluated point of a finished search under a new budget,
+    without searching again."""
+    from ..search.run import pick
+
+    options.emit(pick(out, latency_budget, dest, overwrite), as_json,
+                 lambda r: f"{r['artifact']}  trial {r['trial']} {r['params']}: "
+                           f"{r['values']}, {r['latency_ms']:.2f} ms")

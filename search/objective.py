@@ -1,0 +1,116 @@
+"""One search trial: build the candidate, profile it on the target device, and evaluate it
+only when it meets the latency budget."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+import time
+
+from ..core.errors import InputError
+
+log = logging.getLogger("mmkit")
+
+# what each objective measures, its direction, and the value an unevaluated trial gets
+OBJECTIVES = {
+    "accuracy": ("maximize", 0.0),
+    "macro_f1": ("maximize", 0.0),
+    "perplexity": ("minimize", 1e9),
+    "latency": ("minimize", None),
+    "size": ("minimize", None),
+}
+QUALITY = ("accuracy", "macro_f1", "perplexity")
+
+
+def check_objectives(names: list[str], task: str) -> list[str]:
+    """Objectives the task can measure, or a clear error."""
+    unknown = [n for n in names if n not in OBJECTIVES]
+    if unknown:
+        raise InputError(f"Unknown objective '{unknown[0]}'. Objectives: {', '.join(OBJECTIVES)}.")
+    quality = "perplexity" if task == "causal-lm" else "accuracy"
+    for n in names:
+        if n in QUALITY and n != quality and not (n == "macro_f1" and quality == "accuracy"):
+            raise InputError(f"The objective '{n}' cannot be measured on a {task} model; use "
+                             f"{quality}.")
+    if not any(n in QUALITY for n in names):
+        raise InputError(f"The objectives need one quality measure ({quality}) beside "
+                         f"{', '.join(names)}.")
+    return names
+
+
+def n_layers(model) -> int:
+    """Depth of the deepest stack of transformer blocks."""
+    from ..compression.quantize.calibrate import block_stacks
+
+    return max((len(blocks) for _, blocks in block_stacks(model)), default=1)
+
+
+class Trial:
+    """Evaluates points of the space on one pristine copy of the model."""
+
+    def __init__(self, base, dataset, space, objectives, budget_ms, device, batch_size,
+                 seq_len, repeats, calib):
+        self.base, self.dataset, self.space = base, dataset, space
+        self.objectives, self.budget_ms, self.device = objectives, budget_ms, device
+        self.batch_size, self.seq_len, self.repeats, self.calib = batch_size, seq_len, repeats, calib
+        self.depth = n_layers(base.model)
+
+    def build(self, steps: list[dict]):
+        """Apply the steps to a copy of the base model."""
+        from ..core.registry import Context, build_config, get_method
+
+        loaded = copy.deepcopy(self.base)
+        with tempfile.TemporaryDirectory(prefix="mmkit-trial-") as tmp:
+            for i, step in enumerate(steps):
+                method = get_method(step["step"], step.get("method"))
+                params = {k: v for k, v in step.items() if k not in ("step", "method")}
+                cfg = build_config(method, params, f"search step {i + 1}")
+                ctx = Context(device=self.device, dataset=self.dataset, workdir=f"{tmp}/s{i}",
+                              fingerprint="search")
+                loaded = method.apply(loaded, cfg, ctx)
+        return loaded
+
+    def __call__(self, trial):
+        """The Optuna objective."""
+        from ..core.evaluate import evaluate
+        from ..core.profile import profile
+        from .space import steps_for
+
+        start = time.perf_counter()
+        params = {name: trial.suggest_categorical(name, values)
+                  for name, values in self.space.items()}
+        steps = steps_for(params, self.depth, self.calib)
+        trial.set_user_attr("steps", steps)
+        trial.set_user_attr("worker_pid", os.getpid())
+        try:
+            loaded = self.build(steps)
+        except InputError as exc:  # e.g. every layer removed: not a candidate
+            import optuna
+
+            trial.set_user_attr("invalid", str(exc))
+            raise optuna.TrialPruned(str(exc)) from None
+        prof = profile(loaded, self.device, batch_size=self.batch_size, seq_len=self.seq_len,
+                       warmup=2, repeats=self.repeats)
+        latency, size = prof["latency_ms"]["median"], prof["weights_mb"]
+        over = latency - self.budget_ms if self.budget_ms else 0.0
+        trial.set_user_attr("latency_ms", latency)
+        trial.set_user_attr("latency_p90_ms", prof["latency_ms"]["p90"])
+        trial.set_user_attr("size_mb", size)
+        trial.set_user_attr("constraint", [over])
+        measured = {"latency": latency, "size": size}
+        if over > 0:  # over the budget: no need to pay for the evaluation
+            trial.set_user_attr("evaluated", False)
+            log.info("trial %d: %.1f ms, over the %.1f ms budget; not evaluated", trial.number,
+                     latency, self.budget_ms)
+        else:
+            metrics = evaluate(loaded, self.dataset, "validation")
+            measured.update({k: metrics[k] for k in QUALITY if k in metrics})
+            trial.set_user_attr("evaluated", True)
+            trial.set_user_attr("metrics", {k: metrics[k] for k in QUALITY if k in metrics})
+            log.info("trial %d: %s, %.1f ms, %.1f MB", trial.number,
+                     {k: round(v, 4) for k, v in trial.user_attrs["metrics"].items()}, latency,
+                     size)
+        trial.set_user_attr("seconds", time.perf_counter() - start)
+        return tuple(measured.get(n, OBJECTIVES[n][1]) for n in self.objectives)

@@ -1,0 +1,138 @@
+"""What a search leaves behind: the Pareto front (JSON, CSV, PNG, HTML, a table), and the
+exported model(s)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from ..core.errors import RuntimeFailure
+from .objective import OBJECTIVES
+
+
+def trial_rows(study, objectives: list[str]) -> list[dict]:
+    """Every completed trial as a plain dict."""
+    import optuna
+
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        a = t.user_attrs
+        rows.append({"trial": t.number, "params": t.params,
+                     "values": dict(zip(objectives, t.values)),
+                     "latency_ms": a.get("latency_ms"), "latency_p90_ms": a.get("latency_p90_ms"),
+                     "size_mb": a.get("size_mb"), "evaluated": a.get("evaluated", False),
+                     "feasible": a.get("constraint", [0.0])[0] <= 0, "metrics": a.get("metrics"),
+                     "steps": a.get("steps", []), "seconds": a.get("seconds")})
+    return rows
+
+
+def dominates(a: dict, b: dict, objectives: list[str]) -> bool:
+    """True when `a` is at least as good as `b` on every objective and better on one."""
+    better = False
+    for name in objectives:
+        x, y = a["values"][name], b["values"][name]
+        if OBJECTIVES[name][0] == "minimize":
+            x, y = -x, -y
+        if x < y:
+            return False
+        better = better or x > y
+    return better
+
+
+def pareto_front(rows: list[dict], objectives: list[str]) -> list[dict]:
+    """The non-dominated rows among the feasible, evaluated ones, fastest first."""
+    pool = [r for r in rows if r["feasible"] and r["evaluated"]]
+    front = [r for r in pool if not any(dominates(o, r, objectives) for o in pool if o is not r)]
+    return sorted(front, key=lambda r: (r["latency_ms"], r["trial"]))
+
+
+def best_under(rows: list[dict], objectives: list[str], budget_ms: float | None):
+    """The most accurate evaluated trial within the budget (ties: the faster)."""
+    quality = next(n for n in objectives if n in ("accuracy", "macro_f1", "perplexity"))
+    sign = 1 if OBJECTIVES[quality][0] == "maximize" else -1
+    pool = [r for r in rows if r["evaluated"]
+            and (budget_ms is None or r["latency_ms"] <= budget_ms)]
+    if not pool:
+        return None
+    return max(pool, key=lambda r: (sign * r["values"][quality], -r["latency_ms"]))
+
+
+def write_outputs(out: Path, study, rows, front, settings, stats) -> dict:
+    """pareto.json, pareto.csv, pareto.png, pareto.html; returns the JSON's content."""
+    objectives = settings["objectives"]
+    summary = {"objectives": objectives,
+               "directions": [OBJECTIVES[n][0] for n in objectives],
+               "latency_budget_ms": settings["budget_ms"], "device": settings["device"],
+               "model": settings["model"], "data": settings["data"], **stats,
+               "front": front, "evaluated": [r for r in rows if r["evaluated"]]}
+    (out / "pareto.json").write_text(json.dumps(summary, indent=2, default=str))
+    with open(out / "pareto.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        knobs = sorted({k for r in front for k in r["params"]})
+        writer.writerow(["trial", *knobs, *objectives, "latency_p90_ms", "steps"])
+        for r in front:
+            writer.writerow([r["trial"], *[r["params"].get(k) for k in knobs],
+                             *[r["values"][n] for n in objectives], r["latency_p90_ms"],
+                             json.dumps(r["steps"])])
+    _plots(out, study, rows, front, objectives, settings["budget_ms"])
+    return summary
+
+
+def _plots(out, study, rows, front, objectives, budget_ms) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    quality = next(n for n in objectives if n in ("accuracy", "macro_f1", "perplexity"))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    evaluated = [r for r in rows if r["evaluated"]]
+    ax.scatter([r["latency_ms"] for r in evaluated], [r["values"][quality] for r in evaluated],
+               c="#9ab", label="evaluated")
+    ax.plot([r["latency_ms"] for r in front], [r["values"][quality] for r in front], "o-",
+            c="#c33", label="Pareto front")
+    if budget_ms:
+        ax.axvline(budget_ms, ls="--", c="k", lw=1, label="latency budget")
+    ax.set_xlabel("latency (ms, median)")
+    ax.set_ylabel(quality)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=120)
+    plt.close(fig)
+    import optuna
+
+    if len(objectives) in (2, 3):
+        figure = optuna.visualization.plot_pareto_front(
+            study, target_names=objectives,
+            constraints_func=lambda t: t.user_attrs.get("constraint", [0.0]))
+        figure.write_html(str(out / "pareto.html"), include_plotlyjs="cdn")
+
+
+def table(front: list[dict], objectives: list[str]) -> str:
+    """A short text table of the front."""
+    lines = [f"{'trial':>5}  " + "  ".join(f"{n:>10}" for n in objectives) + "  params"]
+    for r in front:
+        vals = "  ".join(f"{r['values'][n]:>10.4g}" for n in objectives)
+        lines.append(f"{r['trial']:>5}  {vals}  {r['params']}")
+    return "\n".join(lines)
+
+
+def export(row: dict, settings: dict, dest: Path, device: str, overwrite: bool = True) -> str:
+    """Write one trial's model as an artifact by running its recipe."""
+    from ..core.recipe import run_recipe
+
+    recipe = {"model": settings["model"], "task": settings["task"], "data": settings["data"],
+              "seed": settings["seed"], "max_samples": settings["max_samples"],
+              "steps": row["steps"], "eval": {"split": "test"}}
+    recipe = {k: v for k, v in recipe.items() if v is not None}
+    return run_recipe(recipe, dest, overwrite=overwrite, device=device)["artifact"]
+
+
+def no_candidate(rows: list[dict], budget_ms: float) -> RuntimeFailure:
+    """The error when nothing meets the budget, naming the fastest point seen."""
+    fastest = min(rows, key=lambda r: r["latency_ms"])
+    return RuntimeFailure(f"No candidate met the {budget_ms:g} ms latency budget. The fastest "
+                          f"point seen ran in {fastest['latency_ms']:.2f} ms (trial "
+                          f"{fastest['trial']}: {fastest['params']}). Raise the budget, add "
+                          "stronger cuts to the space, or run more trials.")

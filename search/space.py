@@ -1,0 +1,158 @@
+"""The search space: knobs, the values each may take, and the recipe steps a choice becomes.
+
+A space file (YAML, safe-loaded) names knobs and their values:
+
+    knobs:
+      layers: [0, 1, 2]          # transformer layers removed
+      heads: [0, 0.25, 0.5]      # fraction of attention heads removed in every layer
+      ffn: [0, 0.25, 0.5]        # fraction of FFN neurons removed
+      sparsity: [0, 0.5]         # unstructured magnitude sparsity
+      quant: [none, dynamic-int8, rtn-8, rtn-4, gptq-4, nf4, int8]
+      recovery: [0, 50]          # full fine-tuning steps after the cuts
+
+The first value of every knob should be "no change": trial 0 is always the unmodified model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core.errors import InputError
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One dimension of the space."""
+
+    name: str
+    help: str
+    default: tuple
+    check: object  # value -> error text or None
+    identity: object  # the value that leaves the model unchanged
+
+
+def _fraction(v):
+    return None if isinstance(v, (int, float)) and 0 <= v < 1 else "a fraction in [0, 1)"
+
+
+def _count(v):
+    return None if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else \
+        "a whole number >= 0"
+
+
+QUANT = {"none": None, "dynamic-int8": {"method": "dynamic-int8"},
+         "rtn-8": {"method": "rtn", "bits": 8}, "rtn-4": {"method": "rtn", "bits": 4},
+         "gptq-4": {"method": "gptq", "bits": 4}, "nf4": {"method": "nf4"},
+         "int8": {"method": "int8"}}
+
+KNOBS = {k.name: k for k in (
+    Knob("layers", "transformer layers removed", (0, 1, 2), _count, 0),
+    Knob("heads", "fraction of attention heads removed per layer", (0.0, 0.25, 0.5), _fraction,
+         0.0),
+    Knob("ffn", "fraction of FFN neurons removed per layer", (0.0, 0.25, 0.5), _fraction, 0.0),
+    Knob("sparsity", "unstructured magnitude sparsity", (0.0, 0.5), _fraction, 0.0),
+    Knob("quant", "weight quantization", ("none", "dynamic-int8", "rtn-8"),
+         lambda v: None if v in QUANT else f"one of {', '.join(QUANT)}", "none"),
+    Knob("recovery", "full fine-tuning steps after the cuts", (0, 50), _count, 0),
+)}
+DEFAULT_KNOBS = ("layers", "heads", "ffn", "quant")
+
+
+def from_knob_names(names: str | None) -> dict[str, list]:
+    """`--knobs layers,heads` -> those knobs with their default values."""
+    chosen = [n.strip() for n in (names or ",".join(DEFAULT_KNOBS)).split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in KNOBS]
+    if unknown:
+        raise InputError(f"Unknown knob '{unknown[0]}'. Knobs: {', '.join(KNOBS)}.")
+    return {n: list(KNOBS[n].default) for n in chosen}
+
+
+def _key_lines(text: str) -> dict:
+    """Line of every key under `knobs` (for error messages)."""
+    import yaml
+
+    lines = {}
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    for key, value in getattr(root, "value", []) or []:
+        if getattr(key, "value", None) == "knobs" and isinstance(value, yaml.MappingNode):
+            for k, _ in value.value:
+                lines[k.value] = k.start_mark.line + 1
+    return lines
+
+
+def from_file(path: str) -> dict[str, list]:
+    """Read and check a space file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+        data = yaml.safe_load(text)
+    except OSError as exc:
+        raise InputError(f"Cannot read the space file {path}: {exc}.") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise InputError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}.") \
+            from None
+    if not isinstance(data, dict) or set(data) != {"knobs"} or not isinstance(data["knobs"], dict):
+        raise InputError(f"{path} must hold one mapping, `knobs:`, of knob names to lists of "
+                         f"values. Knobs: {', '.join(KNOBS)}.")
+    lines = _key_lines(text)
+    space = {}
+    for name, values in data["knobs"].items():
+        at = f"{path}, line {lines.get(name, '?')}, knob '{name}'"
+        if name not in KNOBS:
+            raise InputError(f"{at}: unknown knob. Knobs: {', '.join(KNOBS)}.")
+        if not isinstance(values, list) or not values:
+            raise InputError(f"{at}: give a non-empty list of values, e.g. "
+                             f"{list(KNOBS[name].default)}.")
+        for v in values:
+            problem = KNOBS[name].check(v)
+            if problem:
+                raise InputError(f"{at}: value {v!r} is not {problem}.")
+        space[name] = values
+    return space
+
+
+def baseline(space: dict) -> dict:
+    """The parameters of the unmodified model (trial 0)."""
+    return {name: KNOBS[name].identity for name in space}
+
+
+def check_baseline(space: dict) -> None:
+    """Every knob must offer its 'no change' value, or trial 0 is not the original model."""
+    for name, values in space.items():
+        if KNOBS[name].identity not in values:
+            raise InputError(f"Knob '{name}' must include {KNOBS[name].identity!r} (no change), "
+                             "so that trial 0 is the unmodified model.")
+
+
+def steps_for(params: dict, n_layers: int, calib: str | None) -> list[dict]:
+    """The recipe steps of one point in the space, in the order they run."""
+    steps = []
+    structured = {"calib": calib, "calib_samples": 32} if calib else {}
+    if params.get("layers"):
+        steps.append({"step": "prune", "method": "layers",
+                      "sparsity": min(params["layers"] / n_layers, 0.99), **structured})
+    if params.get("heads"):
+        steps.append({"step": "prune", "method": "heads", "sparsity": params["heads"],
+                      **structured})
+    if params.get("ffn"):
+        steps.append({"step": "prune", "method": "neurons", "sparsity": params["ffn"],
+                      **structured})
+    if params.get("sparsity"):
+        steps.append({"step": "prune", "method": "magnitude", "sparsity": params["sparsity"]})
+    if params.get("recovery"):
+        steps.append({"step": "finetune", "method": "full", "max_steps": params["recovery"],
+                      "keep_sparsity": bool(params.get("sparsity")), "lr": 2e-5})
+    quant = QUANT[params.get("quant", "none")]
+    if quant:
+        step = {"step": "quantize", **quant}
+        if quant["method"] == "gptq":
+            if not calib:
+                raise InputError("quant gptq-4 needs calibration data; the search uses --data.")
+            step.update({"calib": calib, "calib_samples": 32})
+        steps.append(step)
+    return steps
