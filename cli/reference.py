@@ -14,21 +14,35 @@ import click
 from .main import cli
 
 
-def command_help(name: str | None = None) -> str:
-    """`mmkit [name] --help` as text, at the fixed width the CLI uses."""
+def command_help(name: str | None = None, sub: str | None = None) -> str:
+    """`mmkit [name [sub]] --help` as text, at the fixed width the CLI uses."""
     parent = click.Context(cli, info_name="mmkit", **cli.context_settings)
     if name is None:
         return cli.get_help(parent)
     command = cli.commands[name]
     ctx = click.Context(command, info_name=name, parent=parent, **cli.context_settings)
-    return command.get_help(ctx)
+    if sub is None:
+        return command.get_help(ctx)
+    inner = command.commands[sub]
+    return inner.get_help(click.Context(inner, info_name=sub, parent=ctx,
+                                        **cli.context_settings))
+
+
+def _names():
+    for name in sorted(cli.commands):
+        command = cli.commands[name]
+        if isinstance(command, click.Group):  # e.g. search: its subcommands, each in full
+            yield from ((name, sub) for sub in sorted(command.commands))
+        else:
+            yield name, None
 
 
 def reference_markdown() -> str:
     """One fenced block per command, `mmkit --help` first."""
     parts = ["```text\n$ mmkit --help\n" + command_help() + "\n```"]
-    for name in sorted(cli.commands):
-        parts.append(f"```text\n$ mmkit {name} --help\n" + command_help(name) + "\n```")
+    for name, sub in _names():
+        title = f"{name} {sub}" if sub else name
+        parts.append(f"```text\n$ mmkit {title} --help\n" + command_help(name, sub) + "\n```")
     return "\n\n".join(parts) + "\n"
 
 
