@@ -20,10 +20,10 @@ def _cli(*args):
     return CliRunner().invoke(cli, ["search", *[str(a) for a in args]])
 
 
-def _completed(db):
+def _trials_in(db, state):
     try:
         with sqlite3.connect(db) as con:
-            return con.execute("select number from trials where state = 'COMPLETE'").fetchall()
+            return con.execute("select number from trials where state = ?", (state,)).fetchall()
     except sqlite3.OperationalError:  # the tables are not created yet
         return []
 
@@ -109,12 +109,12 @@ def test_resume_after_the_search_is_killed_mid_trial(tmp_path):
     out = tmp_path / "r"
     proc = _search_process(out, 6)
     deadline = time.time() + 240
-    while time.time() < deadline and (not (out / "study.db").exists() or
-                                      len(_completed(out / "study.db")) < 2):
+    db = out / "study.db"
+    while time.time() < deadline and not (len(_trials_in(db, "COMPLETE")) >= 2
+                                          and _trials_in(db, "RUNNING")):
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        time.sleep(0.5)
-    time.sleep(1.0)  # inside the next trial
-    os.killpg(proc.pid, signal.SIGKILL)
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # inside a trial
     proc.wait()
     before = {t.number: t.values for t in _study(out).trials if t.values}
     assert len(before) >= 2
