@@ -26,10 +26,7 @@ def _human(r: dict) -> str:
             f"{rep['trainable_parameters']:,} of {rep['total_parameters']:,} parameters "
             f"({rep['trainable_percent']:.2f}%), {rep['steps']} steps, "
             f"{rep['train_samples_per_second']:.1f} samples/s")
-    for m in r["metrics"]:
-        score = (f"perplexity {m['perplexity']:.3f}" if "perplexity" in m
-                 else f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}")
-        line += f"\n  {m['split']}: {score}"
+    line += options.metric_lines(r)
     return line
 
 
@@ -97,7 +94,6 @@ def finetune_command(ctx, model, task, data, text_column, image_column, label_co
                      trust_remote_code, as_json, **settings):
     """Fine-tune MODEL with a PEFT method (LoRA by default) or fully, and write OUT: a peft
     adapter folder, or a full model with --merge / --full."""
-    from ..core.recipe import parse_recipe, run_recipe
     from ..core.registry import get_method
 
     method = method or "lora"
@@ -116,13 +112,11 @@ def finetune_command(ctx, model, task, data, text_column, image_column, label_co
         if key == "target_modules":
             value = value if value == "all-linear" else [v.strip() for v in value.split(",")]
         params[key] = int(value) if key == "bits" else value
-    recipe = {"model": model, "task": task, "data": data, "seed": seed, "max_samples": max_samples,
-              "text_column": text_column, "image_column": image_column,
-              "label_column": label_column,
-              "steps": [{"step": "finetune", "method": method, **params}],
-              "eval": None if eval_split == "none" else {"split": eval_split}}
-    recipe = {k: v for k, v in recipe.items() if v is not None}
-    result = run_recipe(parse_recipe(recipe, where="finetune"), out, overwrite=overwrite,
-                        device=device, allow_pickle=allow_pickle,
-                        trust_remote_code=trust_remote_code, resume=resume)
+    result = options.run_one_step(
+        {"step": "finetune", "method": method, **params}, model=model, task=task, data=data,
+        text_column=text_column, image_column=image_column, label_column=label_column,
+        max_samples=max_samples, seed=seed,
+        eval_split=None if eval_split == "none" else eval_split, out=out, overwrite=overwrite,
+        device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+        resume=resume)
     options.emit(result, as_json, _human)

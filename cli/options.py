@@ -123,3 +123,46 @@ def with_models(func):
             func(ref=ref, **kwargs)
 
     return wrapper
+
+
+def method_params(settings: dict, fields, names: dict, method_flag: str) -> dict:
+    """The options a user set, as step parameters; one the method does not take is an error
+    naming the options it does take."""
+    from ..core.errors import InputError
+
+    params = {}
+    for key, value in settings.items():
+        if value is None or value == ():
+            continue
+        if key not in fields:
+            usable = ", ".join(names[k] for k in fields if k in names) or "none"
+            raise InputError(f"{names[key]} does not apply to {method_flag}. Options it "
+                             f"takes: {usable}.")
+        params[key] = list(value) if isinstance(value, tuple) else value
+    return params
+
+
+def run_one_step(step: dict, *, model, task, data, text_column, image_column, label_column,
+                 max_samples, seed, eval_split, out, overwrite, device, allow_pickle,
+                 trust_remote_code, resume: bool = False) -> dict:
+    """Build the one-step recipe of a command and run it."""
+    from ..core.recipe import parse_recipe, run_recipe
+
+    recipe = {"model": model, "task": task, "data": data, "seed": seed, "max_samples": max_samples,
+              "text_column": text_column, "image_column": image_column,
+              "label_column": label_column, "steps": [step],
+              "eval": {"split": eval_split} if eval_split else None}
+    recipe = {k: v for k, v in recipe.items() if v is not None}
+    return run_recipe(parse_recipe(recipe, where=step["step"]), out, overwrite=overwrite,
+                      device=device, allow_pickle=allow_pickle,
+                      trust_remote_code=trust_remote_code, resume=resume)
+
+
+def metric_lines(result: dict) -> str:
+    """The metrics of a result, one indented line per split."""
+    lines = []
+    for m in result["metrics"]:
+        score = (f"perplexity {m['perplexity']:.3f}" if "perplexity" in m
+                 else f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}")
+        lines.append(f"\n  {m['split']}: {score}")
+    return "".join(lines)

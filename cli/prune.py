@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from ..core.errors import InputError
 from . import options
 
 METHODS = ("magnitude", "wanda", "nm", "heads", "neurons", "layers")
@@ -22,10 +21,7 @@ def _human(r: dict) -> str:
              "neurons": lambda: f"FFN width {rep['intermediate_size']}",
              "layers": lambda: f"removed layers {rep['removed_layers']}"}[rep["method"]]())
     line = f"{r['artifact']}  {rep['method']} on {r['model']}: {what}"
-    for m in r["metrics"]:
-        score = (f"perplexity {m['perplexity']:.3f}" if "perplexity" in m
-                 else f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}")
-        line += f"\n  {m['split']}: {score}"
+    line += options.metric_lines(r)
     return line
 
 
@@ -57,28 +53,16 @@ def prune_command(ctx, model, method, do_eval, task, data, text_column, image_co
                   trust_remote_code, as_json, **settings):
     """Prune MODEL and write OUT: zeroed weights (magnitude, wanda, nm), or a smaller model
     (heads, neurons, layers)."""
-    from ..core.recipe import parse_recipe, run_recipe
     from ..core.registry import get_method
 
     if model == "-":
         model = options.models_from(model)[0]
-    fields = get_method("prune", method).config.model_fields
-    params = {}
-    for key, value in settings.items():
-        if value is None or value == ():
-            continue
-        if key not in fields:
-            usable = ", ".join(METHOD_OPTIONS[k] for k in fields if k in METHOD_OPTIONS)
-            raise InputError(f"{METHOD_OPTIONS[key]} does not apply to --method {method}. "
-                             f"Options it takes: {usable}.")
-        params[key] = list(value) if key == "skip" else value
-    recipe = {"model": model, "task": task, "data": data, "seed": seed, "max_samples": max_samples,
-              "text_column": text_column, "image_column": image_column,
-              "label_column": label_column,
-              "steps": [{"step": "prune", "method": method, **params}],
-              "eval": {"split": "test"} if do_eval else None}
-    recipe = {k: v for k, v in recipe.items() if v is not None}
-    result = run_recipe(parse_recipe(recipe, where="prune"), out, overwrite=overwrite,
-                        device=device, allow_pickle=allow_pickle,
-                        trust_remote_code=trust_remote_code)
+    params = options.method_params(settings, get_method("prune", method).config.model_fields,
+                                   METHOD_OPTIONS, f"--method {method}")
+    result = options.run_one_step(
+        {"step": "prune", "method": method, **params}, model=model, task=task, data=data,
+        text_column=text_column, image_column=image_column, label_column=label_column,
+        max_samples=max_samples, seed=seed, eval_split="test" if do_eval else None, out=out,
+        overwrite=overwrite, device=device, allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code)
     options.emit(result, as_json, _human)

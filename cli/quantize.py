@@ -16,7 +16,7 @@ METHODS = ("rtn", "gptq", "dynamic-int8", "ptq", "nf4", "fp4", "int8")
 METHOD_OPTIONS = {"group_size": "--group-size", "symmetric": "--symmetric", "calib": "--calib",
                   "calib_samples": "--calib-samples", "calib_length": "--calib-length",
                   "act_order": "--act-order", "double_quant": "--no-double-quant",
-                  "a_bits": "--a-bits", "softmax_bits": "--softmax-bits"}
+                  "a_bits": "--a-bits", "softmax_bits": "--softmax-bits", "skip": "--skip"}
 
 
 def parse_bits(value: str):
@@ -51,10 +51,7 @@ def _human(r: dict) -> str:
     bpw = f", {rep['bits_per_weight']:.2f} bits per weight" if rep.get("bits_per_weight") else ""
     line = (f"{r['artifact']}  {rep['method']} on {r['model']}: {rep['layers_quantized']} layers"
             f"{bpw}, weights {rep['weights_mb_before']:.1f} -> {rep['weights_mb_after']:.1f} MB")
-    for m in r["metrics"]:
-        score = (f"perplexity {m['perplexity']:.3f}" if "perplexity" in m
-                 else f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}")
-        line += f"\n  {m['split']}: {score}"
+    line += options.metric_lines(r)
     return line
 
 
@@ -92,7 +89,6 @@ def quantize_command(ctx, model, bits, method, skip, do_eval, task, data, text_c
                      allow_pickle, trust_remote_code, as_json, **settings):
     """Quantize MODEL's Linear weights and write OUT (task heads stay in floating point)."""
     from ..core.loading import resolve_device
-    from ..core.recipe import parse_recipe, run_recipe
     from ..core.registry import get_method
 
     bits = parse_bits(bits)
@@ -104,22 +100,15 @@ def quantize_command(ctx, model, bits, method, skip, do_eval, task, data, text_c
         method, why = pick_method(bits, resolve_device(device), settings.get("calib"))
         log.info("quantize: using %s (%s); choose with --method", method, why)
     fields = get_method("quantize", method).config.model_fields
-    params = {"bits": bits, "skip": list(skip)} if skip else {"bits": bits}
-    for key, value in settings.items():
-        if value is None:
-            continue
-        if key not in fields:
-            usable = ", ".join(METHOD_OPTIONS[k] for k in fields if k in METHOD_OPTIONS) or "none"
-            raise InputError(f"{METHOD_OPTIONS[key]} does not apply to --method {method}. "
-                             f"Options it takes: {usable}.")
-        params[key] = (value or None) if key in ("group_size", "softmax_bits") else value
-    recipe = {"model": model, "task": task, "data": data, "seed": seed, "max_samples": max_samples,
-              "text_column": text_column, "image_column": image_column,
-              "label_column": label_column,
-              "steps": [{"step": "quantize", "method": method, **params}],
-              "eval": {"split": "test"} if do_eval else None}
-    recipe = {k: v for k, v in recipe.items() if v is not None}
-    result = run_recipe(parse_recipe(recipe, where="quantize"), out, overwrite=overwrite,
-                        device=device, allow_pickle=allow_pickle,
-                        trust_remote_code=trust_remote_code)
+    params = {"bits": bits, **options.method_params(
+        {**settings, "skip": skip}, fields, METHOD_OPTIONS, f"--method {method}")}
+    for key in ("group_size", "softmax_bits"):  # 0 means none
+        if key in params:
+            params[key] = params[key] or None
+    result = options.run_one_step(
+        {"step": "quantize", "method": method, **params}, model=model, task=task, data=data,
+        text_column=text_column, image_column=image_column, label_column=label_column,
+        max_samples=max_samples, seed=seed, eval_split="test" if do_eval else None, out=out,
+        overwrite=overwrite, device=device, allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code)
     options.emit(result, as_json, _human)

@@ -170,7 +170,7 @@ def _wanda_pass(loaded, cfg, ctx, names, make_mask):
                              prune_block)
     rest = [n for n in names if n not in done]  # outside every block (e.g. BERT's pooler)
     if rest:
-        norms = un.input_norms(model, rest, batches, device)
+        norms = un.input_norms(model, rest, batches)
         for n in rest:
             m = model.get_submodule(n)
             un.apply_mask_(m, make_mask(un.wanda_scores(m, norms[n])))
@@ -216,19 +216,11 @@ def _count(total: int, sparsity: float, what: str, where: str) -> int:
 
 
 def _calib_importance(loaded, cfg, ctx, collect):
-    """Run the calibration data with hooks from `collect(add_hook)`; return what they store."""
-    from ..quantize.calibrate import _forward
+    """Run the calibration data with the hooks `collect()` registers (they store scores)."""
+    from ..quantize.calibrate import run_batches
 
     batches = _batches(loaded, cfg, ctx)
-    hooks = collect()
-    device = next(loaded.model.parameters()).device
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                _forward(loaded.model, batch, device)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_batches(loaded.model, batches, collect())
 
 
 def _use_calibration(cfg) -> bool:

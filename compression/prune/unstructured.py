@@ -71,27 +71,12 @@ def apply_mask_(module, mask) -> None:
         weight_of(module).mul_(mask.to(module.weight.dtype))
 
 
-def input_norms(model, names, batches, device) -> dict:
+def input_norms(model, names, batches) -> dict:
     """||X_j||_2 over all calibration tokens, for the input of every named layer."""
-    from ..quantize.calibrate import _forward
+    from ..quantize.calibrate import collect_inputs
 
-    sums = {}
-
-    def record(name):
-        def hook(mod, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            sums[name] = sums.get(name, 0) + (x * x).sum(0)
-        return hook
-
-    modules = dict(model.named_modules())
-    handles = [modules[n].register_forward_pre_hook(record(n)) for n in names]
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                _forward(model, batch, device)
-    finally:
-        for h in handles:
-            h.remove()
+    sums = collect_inputs(model, names, batches,
+                          lambda total, x: (x * x).sum(0) + (0 if total is None else total))
     return {n: s.sqrt() for n, s in sums.items()}
 
 

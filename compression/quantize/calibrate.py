@@ -98,3 +98,31 @@ def run_blocks(blocks, inputs, quantize_block) -> None:
         inputs = [((out, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": out})
                   for out, (args, kwargs) in zip(outs, inputs)]
         log.debug("gptq: block %d of %d done", i + 1, len(blocks))
+
+
+def run_batches(model, batches, hooks=()) -> None:
+    """Forward every calibration batch (no gradients), then remove `hooks`."""
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                _forward(model, batch, device)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def collect_inputs(model, names, batches, fold) -> dict:
+    """For each named layer, fold its inputs (as rows x features, float) over the calibration
+    batches: state = fold(state or None, x)."""
+    state = {}
+    modules = dict(model.named_modules())
+
+    def hook_for(name):
+        def hook(mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            state[name] = fold(state.get(name), x)
+        return hook
+
+    run_batches(model, batches, [modules[n].register_forward_pre_hook(hook_for(n)) for n in names])
+    return state

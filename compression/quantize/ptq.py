@@ -126,32 +126,16 @@ def _pre_norm_groups(model) -> list[tuple[str, list[str]]]:
     return groups
 
 
+def _min_max(state, x):
+    lo, hi = x.min(0).values, x.max(0).values
+    return (lo, hi) if state is None else (torch.minimum(state[0], lo), torch.maximum(state[1], hi))
+
+
 def _calibrate(loaded, batches, names) -> dict:
     """Per-channel (min, max) of every named Linear's input over the calibration batches."""
-    from .calibrate import _forward
+    from .calibrate import collect_inputs
 
-    stats = {}
-
-    def record(name):
-        def hook(mod, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            lo, hi = x.min(0).values, x.max(0).values
-            old = stats.get(name)
-            stats[name] = (lo, hi) if old is None else (torch.minimum(old[0], lo),
-                                                        torch.maximum(old[1], hi))
-        return hook
-
-    modules = dict(loaded.model.named_modules())
-    handles = [modules[n].register_forward_pre_hook(record(n)) for n in names]
-    device = next(loaded.model.parameters()).device
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                _forward(loaded.model, batch, device)
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
+    return collect_inputs(loaded.model, names, batches, _min_max)
 
 
 def _fold(model, ln_name, linear_names, lo, hi) -> tuple:
