@@ -154,6 +154,7 @@ def write_artifact(loaded, out, *, recipe: dict, steps: list, metrics: list, dat
             "metrics": metrics,
             "data": data_info,
             "weights_sha256": _weights_sha(tmp),
+            "weights_disk_mb": sum(f.stat().st_size for f in tmp.glob("*.safetensors")) / 2**20,
             "files": files,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))

@@ -171,6 +171,13 @@ def _weights_bytes(model) -> int:
     return total
 
 
+def _disk_mb(loaded):
+    from ...core.profile import disk_bytes
+
+    size = disk_bytes(loaded.source.path)
+    return None if size is None else size / 2**20
+
+
 def _report(ctx, loaded, before: int, plan: dict, errors: dict, how: dict, method: str):
     quantized = [m for n, m in loaded.model.named_modules() if n in plan]
     payload = sum(8 * sum(t.numel() * t.element_size() for t in (m.qweight, m.scales, m.zeros,
@@ -181,6 +188,7 @@ def _report(ctx, loaded, before: int, plan: dict, errors: dict, how: dict, metho
         "method": method, "layers_quantized": len(plan),
         "bits_per_weight": payload / weights if weights else None,
         "weights_mb_before": before / 2**20, "weights_mb_after": _weights_bytes(loaded.model) / 2**20,
+        "disk_mb_before": _disk_mb(loaded),  # after: the manifest's weights_disk_mb
         "layers": {n: {"bits": plan[n], **errors.get(n, {}), "how": how.get(n, method)}
                    for n in plan},
     })
@@ -317,7 +325,7 @@ def bnb_apply(kind: str):
         loaded.model = _requantize(_auto_class(task), loaded.model,
                                    {"quantization_config": qc, "device_map": {"": device}}).eval()
         ctx.report.update({"method": kind, "layers_quantized": len(plan), "bits_per_weight": None,
-                           "weights_mb_before": before / 2**20,
+                           "disk_mb_before": _disk_mb(loaded), "weights_mb_before": before / 2**20,
                            "weights_mb_after": _weights_bytes(loaded.model) / 2**20})
         return loaded
 
