@@ -97,7 +97,10 @@ def quantize_command(ctx, model, bits, method, skip, do_eval, task, data, text_c
     if method is None:
         from ..compression.quantize.methods import pick_method
 
-        method, why = pick_method(bits, resolve_device(device), settings.get("calib"))
+        from ..core.loading import peek
+
+        kind = peek(model, task, trust_remote_code)[2]
+        method, why = pick_method(bits, resolve_device(device), settings.get("calib"), kind)
         log.info("quantize: using %s (%s); choose with --method", method, why)
     fields = get_method("quantize", method).config.model_fields
     params = {"bits": bits, **options.method_params(

@@ -352,3 +352,12 @@ def test_ptq_refuses_other_families(tmp_path):
     result = _cli("quantize", "tiny:llama", "--bits", "8", "--method", "ptq", "--calib",
                   "bbc-text", "-o", tmp_path / "x")
     assert result.exit_code == 2 and "rtn, gptq or dynamic-int8" in result.stderr
+
+
+def test_auto_pick_avoids_dynamic_activations_on_causal_lms():
+    from mmkit.compression.quantize.methods import pick_method
+
+    assert pick_method(8, "cpu", None, "text-encoder")[0] == "dynamic-int8"
+    assert pick_method(8, "cpu", None, "causal-lm")[0] == "rtn"
+    assert pick_method(4, "cpu", "bbc-text", "causal-lm")[0] == "gptq"
+    assert pick_method(4, "cuda", None, "causal-lm")[0] == "nf4"
