@@ -43,7 +43,7 @@ def open_storage(url: str):
     import optuna
 
     _quiet_optuna()
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     try:
         if url.startswith("journal:"):
@@ -55,7 +55,8 @@ def open_storage(url: str):
         kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
         return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
                           grace_period=GRACE_S,
-                          failed_trial_callback=RetryFailedTrialCallback(max_retry=2))
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                              max_retry=2))
     except (ImportError, ValueError, OSError, optuna.exceptions.StorageInternalError) as exc:
         raise InputError(f"--storage {url} cannot be opened: {exc}. Use sqlite:///PATH, an "
                          "SQLAlchemy URL such as postgresql://user@host/db (with its driver "
