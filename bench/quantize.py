@@ -14,6 +14,7 @@ Writes bench/results/quantize.json. Not a test.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -27,6 +28,8 @@ LM_VARIANTS = {
     "rtn-4-g128": {"method": "rtn", "bits": 4, "group_size": 128},
     "gptq-4-g128": {"method": "gptq", "bits": 4, "group_size": 128, "calib": "bbc-text",
                     "calib_samples": 64, "calib_length": 256},
+    "gptq-4-g128-act-order": {"method": "gptq", "bits": 4, "group_size": 128, "act_order": True,
+                              "calib": "bbc-text", "calib_samples": 128, "calib_length": 256},
     "nf4": {"method": "nf4"},
     "int8": {"method": "int8"},
     "dynamic-int8": {"method": "dynamic-int8"},
@@ -81,19 +84,25 @@ def variant(ref, task, step, dataset, workdir: Path, device: str, seq_len: int,
             "report": report}
 
 
-def lm_part(workdir: Path, device: str, docs: int) -> dict:
-    """smollm2 on bbc-text: perplexity, latency and size per variant."""
+def lm_part(workdir: Path, device: str, docs: int, only=None, rows=None) -> dict:
+    """smollm2 on bbc-text: perplexity, latency and size per variant (`only` some of them,
+    added to `rows` measured before)."""
     from mmkit.core.data import load_data
 
     data = load_data("bbc-text", "causal-lm", max_samples=docs)
-    rows = {}
+    rows = dict(rows or {})
     for name, step in LM_VARIANTS.items():
+        if only and name not in only:
+            continue
         rows[name] = variant("smollm2", "causal-lm", step, data, workdir, device, seq_len=128,
                              eval_length=256, batches=(1,), repeats=5)
         print(name, rows[name], flush=True)
     fp, rtn, gptq = (rows[k]["perplexity"] for k in ("fp32", "rtn-4-g128", "gptq-4-g128"))
     return {"model": "smollm2", "data": f"bbc-text, {docs} documents per split, windows of 256",
-            "variants": rows, "gptq_share_of_rtn_gap_closed": (rtn - gptq) / (rtn - fp)}
+            "variants": rows, "gptq_share_of_rtn_gap_closed": (rtn - gptq) / (rtn - fp),
+            "gptq_act_order_share_of_rtn_gap_closed":
+                (rtn - rows["gptq-4-g128-act-order"]["perplexity"]) / (rtn - fp)
+                if "gptq-4-g128-act-order" in rows else None}
 
 
 def classifier_part(workdir: Path, device: str, samples: int) -> dict:
@@ -124,6 +133,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--docs", type=int, default=60, help="bbc-text documents per split")
     parser.add_argument("--samples", type=int, default=2000, help="tweets per split")
+    parser.add_argument("--only", nargs="*", help="lm variants to (re)measure; the others are "
+                                                   "kept from --out")
     parser.add_argument("--out", default=str(RESULTS / "quantize.json"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -132,11 +143,14 @@ def main() -> None:
     torch.manual_seed(0)
     workdir = Path(tempfile.mkdtemp(prefix="mmkit-bench-q-"))
     result = {"device": args.device}
+    if args.only:  # add to an earlier run's figures
+        result = json.loads(Path(args.out).read_text())
     try:
-        if args.part in ("classifier", "all"):
+        if args.part in ("classifier", "all") and not args.only:
             result["classifier"] = classifier_part(workdir, args.device, args.samples)
         if args.part in ("lm", "all"):
-            result["lm"] = lm_part(workdir, args.device, args.docs)
+            earlier = (result.get("lm") or {}).get("variants")
+            result["lm"] = lm_part(workdir, args.device, args.docs, args.only, earlier)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     write_result(result, args.out)
