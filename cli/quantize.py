@@ -64,8 +64,8 @@ def _human(r: dict) -> str:
 @click.option("--group-size", type=click.IntRange(min=0),
               help="Columns sharing a scale (rtn, gptq); 0 = one per output channel. [default: 128]")
 @click.option("--symmetric", is_flag=True, default=None, help="Symmetric grid (rtn, gptq).")
-@click.option("--act-order", is_flag=True, default=None,
-              help="GPTQ: quantize columns by decreasing Hessian diagonal.")
+@click.option("--act-order/--no-act-order", default=None,
+              help="GPTQ: quantize columns by decreasing Hessian diagonal. [default: on]")
 @click.option("--calib", help="Calibration data for gptq / ptq (any --data reference).")
 @click.option("--calib-samples", type=click.IntRange(min=1), help="[default: 128]")
 @click.option("--calib-length", type=click.IntRange(min=8), help="Tokens per calibration sample. "

@@ -51,7 +51,7 @@ class GPTQConfig(RTNConfig):
     calib: str | None = Field(None, description="calibration data (any --data reference)")
     calib_samples: int = Field(128, ge=1)
     calib_length: int = Field(256, ge=8, description="tokens per calibration sample")
-    act_order: bool = False
+    act_order: bool = True  # measured: closes 52% of RTN's gap on smollm2 vs 11% without
     damp: float = Field(0.01, gt=0, lt=1)
 
     @model_validator(mode="after")
