@@ -47,8 +47,7 @@ def _human(r: dict) -> str:
 @options.device()
 @options.loading
 @options.common
-@click.pass_context
-def prune_command(ctx, model, method, do_eval, task, data, text_column, image_column,
+def prune_command(model, method, do_eval, task, data, text_column, image_column,
                   label_column, max_samples, seed, out, overwrite, device, allow_pickle,
                   trust_remote_code, as_json, **settings):
     """Prune MODEL and write OUT: zeroed weights (magnitude, wanda, nm), or a smaller model

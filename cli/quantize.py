@@ -60,7 +60,8 @@ def _human(r: dict) -> str:
 @click.option("--bits", required=True, help="4, 8 (2-8 for rtn / gptq), or per-layer: "
               "'PATTERN=BITS,...,default=BITS' or a YAML / JSON file (16 keeps a layer float).")
 @click.option("--method", type=click.Choice(METHODS), help="Default: picked for the device and "
-              "bits (CUDA: nf4 / int8; CPU: dynamic-int8 at 8 bits, gptq with --calib, else rtn).")
+              "bits (CUDA: nf4 / int8; CPU: dynamic-int8 at 8 bits, rtn for causal LMs; gptq "
+              "with --calib, else rtn).")
 @click.option("--group-size", type=click.IntRange(min=0),
               help="Columns sharing a scale (rtn, gptq); 0 = one per output channel. [default: 128]")
 @click.option("--symmetric", is_flag=True, default=None, help="Symmetric grid (rtn, gptq).")
@@ -83,8 +84,7 @@ def _human(r: dict) -> str:
 @options.device()
 @options.loading
 @options.common
-@click.pass_context
-def quantize_command(ctx, model, bits, method, skip, do_eval, task, data, text_column,
+def quantize_command(model, bits, method, skip, do_eval, task, data, text_column,
                      image_column, label_column, max_samples, seed, out, overwrite, device,
                      allow_pickle, trust_remote_code, as_json, **settings):
     """Quantize MODEL's Linear weights and write OUT (task heads stay in floating point)."""
@@ -96,7 +96,6 @@ def quantize_command(ctx, model, bits, method, skip, do_eval, task, data, text_c
         model = options.models_from(model)[0]
     if method is None:
         from ..compression.quantize.methods import pick_method
-
         from ..core.loading import peek
 
         kind = peek(model, task, trust_remote_code)[2]
