@@ -255,6 +255,14 @@ def train(loaded, model, cfg: TrainingConfig, ctx, default_lr: float) -> dict:
     if labels is not None and len(set(labels)) < 2:
         raise InputError(f"The training data has a single class ({dataset.label_names[labels[0]]}"
                          "); a classifier needs at least two. Check the label column.")
+    masks = None
+    if cfg.keep_sparsity:  # checked before any checkpoint folder is made
+        from .sparsity import zero_masks
+
+        masks = zero_masks(model)
+        if not masks:
+            raise InputError("--keep-sparsity: this model has no sparse layers (no Linear layer "
+                             "is 1% or more exact zeros); prune it first, or drop the option.")
     classify = loaded.task != "causal-lm"
     workdir = Path(ctx.workdir)
     resume_from = prepare_checkpoints(workdir, ctx.fingerprint, ctx.resume)
@@ -282,13 +290,9 @@ def train(loaded, model, cfg: TrainingConfig, ctx, default_lr: float) -> dict:
     trainer = Trainer(model=raw_checkpoints(model), args=args, train_dataset=train_items, eval_dataset=eval_items,
                       data_collator=Collator(loaded), compute_metrics=_compute_metrics(loaded.task),
                       callbacks=list(ctx.callbacks))
-    if cfg.keep_sparsity:
-        from .sparsity import keep_sparsity_callback, zero_masks
+    if masks:
+        from .sparsity import keep_sparsity_callback
 
-        masks = zero_masks(model)
-        if not masks:
-            raise InputError("--keep-sparsity: this model has no sparse layers (no Linear layer "
-                             "is 1% or more exact zeros); prune it first, or drop the option.")
         trainer.add_callback(keep_sparsity_callback(masks))
         log.info("keeping the zeros of %d sparse layers", len(masks))
     trainer.remove_callback(PrinterCallback)  # it prints to stdout, which carries results only

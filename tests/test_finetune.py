@@ -216,6 +216,8 @@ def test_cli_finetune_bad_input(tmp_path):
         "vpt on text": (["tiny:bert", "--vpt"], "--prompt or --prefix"),
         "bottleneck for lora": (["tiny:bert", "--bottleneck", "8"], "--bottleneck does not apply"),
         "deep for svfit": (["tiny:bert", "--svfit", "--deep"], "--deep does not apply"),
+        "keep sparsity of a dense model": (["tiny:bert", "--full", "--keep-sparsity",
+                                            "--max-samples", "8"], "no sparse layers"),
     }
     for name, (args, needle) in cases.items():
         result = _cli("finetune", *args, "-o", tmp_path / "out")
