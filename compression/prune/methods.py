@@ -11,11 +11,11 @@ from pydantic import Field, model_validator
 
 from ...core.errors import InputError
 from ...core.registry import MethodConfig
+from ..layers import target_linears
 from . import structured as st
 from . import unstructured as un
 
 log = logging.getLogger("mmkit")
-HEADS = ("classifier", "score", "lm_head", "visual_projection", "text_projection")
 
 
 class _Calib(MethodConfig):
@@ -80,17 +80,6 @@ class StructuredConfig(_Calib):
 
 
 # ---------------------------------------------------------------- shared
-def _targets(model, skip) -> list[str]:
-    from ..quantize.methods import _is_linear, _matches
-
-    names = [n for n, m in model.named_modules() if _is_linear(m)]
-    for p in skip:
-        if not any(_matches(n, p) for n in names):
-            raise InputError(f"--skip {p} matches no Linear layer.")
-    return [n for n in names if n.split(".")[-1] not in HEADS and n.split(".")[0] not in HEADS
-            and not any(_matches(n, p) for p in skip)]
-
-
 def _check_model(loaded) -> None:
     model = loaded.model
     if hasattr(model, "peft_config") or loaded.extra.get("format") in (
@@ -123,7 +112,7 @@ def magnitude_(loaded, cfg: MagnitudeConfig, ctx):
     """Magnitude pruning, per layer or with one global threshold."""
     _check_model(loaded)
     model = loaded.model
-    names = _targets(model, cfg.skip)
+    names = target_linears(model, cfg.skip)
     modules = dict(model.named_modules())
     scores = {n: un.magnitude_scores(modules[n]) for n in names}
     if cfg.scope == "global":
@@ -179,7 +168,7 @@ def _wanda_pass(loaded, cfg, ctx, names, make_mask):
 def wanda_(loaded, cfg: WandaConfig, ctx):
     """Wanda (Sun et al. 2023): |W| x ||X||, per output row, block by block."""
     _check_model(loaded)
-    names = _targets(loaded.model, cfg.skip)
+    names = target_linears(loaded.model, cfg.skip)
     _wanda_pass(loaded, cfg, ctx, names, lambda s: un.row_mask(s, cfg.sparsity))
     _sparsity_report(ctx, loaded.model, names, "wanda")
     return loaded
@@ -190,7 +179,7 @@ def nm_(loaded, cfg: NMConfig, ctx):
     _check_model(loaded)
     n, m = (int(x) for x in cfg.nm.split(":"))
     model = loaded.model
-    names = _targets(model, cfg.skip)
+    names = target_linears(model, cfg.skip)
     widths = {name: un.weight_of(model.get_submodule(name)).shape[1] for name in names}
     misfit = [name for name, w in widths.items() if w % m]
     if misfit:

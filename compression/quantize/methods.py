@@ -4,7 +4,6 @@ patterns; `bits` may map module patterns to bits (mixed precision)."""
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from typing import Literal
 
@@ -12,10 +11,10 @@ from pydantic import Field, field_validator, model_validator
 
 from ...core.errors import InputError
 from ...core.registry import MethodConfig
+from ..layers import HEADS, is_linear, matches, target_linears
 
 log = logging.getLogger("mmkit")
 
-HEADS = ("classifier", "score", "lm_head", "visual_projection", "text_projection")
 KEEP = 16  # in a bits mapping: leave the layer in floating point
 
 
@@ -100,17 +99,6 @@ NF4Config, FP4Config, Int8Config = _bnb_config("nf4"), _bnb_config("fp4"), _bnb_
 
 
 # ---------------------------------------------------------------- which layers, how many bits
-def _is_linear(module) -> bool:
-    import torch
-
-    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
-
-
-def _matches(name: str, pattern: str) -> bool:
-    return fnmatch.fnmatchcase(name, pattern) or name == pattern or name.endswith("." + pattern) \
-        or fnmatch.fnmatchcase(name, "*." + pattern)
-
-
 def check_quantizable(loaded) -> None:
     """Refuse a model that is already quantized, or one without Linear layers."""
     from .qlinear import QuantLinear
@@ -127,33 +115,26 @@ def check_quantizable(loaded) -> None:
         raise InputError(f"'{loaded.source.ref}' is already quantized; quantizing it again would "
                          "stack rounding errors on rounded weights. Quantize its floating-point "
                          f"original instead{f' ({parent})' if parent else ''}.")
-    if not any(_is_linear(m) for m in model.modules()):
+    if not any(is_linear(m) for m in model.modules()):
         raise InputError(f"'{loaded.source.ref}' has no Linear layers, so there is nothing for "
                          "weight quantization to do.")
 
 
 def layer_bits(model, bits, skip: list[str]) -> dict[str, int]:
     """{layer name: bits} for every layer to quantize, from an int or a pattern mapping."""
-    names = [n for n, m in model.named_modules() if _is_linear(m)]
-    skipped = [p for p in skip if not any(_matches(n, p) for n in names)]
-    if skipped:
-        raise InputError(f"--skip {skipped[0]} matches no Linear layer. Layer names end in: "
-                         f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in names}))}.")
-    names = [n for n in names
-             if n.split(".")[-1] not in HEADS and n.split(".")[0] not in HEADS
-             and not any(_matches(n, p) for p in skip)]
+    names = target_linears(model, skip)
     if not isinstance(bits, dict):
         return {n: bits for n in names}
     default = bits.get("default")
     patterns = {p: b for p, b in bits.items() if p != "default"}
-    unused = [p for p in patterns if not any(_matches(n, p) for n in names)]
+    unused = [p for p in patterns if not any(matches(n, p) for n in names)]
     if unused:
         raise InputError(f"The bits mapping's pattern '{unused[0]}' matches no quantizable "
                          f"layer. Layer names look like {names[0]} (patterns are globs on the "
                          "full name, or a name suffix such as mlp.down_proj).")
     out = {}
     for n in names:
-        b = next((b for p, b in patterns.items() if _matches(n, p)), default)
+        b = next((b for p, b in patterns.items() if matches(n, p)), default)
         if b is None:
             raise InputError(f"The bits mapping gives no bits for layer {n}; add a 'default' "
                              "entry (e.g. default=4).")
