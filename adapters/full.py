@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..core.sparsity import zero_masks
 from ..core.train import TrainingConfig, clip_classifier, train
 
 
@@ -16,6 +17,7 @@ def full_finetune(loaded, cfg: FullConfig, ctx):
     trained = loaded.model
     if loaded.task == "zero-shot-image-classification":
         trained = clip_classifier(loaded.model, loaded.tokenizer, ctx.dataset.label_names)
-    ctx.report.update(train(loaded, trained, cfg, ctx, default_lr=5e-5))
+    masks = zero_masks(loaded.model) if cfg.keep_sparsity else None
+    ctx.report.update(train(loaded, trained, cfg, ctx, 5e-5, masks))
     loaded.model.eval()
     return loaded

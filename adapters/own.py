@@ -46,6 +46,7 @@ def make_apply(name: str):
 
     def apply(loaded, cfg, ctx):
         model = loaded.model
+        masks = zero_masks(model)  # the base's own zeros, before the adapter exists
         for p in model.parameters():
             p.requires_grad_(False)
         params = {**module.structure(cfg)}
@@ -58,11 +59,10 @@ def make_apply(name: str):
         trained = model
         if loaded.task == "zero-shot-image-classification":
             trained = clip_classifier(model, loaded.tokenizer, ctx.dataset.label_names)
-        ctx.report.update(train(loaded, trained, cfg, ctx, module.DEFAULT_LR))
+        ctx.report.update(train(loaded, trained, cfg, ctx, module.DEFAULT_LR, masks))
         model.eval()
         ctx.report["adapted_modules"] = len(targets)
-        if cfg.merge:
-            masks = zero_masks(model)  # a pruned base keeps its zeros through the merge
+        if cfg.merge:  # a pruned base keeps its zeros through the merge
             module.merge(model)
             reapply_(masks)
             ctx.report.update({"merged": True, "sparse_layers_kept": len(masks)})

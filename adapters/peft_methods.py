@@ -172,6 +172,7 @@ def make_apply(method: str):
         import peft
 
         pconfig = _peft_config(method, cfg, loaded, ctx)
+        masks = zero_masks(loaded.model)  # the base's own zeros, before any adapter exists
         if getattr(loaded.model, "is_quantized", False):  # QLoRA: a 4/8-bit base
             loaded.model = peft.prepare_model_for_kbit_training(loaded.model,
                                                                 use_gradient_checkpointing=False)
@@ -182,10 +183,9 @@ def make_apply(method: str):
             trained = clip_classifier(model, loaded.tokenizer, ctx.dataset.label_names)
         if method == "adalora":
             ctx.callbacks.append(_adalora_allocator(model))
-        ctx.report.update(train(loaded, trained, cfg, ctx, DEFAULT_LR[method]))
+        ctx.report.update(train(loaded, trained, cfg, ctx, DEFAULT_LR[method], masks))
         model.eval()
-        if cfg.merge:
-            masks = zero_masks(model)  # a pruned base keeps its zeros through the merge
+        if cfg.merge:  # a pruned base keeps its zeros through the merge
             loaded.model = model.merge_and_unload()
             reapply_(masks)
             ctx.report.update({"merged": True, "sparse_layers_kept": len(masks)})

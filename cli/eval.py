@@ -31,16 +31,15 @@ def _human(r: dict) -> str:
 def eval_command(ref, task, data, text_column, image_column, label_column, max_samples, seed,
                  split, batch_size, max_length, device, allow_pickle, trust_remote_code, as_json):
     """Score MODEL on a split of a dataset (accuracy and macro-F1, or perplexity)."""
-    from ..core.data import DEFAULT_DATA, load_data
+    from ..core.data import load_data, resolve_data
     from ..core.evaluate import evaluate
     from ..core.loading import load_model, peek
 
     source, _, _, task = peek(ref, task, trust_remote_code)
-    dataset = load_data(data or DEFAULT_DATA[task], task, text_column=text_column,
-                        image_column=image_column, label_column=label_column, seed=seed,
-                        max_samples=max_samples)
+    request = resolve_data(source, task, data, seed, text_column, image_column, label_column)
+    dataset = load_data(request.pop("spec"), task, max_samples=max_samples, **request)
     labels = dataset.label_names if task != "zero-shot-image-classification" else None
-    loaded = load_model(source, task, labels, device=device, seed=seed,
+    loaded = load_model(source, task, labels, device=device, seed=dataset.info["seed"],
                         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     result = {"model": ref, **evaluate(loaded, dataset, split, batch_size=batch_size,
                                        max_length=max_length),

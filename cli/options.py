@@ -59,8 +59,9 @@ def data(func):
         click.option("--label-column", default=None, help="Column holding the label."),
         click.option("--max-samples", type=click.IntRange(min=1), default=None,
                      help="Use at most this many examples of each split."),
-        click.option("--seed", type=int, default=0, show_default=True,
-                     help="Seed for the data split and any new weights."),
+        click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None,
+                     help="Seed for the data split and any new weights. [default: the one the "
+                          "model was made with, else 0]"),
     ]
     for option in reversed(options):
         func = option(func)

@@ -12,34 +12,13 @@ import datetime
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import InputError
+from .outputs import check_output, output_lock, output_path, staging
 from .refs import MANIFEST
 
 SCHEMA_VERSION = 1
 RECIPE_FILE = "recipe.yaml"
-
-
-def check_output(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Fail early, before any work, when the output cannot be written."""
-    out = Path(out).expanduser()
-    if out.exists() and not overwrite:
-        raise InputError(f"The output '{out}' already exists. Pass --overwrite to replace it, "
-                         "or choose another -o path.")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"The output '{out}' exists and is a file; choose another -o path.")
-    parent = out.resolve().parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise InputError(f"Cannot write the output '{out}': {probe} is not a writable folder. "
-                         "Choose an -o path in a folder you can write to.")
-    return out
 
 
 def file_hashes(folder: Path) -> dict:
@@ -76,30 +55,6 @@ def _weights_sha(folder: Path) -> str | None:
     return h.hexdigest()
 
 
-@contextmanager
-def staging(out: Path, overwrite: bool):
-    """Yield a temporary sibling folder; on success it replaces `out`, on failure it vanishes.
-
-    A reader never sees a half-written `out`: the folder appears by a rename.
-    """
-    out = check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o755)
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "x")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def save_model_files(loaded, folder: Path) -> None:
     """Write the model's HF files (safetensors), or an mmkit adapter's, and its tokenizer /
     processor."""
@@ -129,12 +84,19 @@ def save_model_files(loaded, folder: Path) -> None:
 
 def write_artifact(loaded, out, *, recipe: dict, steps: list, metrics: list, data_info=None,
                    overwrite: bool = False, fmt: str = "hf-model") -> Path:
-    """Write a model artifact atomically and return its path."""
+    """Write a model artifact atomically and return its path (taking OUT's lock unless this
+    process holds it already)."""
+    out = output_path(out)
+    with output_lock(out):
+        check_output(out, overwrite)
+        return _write(loaded, out, recipe, steps, metrics, data_info, overwrite, fmt)
+
+
+def _write(loaded, out, recipe, steps, metrics, data_info, overwrite, fmt) -> Path:
     import yaml
 
     from .versions import _versions
 
-    out = Path(out).expanduser()
     with staging(out, overwrite) as tmp:
         save_model_files(loaded, tmp)
         (tmp / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))

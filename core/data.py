@@ -251,6 +251,33 @@ def _split_indices(n: int, seed: int, fractions) -> dict[str, list[int]]:
             "test": order[n_train + n_val:]}
 
 
+def resolve_data(source, task: str, data: str | None = None, seed: int | None = None,
+                 text_column: str | None = None, image_column: str | None = None,
+                 label_column: str | None = None) -> dict:
+    """What a command reads when the user leaves some of it out: the data, columns and split
+    seed the model was made with (from its manifest, when it was made for the same task),
+    else the task's bundled dataset and seed 0. Returns load_data's arguments."""
+    manifest = (source.adapter or source).manifest if source is not None else {}
+    made = manifest.get("data") if isinstance(manifest.get("data"), dict) else {}
+    same_task = (manifest.get("task") or {}).get("name") == task and made.get("source")
+    request = {"spec": data, "seed": seed, "text_column": text_column,
+               "image_column": image_column, "label_column": label_column}
+    if data is None and same_task:
+        recorded = str(made["source"])
+        request["spec"] = recorded.removeprefix("bundled:")
+        if not (recorded.startswith(("bundled:", "hf:")) or Path(recorded).exists()):
+            raise InputError(f"'{source.ref}' was made with the data {recorded}, which no longer "
+                             "exists; pass --data to say what to use.")
+        for key in ("text_column", "image_column", "label_column"):
+            request[key] = request[key] or made.get(key)
+    if seed is None:
+        parent = manifest.get("parent") if isinstance(manifest.get("parent"), dict) else {}
+        recorded_seed = made.get("seed") if same_task else parent.get("seed")
+        request["seed"] = recorded_seed if isinstance(recorded_seed, int) else 0
+    request["spec"] = request["spec"] or DEFAULT_DATA[task]
+    return request
+
+
 def load_data(spec: str, task: str, *, text_column: str | None = None,
               image_column: str | None = None, label_column: str | None = None,
               seed: int = 0, max_samples: int | None = None,
@@ -290,6 +317,8 @@ def load_data(spec: str, task: str, *, text_column: str | None = None,
                              [label_ids[i] for i in idx] if label_ids is not None else None)
     digest = hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).hexdigest()
     info = {"source": source, "examples": len(inputs), "seed": seed,
+            "text_column": text_column, "image_column": image_column,
+            "label_column": label_column,
             "fractions": list(fractions), "max_samples": max_samples,
             "sizes": {k: len(v) for k, v in splits.items()}, "split_sha256": digest[:16]}
     return Dataset(spec, modality, label_names, splits, info)

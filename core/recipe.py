@@ -47,7 +47,7 @@ class Recipe(BaseModel):
     model: str = "minilm"
     task: str | None = None
     data: str | None = None
-    seed: int = 0
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
     max_samples: int | None = Field(None, ge=1)
     text_column: str | None = None
     image_column: str | None = None
@@ -132,33 +132,45 @@ def resolved_steps(recipe: Recipe) -> list[tuple]:
     return out
 
 
-def checkpoint_dir(out) -> Path:
-    """Where a run keeps its training checkpoints: `<OUT>.checkpoints` beside the output."""
-    out = Path(out).expanduser()
-    return out.parent / f"{out.name}.checkpoints"
+def _input_paths(source, dataset, steps) -> list[tuple[str, str]]:
+    """The local files and folders a run reads: the output must not touch them."""
+    paths = []
+    for src in (source, source.adapter):
+        if src is not None and src.kind in ("artifact", "folder", "embedded"):
+            paths.append(("model folder", src.path))
+    if dataset is not None and not dataset.info["source"].startswith(("bundled:", "hf:")):
+        paths.append(("data", dataset.info["source"]))
+    for method, cfg, _ in steps:
+        calib = getattr(cfg, "calib", None)
+        if calib and Path(calib).expanduser().exists():
+            paths.append(("calibration data", str(Path(calib).expanduser())))
+    return paths
 
 
 def run_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False, device: str = "cpu",
                trust_remote_code: bool = False, allow_pickle: bool = False,
-               resume: bool = False, callbacks=None) -> dict:
+               resume: bool = False, callbacks=None, lock_wait: float = 0.0) -> dict:
     """Run a recipe's steps on its model and write one artifact to `out`.
 
     Everything that can be checked is checked before the model is loaded: the recipe, each
-    step's parameters, the output path, the model reference, the task, the data. Training
-    steps checkpoint into `<OUT>.checkpoints`; `resume` continues from the last checkpoint
-    of the same run. The checkpoints are removed once the artifact is written.
+    step's parameters, the output path (not an input, not held by another process), the
+    model reference, the task, the data. Training steps checkpoint into `<OUT>.checkpoints`;
+    `resume` continues from the last complete checkpoint of the same run. The checkpoints are
+    removed once the artifact is written. `lock_wait` is how long to wait for another process
+    writing the same output (default: fail at once).
     """
-    import shutil
-
-    from .artifacts import check_output, write_artifact
-    from .data import DEFAULT_DATA, load_data
+    from . import checkpoints
+    from .artifacts import write_artifact
+    from .data import load_data, resolve_data
     from .evaluate import evaluate
     from .loading import load_model, peek, resolve_device
+    from .outputs import check_output, output_lock, output_path
     from .registry import Context
     from .train import run_fingerprint
 
     if isinstance(recipe, dict):
         recipe = parse_recipe(recipe)
+    out = output_path(out)
     check_output(out, overwrite)
     device = resolve_device(device)
     steps = resolved_steps(recipe)
@@ -168,17 +180,20 @@ def run_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False, device: s
             raise InputError(f"{method.step} {method.name} does not apply to '{recipe.model}', a "
                              f"{kind} model; it applies to {', '.join(method.kinds)}. "
                              f"{method.hint}".strip())
-    workdir = checkpoint_dir(out)
-    if resume and not workdir.is_dir():
-        raise InputError(f"--resume: there are no checkpoints to resume at {workdir}. Run without "
-                         "--resume to start afresh.")
+    trains = any(m.step == "finetune" for m, _, _ in steps)
+    if resume and not trains:
+        raise InputError("--resume continues an interrupted training run; this recipe has no "
+                         "training step. Run it without --resume.")
     needs_data = (recipe.eval is not None or task.endswith("classification")
                   or any(m.needs_data for m, _, _ in steps))
+    request = resolve_data(source, task, recipe.data, recipe.seed, recipe.text_column,
+                           recipe.image_column, recipe.label_column)
     dataset = None
     if needs_data:
-        dataset = load_data(recipe.data or DEFAULT_DATA[task], task, seed=recipe.seed,
-                            max_samples=recipe.max_samples, text_column=recipe.text_column,
-                            image_column=recipe.image_column, label_column=recipe.label_column)
+        dataset = load_data(request["spec"], task, seed=request["seed"],
+                            max_samples=recipe.max_samples, text_column=request["text_column"],
+                            image_column=request["image_column"],
+                            label_column=request["label_column"])
     labels = dataset.label_names if dataset is not None else None
     if task == "zero-shot-image-classification":
         labels = None
@@ -189,36 +204,48 @@ def run_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False, device: s
             raise InputError(f"step {i + 1} ({method.step} {method.name}) changes how the base "
                              "model is loaded (a 4/8-bit QLoRA base); it must be the first step.")
         load_options.update(wanted)
-    log.info("loading %s for %s", recipe.model, task)
-    loaded = load_model(source, task, labels, device=device, seed=recipe.seed,
-                        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                        **load_options)
+    inputs = _input_paths(source, dataset, steps)
+    check_output(out, overwrite, inputs)
     resolved = recipe.model_dump(mode="json", exclude_none=True)
-    resolved["task"] = task
-    ctx = Context(device=device, seed=recipe.seed, dataset=dataset, workdir=workdir,
-                  fingerprint=run_fingerprint(resolved), resume=resume,
-                  callbacks=list(callbacks or []))
-    done = []
-    for i, (method, cfg, _) in enumerate(steps, 1):
-        ctx.report = {}
-        ctx.workdir = workdir / f"step-{i}"  # each training step keeps its own checkpoints
-        log.info("step %s:%s", method.step, method.name)
-        start = time.perf_counter()
-        loaded = method.apply(loaded, cfg, ctx)
-        done.append({"step": method.step, "method": method.name,
-                     "params": cfg.model_dump(mode="json"),
-                     "seconds": round(time.perf_counter() - start, 3), "report": ctx.report})
-    metrics = []
-    if recipe.eval is not None:
-        log.info("evaluating on the %s split", recipe.eval.split)
-        metrics.append(evaluate(loaded, dataset, recipe.eval.split,
-                                batch_size=recipe.eval.batch_size,
-                                max_length=recipe.eval.max_length))
-    resolved["steps"] = [{"step": d["step"], "method": d["method"], **d["params"]} for d in done]
-    log.info("writing %s", out)
-    path = write_artifact(loaded, out, recipe=resolved, steps=done, metrics=metrics,
-                          data_info=dataset.info if dataset is not None else None,
-                          overwrite=overwrite, fmt=loaded.extra.get("format", "hf-model"))
-    shutil.rmtree(workdir, ignore_errors=True)
+    resolved.update({"task": task, "seed": request["seed"]})
+    if needs_data:
+        resolved.update({k: v for k, v in request.items() if v is not None and k != "spec"})
+        resolved["data"] = request["spec"]
+    fingerprint = run_fingerprint(resolved)
+    workdir = checkpoints.checkpoint_dir(out)
+    with output_lock(out, lock_wait):
+        check_output(out, overwrite, inputs)  # again: another writer may have finished
+        if trains:
+            checkpoints.claim(workdir, fingerprint, resume, overwrite)
+        log.info("loading %s for %s", recipe.model, task)
+        loaded = load_model(source, task, labels, device=device, seed=request["seed"],
+                            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                            **load_options)
+        ctx = Context(device=device, seed=request["seed"], dataset=dataset, workdir=workdir,
+                      fingerprint=fingerprint, resume=resume, callbacks=list(callbacks or []))
+        done = []
+        for i, (method, cfg, _) in enumerate(steps, 1):
+            ctx.report = {}
+            ctx.workdir = workdir / f"step-{i}"  # each training step keeps its own checkpoints
+            log.info("step %s:%s", method.step, method.name)
+            start = time.perf_counter()
+            loaded = method.apply(loaded, cfg, ctx)
+            done.append({"step": method.step, "method": method.name,
+                         "params": cfg.model_dump(mode="json"),
+                         "seconds": round(time.perf_counter() - start, 3), "report": ctx.report})
+        metrics = []
+        if recipe.eval is not None:
+            log.info("evaluating on the %s split", recipe.eval.split)
+            metrics.append(evaluate(loaded, dataset, recipe.eval.split,
+                                    batch_size=recipe.eval.batch_size,
+                                    max_length=recipe.eval.max_length))
+        resolved["steps"] = [{"step": d["step"], "method": d["method"], **d["params"]}
+                             for d in done]
+        log.info("writing %s", out)
+        path = write_artifact(loaded, out, recipe=resolved, steps=done, metrics=metrics,
+                              data_info=dataset.info if dataset is not None else None,
+                              overwrite=overwrite, fmt=loaded.extra.get("format", "hf-model"))
+        if trains:
+            checkpoints.release(workdir, fingerprint)
     return {"artifact": str(path), "model": recipe.model, "task": task, "steps": done,
             "metrics": metrics}

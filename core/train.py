@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -18,7 +17,6 @@ from .errors import InputError
 from .registry import MethodConfig
 
 log = logging.getLogger("mmkit")
-RUN_FILE = "mmkit-run.json"
 
 
 class TrainingConfig(MethodConfig):
@@ -191,27 +189,6 @@ def run_fingerprint(recipe: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def prepare_checkpoints(workdir: Path, fingerprint: str, resume: bool) -> str | None:
-    """Check or create the checkpoint folder; return the checkpoint to resume from."""
-    marker = workdir / RUN_FILE
-    if resume:
-        if not marker.is_file():
-            raise InputError(f"--resume: {workdir} is not a checkpoint folder of an mmkit run "
-                             f"(no {RUN_FILE}). Run without --resume to start afresh.")
-        recorded = json.loads(marker.read_text()).get("fingerprint")
-        if recorded != fingerprint:
-            raise InputError(f"--resume: {workdir} holds checkpoints of a different run (its "
-                             "model, data or settings differ). Resume with the same command, or "
-                             "run without --resume to start afresh.")
-        found = sorted(workdir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        return str(found[-1]) if found else None
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
-    marker.write_text(json.dumps({"fingerprint": fingerprint}))
-    return None
-
-
 def _log_callback():
     """Logs each evaluation to mmkit's logger (stderr)."""
     from transformers import TrainerCallback
@@ -239,12 +216,16 @@ def _compute_metrics(task):
     return None if task == "causal-lm" else compute
 
 
-def train(loaded, model, cfg: TrainingConfig, ctx, default_lr: float) -> dict:
+def train(loaded, model, cfg: TrainingConfig, ctx, default_lr: float, masks=None) -> dict:
     """Train `model` (the loaded model, possibly wrapped) on ctx.dataset; return a report.
 
     Evaluates on the validation split each epoch and ends with the best epoch's weights.
+    `masks` are the zeros of the base model's pruned layers (`zero_masks` taken before any
+    adapter was added); with `keep_sparsity` they are re-applied after every step.
     """
     from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+
+    from .checkpoints import prepare_step
 
     dataset = ctx.dataset
     train_items = build_items(loaded, dataset.split("train"), cfg.max_length)
@@ -255,17 +236,12 @@ def train(loaded, model, cfg: TrainingConfig, ctx, default_lr: float) -> dict:
     if labels is not None and len(set(labels)) < 2:
         raise InputError(f"The training data has a single class ({dataset.label_names[labels[0]]}"
                          "); a classifier needs at least two. Check the label column.")
-    masks = None
-    if cfg.keep_sparsity:  # checked before any checkpoint folder is made
-        from .sparsity import zero_masks
-
-        masks = zero_masks(model)
-        if not masks:
-            raise InputError("--keep-sparsity: this model has no sparse layers (no Linear layer "
-                             "is 1% or more exact zeros); prune it first, or drop the option.")
+    if cfg.keep_sparsity and not masks:  # checked before any checkpoint folder is made
+        raise InputError("--keep-sparsity: this model has no sparse layers (no Linear layer "
+                         "is 1% or more exact zeros); prune it first, or drop the option.")
     classify = loaded.task != "causal-lm"
     workdir = Path(ctx.workdir)
-    resume_from = prepare_checkpoints(workdir, ctx.fingerprint, ctx.resume)
+    resume_from = prepare_step(workdir, ctx.fingerprint, ctx.resume)
     set_seed(ctx.seed)
     steps_per_epoch = math.ceil(len(train_items) / (cfg.batch_size * cfg.grad_accum))
     total = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
@@ -275,8 +251,9 @@ def train(loaded, model, cfg: TrainingConfig, ctx, default_lr: float) -> dict:
         learning_rate=cfg.lr or default_lr, per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         weight_decay=cfg.weight_decay, warmup_steps=int(cfg.warmup * total),
-        lr_scheduler_type=cfg.scheduler, eval_strategy="epoch",
-        save_strategy="steps" if cfg.save_steps else "epoch", save_steps=cfg.save_steps or 500,
+        lr_scheduler_type=cfg.scheduler, eval_strategy="steps" if cfg.save_steps else "epoch",
+        eval_steps=cfg.save_steps, save_strategy="steps" if cfg.save_steps else "epoch",
+        save_steps=cfg.save_steps or 500,
         save_total_limit=2, load_best_model_at_end=True,
         metric_for_best_model="accuracy" if classify else "loss", greater_is_better=classify,
         train_sampling_strategy="group_by_length" if has_ids else "random",
@@ -284,13 +261,10 @@ def train(loaded, model, cfg: TrainingConfig, ctx, default_lr: float) -> dict:
         disable_tqdm=True, remove_unused_columns=False, use_cpu=ctx.device == "cpu",
         dataloader_num_workers=0, label_names=["labels"],
     )
-    if cfg.save_steps:
-        args.eval_strategy = "steps"
-        args.eval_steps = cfg.save_steps
     trainer = Trainer(model=raw_checkpoints(model), args=args, train_dataset=train_items, eval_dataset=eval_items,
                       data_collator=Collator(loaded), compute_metrics=_compute_metrics(loaded.task),
                       callbacks=list(ctx.callbacks))
-    if masks:
+    if cfg.keep_sparsity:
         from .sparsity import keep_sparsity_callback
 
         trainer.add_callback(keep_sparsity_callback(masks))

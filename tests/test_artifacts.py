@@ -84,16 +84,21 @@ def test_parent_weights_hash_is_recorded_for_a_folder_parent(tiny_artifacts, tmp
     assert load_model(str(tmp_path / "c")).model.dtype == torch.bfloat16
 
 
-def test_existing_output_needs_overwrite(tiny_artifacts, tmp_path):
+def test_existing_output_needs_overwrite_and_only_mmkit_outputs_are_replaced(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     recipe = {"model": "tiny:gpt2", "steps": []}
     with pytest.raises(InputError, match="--overwrite"):
         run_recipe(recipe, out)
+    with pytest.raises(InputError, match="did not write"):  # not mmkit's: never replaced
+        run_recipe(recipe, out, overwrite=True)
     assert (out / "keep.txt").read_text() == "user data"
-    run_recipe(recipe, out, overwrite=True)
-    assert (out / "mmkit.json").is_file() and not (out / "keep.txt").exists()
+    (out / "keep.txt").unlink()
+    run_recipe(recipe, out, overwrite=True)  # an empty folder may be replaced
+    first = read_manifest(out)["created"]
+    run_recipe({**recipe, "seed": 1}, out, overwrite=True)  # an artifact: replaced
+    assert read_manifest(out)["parent"]["seed"] == 1 and read_manifest(out)["created"] >= first
     assert [p.name for p in tmp_path.iterdir()] == ["o"]  # no temporary siblings left
 
 

@@ -81,13 +81,14 @@ class StructuredConfig(_Calib):
 
 # ---------------------------------------------------------------- shared
 def _check_model(loaded) -> None:
-    model = loaded.model
-    if hasattr(model, "peft_config") or loaded.extra.get("format") in (
-            "mmkit-adapter", "mmkit-quantized", "mmkit-ptq") or getattr(
+    """Merge an adapter into its base first (saying so); refuse a quantized model."""
+    from ...adapters.merging import merge_adapter_
+
+    model = merge_adapter_(loaded, "prune").model
+    if loaded.extra.get("format") in ("mmkit-quantized", "mmkit-ptq") or getattr(
             model.config, "quantization_config", None) is not None:
-        raise InputError(f"'{loaded.source.ref}' is an adapter or a quantized model; prune the "
-                         "full floating-point model (merge adapters with finetune --merge), "
-                         "then quantize.")
+        raise InputError(f"'{loaded.source.ref}' is a quantized model; prune its "
+                         "floating-point original, then quantize.")
 
 
 def _batches(loaded, cfg, ctx):

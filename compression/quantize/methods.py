@@ -100,13 +100,12 @@ NF4Config, FP4Config, Int8Config = _bnb_config("nf4"), _bnb_config("fp4"), _bnb_
 
 # ---------------------------------------------------------------- which layers, how many bits
 def check_quantizable(loaded) -> None:
-    """Refuse a model that is already quantized, or one without Linear layers."""
+    """Merge an adapter into its base first (saying so); refuse a model that is already
+    quantized, or one without Linear layers."""
+    from ...adapters.merging import merge_adapter_
     from .qlinear import QuantLinear
 
-    model = loaded.model
-    if hasattr(model, "peft_config") or loaded.extra.get("format") == "mmkit-adapter":
-        raise InputError(f"'{loaded.source.ref}' is an adapter on a base model; quantize a full "
-                         "model: write one with `mmkit finetune ... --merge`, then quantize that.")
+    model = merge_adapter_(loaded, "quantize").model
     already = getattr(model.config, "quantization_config", None) is not None or any(
         isinstance(m, QuantLinear) or type(m).__name__ in ("Linear4bit", "Linear8bitLt")
         or hasattr(m, "mmkit_aq") for m in model.modules())
