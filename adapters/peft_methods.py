@@ -174,6 +174,9 @@ def make_apply(method: str):
         pconfig = _peft_config(method, cfg, loaded, ctx)
         masks = zero_masks(loaded.model)  # the base's own zeros, before any adapter exists
         if getattr(loaded.model, "is_quantized", False):  # QLoRA: a 4/8-bit base
+            from ..compression.quantize.bnb_cpu import fit_cpu_kernels_
+
+            fit_cpu_kernels_(loaded.model, training=True)  # the fused CPU kernel has no backward
             loaded.model = peft.prepare_model_for_kbit_training(loaded.model,
                                                                 use_gradient_checkpointing=False)
             ctx.report["base_bits"] = getattr(cfg, "bits", None)

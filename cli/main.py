@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 
 import click
 
-from ..core.errors import MmkitError
+from ..core.errors import MmkitError, Terminated
 from . import bench, eval as eval_cmd, finetune, inspect, prune, quantize, run, search
 
 
@@ -42,10 +43,12 @@ def _setup_logging(debug: bool) -> None:
 class MmkitGroup(click.Group):
     """Turns mmkit's exceptions into one-paragraph messages and exit codes.
 
-    0 ok, 1 runtime failure, 2 bad usage or input, 130 interrupted. --debug shows tracebacks.
+    0 ok, 1 runtime failure, 2 bad usage or input, 130 interrupted (143 by SIGTERM). --debug
+    shows tracebacks.
     """
 
     def invoke(self, ctx):
+        previous = _catch_sigterm()
         try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
@@ -53,20 +56,42 @@ class MmkitGroup(click.Group):
         except MmkitError as exc:
             if _debug(ctx):
                 raise
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {_clip(str(exc))}", err=True)
             ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            import signal
-
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the exit
+        except KeyboardInterrupt as exc:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second signal must not cut the exit
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             click.echo("Interrupted; nothing was written.", err=True)
-            ctx.exit(130)
+            ctx.exit(143 if isinstance(exc, Terminated) else 130)
         except Exception as exc:  # noqa: BLE001 - last resort: one line, not a traceback
             if _debug(ctx):
                 raise
-            click.echo(f"Error: {type(exc).__name__}: {exc}\n(run again with --debug for the "
-                       "traceback)", err=True)
+            click.echo(f"Error: {type(exc).__name__}: {_clip(str(exc))}\n(run again with --debug "
+                       "for the traceback)", err=True)
             ctx.exit(1)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+MAX_MESSAGE = 2000  # characters of an error message shown; a message echoing input is capped
+
+
+def _clip(text: str) -> str:
+    if len(text) <= MAX_MESSAGE:
+        return text
+    return f"{text[:MAX_MESSAGE]}... [{len(text) - MAX_MESSAGE:,} more characters]"
+
+
+def _catch_sigterm():
+    """Turn SIGTERM into an interruption (exit 143, cleanups run); returns the old handler."""
+    def terminate(signum, frame):
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: leave signals alone
+        return None
 
 
 def _debug(ctx) -> bool:

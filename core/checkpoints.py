@@ -53,6 +53,10 @@ def claim(workdir: Path, fingerprint: str, resume: bool, overwrite: bool) -> Non
                          f"{RUN_FILE}); mmkit will neither write into it nor delete it. Move it "
                          "away, or choose another -o.")
     same = recorded == fingerprint
+    if not resume and not resumable(workdir):  # killed before its first checkpoint: no loss
+        shutil.rmtree(workdir)
+        log.info("removed %s: an earlier run stopped before saving a checkpoint", workdir)
+        return
     if resume:
         if not same:
             raise InputError(f"--resume: {workdir} holds checkpoints of a different run (its "
@@ -86,10 +90,18 @@ def prepare_step(step_dir: Path, fingerprint: str, resume: bool) -> str | None:
     return str(complete[-1]) if complete else None
 
 
-def release(workdir: Path, fingerprint: str) -> None:
-    """Remove a finished run's checkpoints (only its own, never through a link)."""
-    if workdir.is_dir() and not workdir.is_symlink() and _recorded(workdir) == fingerprint:
+def release(workdir: Path, fingerprint: str, finished: bool = True) -> None:
+    """Remove a run's checkpoints (only its own, never through a link): all of them when it
+    finished, or when it failed before saving one it could resume from."""
+    if not workdir.is_dir() or workdir.is_symlink() or _recorded(workdir) != fingerprint:
+        return
+    if finished or not resumable(workdir):
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def resumable(workdir: Path) -> bool:
+    """True when some training step in `workdir` saved a complete checkpoint."""
+    return any(is_complete(c) for c in workdir.glob("step-*/checkpoint-*"))
 
 
 def _step_number(path: Path) -> int:

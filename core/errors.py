@@ -20,3 +20,7 @@ class RuntimeFailure(MmkitError):
     """The input was fine but the work failed (out of memory, a library error): exit code 1."""
 
     exit_code = 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an interruption so that every cleanup runs: exit code 143."""

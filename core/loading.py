@@ -288,6 +288,10 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
                                      **quant)
             if is_ptq_folder(source.path):  # simulated activation quantization on top
                 extra = {"format": "mmkit-ptq", "ptq": attach_ptq(model, source.path)}
+    if getattr(model, "is_quantized", False):  # bitsandbytes: a kernel for every CPU
+        from ..compression.quantize.bnb_cpu import fit_cpu_kernels_
+
+        fit_cpu_kernels_(model)
     adapter = source.adapter
     if adapter is not None:
         check_weights(adapter, allow_pickle)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -147,56 +148,55 @@ def _input_paths(source, dataset, steps) -> list[tuple[str, str]]:
     return paths
 
 
-def run_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False, device: str = "cpu",
-               trust_remote_code: bool = False, allow_pickle: bool = False,
-               resume: bool = False, callbacks=None, lock_wait: float = 0.0) -> dict:
-    """Run a recipe's steps on its model and write one artifact to `out`.
+@dataclass
+class Plan:
+    """A recipe checked and resolved against its model and data, ready to run."""
 
-    Everything that can be checked is checked before the model is loaded: the recipe, each
-    step's parameters, the output path (not an input, not held by another process), the
-    model reference, the task, the data. Training steps checkpoint into `<OUT>.checkpoints`;
-    `resume` continues from the last complete checkpoint of the same run. The checkpoints are
-    removed once the artifact is written. `lock_wait` is how long to wait for another process
-    writing the same output (default: fail at once).
-    """
-    from . import checkpoints
-    from .artifacts import write_artifact
+    recipe: Recipe
+    out: Path
+    source: object  # ModelSource
+    task: str
+    steps: list  # (method, config, raw step)
+    dataset: object = None  # Dataset, when the task or a step needs data
+    seed: int = 0
+    load_options: dict = field(default_factory=dict)
+    resolved: dict = field(default_factory=dict)  # the recipe as recipe.yaml records it
+    inputs: list = field(default_factory=list)  # (what, path) the output must not touch
+    fingerprint: str = ""  # names the run, so --resume refuses another run's checkpoints
+
+    @property
+    def trains(self) -> bool:
+        """True when a step trains (and so owns `<OUT>.checkpoints`)."""
+        return any(m.step == "finetune" for m, _, _ in self.steps)
+
+    @property
+    def labels(self) -> list[str] | None:
+        """Class names a new classification head is made for."""
+        if self.dataset is None or self.task == "zero-shot-image-classification":
+            return None
+        return self.dataset.label_names
+
+
+def plan_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False,
+                trust_remote_code: bool = False) -> Plan:
+    """Check everything that can be checked without loading the model: the recipe, each
+    step's parameters and model kinds, the task, the data, and the output path."""
     from .data import load_data, resolve_data
-    from .evaluate import evaluate
-    from .loading import load_model, peek, resolve_device
-    from .outputs import check_output, output_lock, output_path
-    from .registry import Context
+    from .loading import peek
+    from .outputs import check_output, output_path
     from .train import run_fingerprint
 
     if isinstance(recipe, dict):
         recipe = parse_recipe(recipe)
     out = output_path(out)
     check_output(out, overwrite)
-    device = resolve_device(device)
     steps = resolved_steps(recipe)
-    source, config, kind, task = peek(recipe.model, recipe.task, trust_remote_code)
+    source, _, kind, task = peek(recipe.model, recipe.task, trust_remote_code)
     for method, _, _ in steps:
         if kind not in method.kinds:
             raise InputError(f"{method.step} {method.name} does not apply to '{recipe.model}', a "
                              f"{kind} model; it applies to {', '.join(method.kinds)}. "
                              f"{method.hint}".strip())
-    trains = any(m.step == "finetune" for m, _, _ in steps)
-    if resume and not trains:
-        raise InputError("--resume continues an interrupted training run; this recipe has no "
-                         "training step. Run it without --resume.")
-    needs_data = (recipe.eval is not None or task.endswith("classification")
-                  or any(m.needs_data for m, _, _ in steps))
-    request = resolve_data(source, task, recipe.data, recipe.seed, recipe.text_column,
-                           recipe.image_column, recipe.label_column)
-    dataset = None
-    if needs_data:
-        dataset = load_data(request["spec"], task, seed=request["seed"],
-                            max_samples=recipe.max_samples, text_column=request["text_column"],
-                            image_column=request["image_column"],
-                            label_column=request["label_column"])
-    labels = dataset.label_names if dataset is not None else None
-    if task == "zero-shot-image-classification":
-        labels = None
     load_options = {}
     for i, (method, cfg, _) in enumerate(steps):
         wanted = method.load_options(cfg) if method.load_options else {}
@@ -204,48 +204,98 @@ def run_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False, device: s
             raise InputError(f"step {i + 1} ({method.step} {method.name}) changes how the base "
                              "model is loaded (a 4/8-bit QLoRA base); it must be the first step.")
         load_options.update(wanted)
-    inputs = _input_paths(source, dataset, steps)
-    check_output(out, overwrite, inputs)
+    request = resolve_data(source, task, recipe.data, recipe.seed, recipe.text_column,
+                           recipe.image_column, recipe.label_column)
+    needs_data = (recipe.eval is not None or task.endswith("classification")
+                  or any(m.needs_data for m, _, _ in steps))
+    dataset = None
     resolved = recipe.model_dump(mode="json", exclude_none=True)
     resolved.update({"task": task, "seed": request["seed"]})
     if needs_data:
-        resolved.update({k: v for k, v in request.items() if v is not None and k != "spec"})
-        resolved["data"] = request["spec"]
-    fingerprint = run_fingerprint(resolved)
-    workdir = checkpoints.checkpoint_dir(out)
-    with output_lock(out, lock_wait):
-        check_output(out, overwrite, inputs)  # again: another writer may have finished
-        if trains:
-            checkpoints.claim(workdir, fingerprint, resume, overwrite)
-        log.info("loading %s for %s", recipe.model, task)
-        loaded = load_model(source, task, labels, device=device, seed=request["seed"],
-                            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                            **load_options)
-        ctx = Context(device=device, seed=request["seed"], dataset=dataset, workdir=workdir,
-                      fingerprint=fingerprint, resume=resume, callbacks=list(callbacks or []))
-        done = []
-        for i, (method, cfg, _) in enumerate(steps, 1):
-            ctx.report = {}
+        spec = request.pop("spec")
+        dataset = load_data(spec, task, max_samples=recipe.max_samples, **request)
+        resolved.update({"data": spec, **{k: v for k, v in request.items() if v is not None}})
+    plan = Plan(recipe, out, source, task, steps, dataset, request["seed"], load_options,
+                resolved, _input_paths(source, dataset, steps))
+    check_output(out, overwrite, plan.inputs)
+    plan.fingerprint = run_fingerprint(resolved)
+    return plan
+
+
+def run_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False, device: str = "cpu",
+               trust_remote_code: bool = False, allow_pickle: bool = False,
+               resume: bool = False, callbacks=None, lock_wait: float = 0.0) -> dict:
+    """Run a recipe's steps on its model and write one artifact to `out`.
+
+    Everything that can be checked is checked before the model is loaded (`plan_recipe`).
+    Then OUT is locked for the rest of the run (another writer fails at once, or after
+    `lock_wait` seconds). Training steps checkpoint into `<OUT>.checkpoints`; `resume`
+    continues from the last complete checkpoint of the same run. The checkpoints are removed
+    once the artifact is written, or when the run fails before saving one.
+    """
+    from . import checkpoints
+    from .loading import resolve_device
+    from .outputs import check_output, output_lock
+
+    plan = plan_recipe(recipe, out, overwrite=overwrite, trust_remote_code=trust_remote_code)
+    device = resolve_device(device)
+    if resume and not plan.trains:
+        raise InputError("--resume continues an interrupted training run; this recipe has no "
+                         "training step. Run it without --resume.")
+    fingerprint, workdir = plan.fingerprint, checkpoints.checkpoint_dir(plan.out)
+    with output_lock(plan.out, lock_wait):
+        check_output(plan.out, overwrite, plan.inputs)  # again: another writer may have finished
+        if not plan.trains:
+            return _execute(plan, device, trust_remote_code, allow_pickle, overwrite)
+        checkpoints.claim(workdir, fingerprint, resume, overwrite)
+        try:
+            training = {"workdir": workdir, "fingerprint": fingerprint, "resume": resume,
+                        "callbacks": list(callbacks or [])}
+            result = _execute(plan, device, trust_remote_code, allow_pickle, overwrite, training)
+        except BaseException:
+            checkpoints.release(workdir, fingerprint, finished=False)  # keep what can resume
+            raise
+        checkpoints.release(workdir, fingerprint)
+        return result
+
+
+def _execute(plan: Plan, device: str, trust_remote_code: bool, allow_pickle: bool,
+             overwrite: bool, training: dict | None = None) -> dict:
+    """Load the model, apply the steps, evaluate, write the artifact (with OUT locked)."""
+    from .artifacts import write_artifact
+    from .evaluate import evaluate
+    from .loading import load_model
+    from .registry import Context
+
+    recipe = plan.recipe
+    log.info("loading %s for %s", recipe.model, plan.task)
+    loaded = load_model(plan.source, plan.task, plan.labels, device=device, seed=plan.seed,
+                        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                        **plan.load_options)
+    ctx = Context(device=device, seed=plan.seed, dataset=plan.dataset, **(training or {}))
+    workdir = ctx.workdir
+    done = []
+    for i, (method, cfg, _) in enumerate(plan.steps, 1):
+        ctx.report = {}
+        if workdir is not None:
             ctx.workdir = workdir / f"step-{i}"  # each training step keeps its own checkpoints
-            log.info("step %s:%s", method.step, method.name)
-            start = time.perf_counter()
-            loaded = method.apply(loaded, cfg, ctx)
-            done.append({"step": method.step, "method": method.name,
-                         "params": cfg.model_dump(mode="json"),
-                         "seconds": round(time.perf_counter() - start, 3), "report": ctx.report})
-        metrics = []
-        if recipe.eval is not None:
-            log.info("evaluating on the %s split", recipe.eval.split)
-            metrics.append(evaluate(loaded, dataset, recipe.eval.split,
-                                    batch_size=recipe.eval.batch_size,
-                                    max_length=recipe.eval.max_length))
-        resolved["steps"] = [{"step": d["step"], "method": d["method"], **d["params"]}
-                             for d in done]
-        log.info("writing %s", out)
-        path = write_artifact(loaded, out, recipe=resolved, steps=done, metrics=metrics,
-                              data_info=dataset.info if dataset is not None else None,
-                              overwrite=overwrite, fmt=loaded.extra.get("format", "hf-model"))
-        if trains:
-            checkpoints.release(workdir, fingerprint)
-    return {"artifact": str(path), "model": recipe.model, "task": task, "steps": done,
+        log.info("step %s:%s", method.step, method.name)
+        start = time.perf_counter()
+        loaded = method.apply(loaded, cfg, ctx)
+        done.append({"step": method.step, "method": method.name,
+                     "params": cfg.model_dump(mode="json"),
+                     "seconds": round(time.perf_counter() - start, 3), "report": ctx.report})
+    metrics = []
+    if recipe.eval is not None:
+        log.info("evaluating on the %s split", recipe.eval.split)
+        metrics.append(evaluate(loaded, plan.dataset, recipe.eval.split,
+                                batch_size=recipe.eval.batch_size,
+                                max_length=recipe.eval.max_length))
+    plan.resolved["steps"] = [{"step": d["step"], "method": d["method"], **d["params"]}
+                              for d in done]
+    log.info("writing %s", plan.out)
+    path = write_artifact(loaded, plan.out, recipe=plan.resolved, steps=done, metrics=metrics,
+                          data_info=plan.dataset.info if plan.dataset is not None else None,
+                          overwrite=overwrite, fmt=loaded.extra.get("format", "hf-model"))
+    return {"artifact": str(path), "model": recipe.model, "task": plan.task, "steps": done,
             "metrics": metrics}

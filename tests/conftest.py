@@ -57,3 +57,41 @@ def tiny_artifacts(tmp_path_factory) -> dict:
 def read_manifest(path) -> dict:
     """The mmkit.json of an artifact."""
     return json.loads((Path(path) / "mmkit.json").read_text())
+
+
+def _emulated_fused_gemv(real):
+    """bitsandbytes' AVX512-BF16 CPU kernel in plain torch, for CPUs without those
+    instructions: undo its weight repacking, dequantize, multiply in bf16 as it does."""
+    import copy
+
+    import bitsandbytes.functional as F
+    import torch
+
+    def gemv_4bit(A, B, out=None, transposed_A=False, transposed_B=False, state=None):
+        if not getattr(state, "packing_format_for_cpu", False):
+            return real(A, B, out=out, transposed_A=transposed_A, transposed_B=transposed_B,
+                        state=state)
+        unpacked = copy.deepcopy(state)  # the inverse conversion edits the state it is given
+        weight, unpacked = F._convert_weight_packed_for_cpu_inverse(B.clone(), unpacked)
+        w = F.dequantize_4bit(weight, unpacked)
+        return (A.to(torch.bfloat16) @ w.to(torch.bfloat16).T).to(A.dtype)
+
+    return gemv_4bit
+
+
+@pytest.fixture(params=["generic", "avx512bf16"])
+def bnb_cpu_path(request, monkeypatch):
+    """Run bitsandbytes' 4-bit CPU layers on each of the paths it picks by CPU, on any x86 CPU:
+    its capability check is forced each way, and where the CPU lacks AVX512-BF16 the fused
+    kernel is emulated (its weight repacking, the part that fails on narrow layers, is real).
+    Parametrize it indirectly with None for the cases that do not use 4-bit layers."""
+    import bitsandbytes.functional as F
+    import bitsandbytes.nn.modules as modules
+
+    if request.param is None:  # a test case that does not use bitsandbytes' 4-bit layers
+        return None
+    fused = request.param == "avx512bf16"
+    monkeypatch.setattr(modules, "has_avx512bf16", lambda: fused)
+    if fused and not F.has_avx512bf16():
+        monkeypatch.setattr(F, "gemv_4bit", _emulated_fused_gemv(F.gemv_4bit))
+    return request.param

@@ -172,12 +172,14 @@ def test_resume_refuses_another_runs_checkpoints(tmp_path):
 
     class Stop(TrainerCallback):
         def on_epoch_end(self, args, state, control, **kwargs):
-            raise KeyboardInterrupt
+            if state.epoch >= 2:  # epoch 1's checkpoint is saved by now
+                raise KeyboardInterrupt
 
     recipe = {"model": "tiny:bert", "max_samples": 16, "steps": [
-        {"step": "finetune", "method": "lora", "epochs": 2}]}
+        {"step": "finetune", "method": "lora", "epochs": 3}]}
     with pytest.raises(KeyboardInterrupt):
         run_recipe(recipe, tmp_path / "o", callbacks=[Stop()])
+    assert (tmp_path / "o.checkpoints").is_dir()
     recipe["steps"][0]["epochs"] = 5
     with pytest.raises(InputError, match="different run"):
         run_recipe(recipe, tmp_path / "o", resume=True)
@@ -235,8 +237,11 @@ def test_minilm_adapter_artifact_loads_back(tmp_path):
     assert loaded.labels == ["negative", "positive"] and loaded.source.kind == "artifact"
 
 
-@pytest.mark.parametrize("bits,layer", [(4, "Linear4bit"), (8, "Linear8bitLt")])
-def test_qlora_trains_on_a_quantized_base_and_reloads_on_one(bits, layer, tmp_path):
+@pytest.mark.parametrize("bits,layer,bnb_cpu_path", [
+    (4, "Linear4bit", "generic"), (4, "Linear4bit", "avx512bf16"), (8, "Linear8bitLt", None)],
+    indirect=["bnb_cpu_path"])
+def test_qlora_trains_on_a_quantized_base_and_reloads_on_one(bits, layer, bnb_cpu_path,
+                                                             tmp_path):
     from mmkit.core.evaluate import evaluate
 
     recipe = {"model": "tiny:llama", "data": "bbc-text", "max_samples": 4, "steps": [

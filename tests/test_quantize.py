@@ -140,8 +140,15 @@ CASES = [(m, r) for m in STEPS for r in CALIB
          if m in ("rtn", "dynamic-int8") or r in ("tiny:bert", "tiny:llama")]
 
 
-@pytest.mark.parametrize("method,ref", CASES, ids=[f"{m}-{r[5:]}" for m, r in CASES])
-def test_quantized_model_saves_and_loads_to_the_same_outputs(method, ref, tmp_path):
+# bitsandbytes' 4-bit layers run on both of its CPU paths, whatever this CPU has
+PATHS = [(m, r, p) for m, r in CASES
+         for p in (("generic", "avx512bf16") if m in ("nf4", "fp4") else (None,))]
+
+
+@pytest.mark.parametrize("method,ref,bnb_cpu_path", PATHS, indirect=["bnb_cpu_path"],
+                         ids=[f"{m}-{r[5:]}" + (f"-{p}" if p else "") for m, r, p in PATHS])
+def test_quantized_model_saves_and_loads_to_the_same_outputs(method, ref, bnb_cpu_path,
+                                                             tmp_path):
     step = {"step": "quantize", **STEPS[method]}
     if method == "gptq":
         step["calib"] = CALIB[ref]
@@ -185,14 +192,20 @@ def test_dynamic_int8_runs_integer_matmuls(tmp_path):
     assert torch.allclose(layer(x), float_out, atol=0.05 * float(float_out.abs().max()))
 
 
-def test_bitsandbytes_artifact_opens_with_plain_transformers(tmp_path):
+def test_bitsandbytes_artifact_opens_with_plain_transformers(tmp_path, bnb_cpu_path):
     from transformers import AutoModelForCausalLM
+
+    from mmkit.compression.quantize.bnb_cpu import fit_cpu_kernels_
 
     result = run_recipe({"model": "tiny:llama", "steps": [
         {"step": "quantize", "method": "nf4"}]}, tmp_path / "n")
     plain = AutoModelForCausalLM.from_pretrained(result["artifact"], device_map="cpu")
     assert type(plain.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
     assert type(plain.lm_head).__name__ == "Linear"
+    # tiny layers are narrower than bitsandbytes' AVX512-BF16 packing; only down_proj fits
+    narrow = fit_cpu_kernels_(plain)
+    assert bool(narrow) == (bnb_cpu_path == "avx512bf16")
+    assert not any(n.endswith("down_proj") for n in narrow)
     ours = load_model(result["artifact"])
     batch = get_task("causal-lm").dummy_batch(ours, 2, 8)
     with torch.no_grad():

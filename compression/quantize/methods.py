@@ -287,6 +287,7 @@ def bnb_apply(kind: str):
         from transformers import BitsAndBytesConfig
 
         from ...core.loading import _auto_class, _requantize
+        from .bnb_cpu import fit_cpu_kernels_
 
         check_quantizable(loaded)
         plan = layer_bits(loaded.model, cfg.bits, cfg.skip)
@@ -304,6 +305,7 @@ def bnb_apply(kind: str):
         task = "zero-shot-image-classification" if loaded.kind == "clip" else loaded.task
         loaded.model = _requantize(_auto_class(task), loaded.model,
                                    {"quantization_config": qc, "device_map": {"": device}}).eval()
+        fit_cpu_kernels_(loaded.model)
         ctx.report.update({"method": kind, "layers_quantized": len(plan), "bits_per_weight": None,
                            "disk_mb_before": _disk_mb(loaded), "weights_mb_before": before / 2**20,
                            "weights_mb_after": _weights_bytes(loaded.model) / 2**20})
