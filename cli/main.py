@@ -61,6 +61,7 @@ class MmkitGroup(click.Group):
         except KeyboardInterrupt as exc:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second signal must not cut the exit
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            previous = None  # ... so the handlers stay ignored until the process ends
             click.echo("Interrupted; nothing was written.", err=True)
             ctx.exit(143 if isinstance(exc, Terminated) else 130)
         except Exception as exc:  # noqa: BLE001 - last resort: one line, not a traceback

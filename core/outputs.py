@@ -83,6 +83,7 @@ def check_output(out: str | os.PathLike, overwrite: bool, inputs=()) -> Path:
     output that is, contains or lies inside one of them would destroy or alter it.
     """
     out = output_path(out)
+    check_not_an_input(out, inputs)
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise InputError(f"The output '{out}' already exists. Pass --overwrite to replace "
@@ -94,7 +95,6 @@ def check_output(out: str | os.PathLike, overwrite: bool, inputs=()) -> Path:
             raise InputError(f"The output '{out}' is a folder that mmkit did not write (no "
                              "mmkit.json): --overwrite replaces only mmkit's own outputs. "
                              "Move it away, or choose another -o path.")
-    check_not_an_input(out, inputs)
     probe = out.parent
     while not probe.exists():
         probe = probe.parent
@@ -182,7 +182,8 @@ def output_lock(out: Path, wait_s: float = 0.0):
             os.close(fd)
             fd = None
         info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
+                "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(info).encode())
     except BaseException:

@@ -189,7 +189,6 @@ def plan_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False,
     if isinstance(recipe, dict):
         recipe = parse_recipe(recipe)
     out = output_path(out)
-    check_output(out, overwrite)
     steps = resolved_steps(recipe)
     source, _, kind, task = peek(recipe.model, recipe.task, trust_remote_code)
     for method, _, _ in steps:

@@ -113,7 +113,7 @@ def resolve(ref: str) -> ModelSource:
     if path.exists():
         return _local_folder(ref, path)
     looks_like_path = ref.startswith((".", "/", "~")) or os.sep in ref.strip("/").split("/", 1)[-1]
-    if HUB_ID.match(ref) and not looks_like_path:
+    if HUB_ID.match(ref) and not looks_like_path and not _moved_aside(path):
         if _hub_cached(ref) or hub_reachable():
             return ModelSource(ref, "hub", ref)
         raise InputError(
@@ -123,4 +123,18 @@ def resolve(ref: str) -> ModelSource:
             f"folder or a built-in name. {_aliases_hint()}"
         )
     raise InputError(f"Model '{ref}' does not exist: no folder at {path.resolve()} and it is "
-                     f"not a built-in name or a hub id. {_aliases_hint()}")
+                     f"not a built-in name or a hub id.{_moved_aside(path)} {_aliases_hint()}")
+
+
+def _moved_aside(path: Path) -> str:
+    """A hint when an interrupted mmkit run moved the folder aside while replacing it."""
+    from .outputs import leftovers, output_path
+
+    try:
+        moved = [p for p in leftovers(output_path(path))["old"] if (p / "x").is_dir()]
+    except (InputError, OSError):
+        return ""
+    if not moved:
+        return ""
+    return (f" An interrupted mmkit run moved it aside to {moved[0]}/x; any mmkit command "
+            f"writing -o {path} restores it first (or move it back yourself).")
