@@ -16,7 +16,7 @@ def _human(r: dict) -> str:
             f"weights {r['weights_mb']:.1f} MB{disk}  peak {r['peak_memory_mb']:.0f} MB")
 
 
-@click.command("bench")
+@click.command("bench", cls=options.Command)
 @options.model_argument
 @options.task_option
 @click.option("--batch-size", type=click.IntRange(min=1), multiple=True, default=(1,),

@@ -15,7 +15,7 @@ def _human(r: dict) -> str:
     return f"{r['model']}  {r['task']}  {r['data']}:{r['split']}  {score}  [{r['seconds']:.1f} s]"
 
 
-@click.command("eval")
+@click.command("eval", cls=options.Command)
 @options.model_argument
 @options.data
 @click.option("--split", type=click.Choice(["train", "validation", "test"]), default="test",
@@ -33,9 +33,12 @@ def eval_command(ref, task, data, text_column, image_column, label_column, max_s
     """Score MODEL on a split of a dataset (accuracy and macro-F1, or perplexity)."""
     from ..core.data import load_data, resolve_data
     from ..core.evaluate import evaluate
+    from ..core.families import check_length
     from ..core.loading import load_model, peek
 
-    source, _, _, task = peek(ref, task, trust_remote_code)
+    source, config, kind, task = peek(ref, task, trust_remote_code)
+    if kind in ("text-encoder", "causal-lm"):
+        check_length(config, max_length, "--max-length", ref)
     request = resolve_data(source, task, data, seed, text_column, image_column, label_column)
     dataset = load_data(request.pop("spec"), task, max_samples=max_samples, **request)
     labels = dataset.label_names if task != "zero-shot-image-classification" else None

@@ -37,7 +37,7 @@ def _method_flags(func):
     return func
 
 
-@click.command("finetune")
+@click.command("finetune", cls=options.Command)
 @options.model_argument
 @options.data
 @_method_flags

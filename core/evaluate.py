@@ -6,6 +6,7 @@ import time
 
 from .data import Dataset, align_labels
 from .errors import InputError
+from .families import check_length
 from .loading import LoadedModel
 from .tasks import get_task
 from .versions import environment
@@ -20,6 +21,8 @@ def evaluate(loaded: LoadedModel, dataset: Dataset, split: str = "test", *,
     """
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1 (got {batch_size}).")
+    if loaded.kind in ("text-encoder", "causal-lm"):
+        check_length(loaded.model.config, max_length, "--max-length", loaded.source.ref)
     task = get_task(loaded.task)
     part = dataset.split(split)
     if len(part) == 0:

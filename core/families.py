@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .errors import InputError
+
 TEXT_ENCODERS = {
     "bert", "roberta", "distilbert", "xlm-roberta", "electra", "albert", "deberta",
     "deberta-v2", "mpnet", "camembert", "modernbert",
@@ -46,3 +48,17 @@ def head_task(config) -> str | None:
         if arch.endswith("ForCausalLM"):
             return "causal-lm"
     return None
+
+
+def max_positions(config) -> int | None:
+    """The most tokens a text model (or CLIP's text tower) takes in one sequence."""
+    config = getattr(config, "text_config", None) or config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def check_length(config, length: int | None, option: str, ref: str) -> None:
+    """Refuse a sequence length the model's position table cannot hold."""
+    limit = max_positions(config)
+    if length is not None and limit is not None and length > limit:
+        raise InputError(f"{option} {length} is longer than the {limit} positions '{ref}' "
+                         f"takes; use {option} {limit} or less.")

@@ -130,41 +130,59 @@ def _load_config(source: ModelSource, trust_remote_code: bool):
 
     if source.kind == "tiny":
         return tiny_config(source.family)
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except ValueError as exc:
         raise InputError(f"Cannot read the config of '{source.ref}': {exc}. If the model needs "
                          "its own code, pass --trust-remote-code.") from None
-    except OSError as exc:
-        raise InputError(f"Cannot read the config of '{source.ref}': {exc}") from None
+    except (OSError, TypeError, KeyError, AttributeError, StrictDataclassError) as exc:
+        raise InputError(f"The config.json of '{source.ref}' is not a valid model config "
+                         f"({type(exc).__name__}: {exc}). Fix the file, or re-create it with "
+                         "save_pretrained.") from None
 
 
-def _head_labels(config, labels: list[str] | None, task: str, has_head: bool, ref: str):
-    """Labels in the head's order; sets num_labels / id2label on the config for a new head."""
+def _head_labels(config, labels: list[str] | None, task: str, has_head: bool, ref: str,
+                 trained: list[str] | None = None):
+    """Labels in the head's order; sets num_labels / id2label on the config for a new head.
+
+    `trained` are the labels of a head an adapter carries (rebuilt on a base without one).
+    """
     if task not in ("text-classification", "image-classification"):
         return None
-    if has_head:
+    if trained is not None:
+        _check_fit(labels, trained, ref)
+        names = list(trained)
+    elif has_head:
         names = [str(config.id2label[i]) for i in range(config.num_labels)]
         generic = all(n == f"LABEL_{i}" for i, n in enumerate(names))
         if labels is None:
             return names
         if generic and len(labels) <= len(names):
             return list(labels) + names[len(labels):]
-        unknown = [lab for lab in labels if lab not in names]
-        if unknown:
-            raise InputError(f"The data has labels {unknown[:5]} that the head of '{ref}' cannot "
-                             f"take: it was trained for {names}. Use data with those labels, "
-                             "or start from the base model so a new head is created.")
+        _check_fit(labels, names, ref)
         return names
-    if labels is None:
-        raise InputError(f"'{ref}' has no trained {task} head and no labels were given to "
-                         "create one. Pass --data so mmkit can read the class names.")
-    if len(labels) < 2:
-        raise InputError(f"{task} needs at least two classes in the data; found {labels}.")
-    config.num_labels = len(labels)
-    config.id2label = dict(enumerate(labels))
-    config.label2id = {lab: i for i, lab in enumerate(labels)}
-    return list(labels)
+    else:
+        if labels is None:
+            raise InputError(f"'{ref}' has no trained {task} head and no labels were given to "
+                             "create one. Pass --data so mmkit can read the class names.")
+        if len(labels) < 2:
+            raise InputError(f"{task} needs at least two classes in the data; found {labels}.")
+        names = list(labels)
+    config.num_labels = len(names)
+    config.id2label = dict(enumerate(names))
+    config.label2id = {lab: i for i, lab in enumerate(names)}
+    return names
+
+
+def _check_fit(labels, names, ref) -> None:
+    """The data's labels must be among the ones a trained head knows."""
+    unknown = [lab for lab in labels or [] if lab not in names]
+    if unknown:
+        raise InputError(f"The data has labels {unknown[:5]} that the head of '{ref}' cannot "
+                         f"take: it was trained for {names}. Use data with those labels, "
+                         "or start from the base model so a new head is created.")
 
 
 def peek(ref: str | ModelSource, task: str | None = None, trust_remote_code: bool = False):
@@ -255,15 +273,19 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
     from ..compression.quantize.storage import is_quantized_folder, load_quantized
 
     source, config, kind, task = peek(ref, task, trust_remote_code)
+    trained = None
     if source.adapter is not None:
-        # the base grows the head the adapter was trained with (peft restores its weights)
-        labels = labels or (source.adapter.manifest.get("task") or {}).get("labels")
+        # the base grows the head the adapter was trained with (the adapter restores it)
+        made = source.adapter.manifest.get("task") or {}
+        if made.get("name") == task and made.get("labels"):
+            trained = [str(lab) for lab in made["labels"]]
         seed = (source.adapter.manifest.get("parent") or {}).get("seed", seed)
         steps = source.adapter.manifest.get("steps") or [{}]
         bits = bits or (steps[0].get("params") or {}).get("bits")  # a QLoRA adapter's base
     has_head = head_task(config) == task and task.endswith("classification")
-    bare = not task_head and not has_head and task.endswith("classification")
-    head_labels = None if bare else _head_labels(config, labels, task, has_head, source.ref)
+    bare = not task_head and not has_head and not trained and task.endswith("classification")
+    head_labels = None if bare else _head_labels(config, labels, task, has_head,
+                                                 (source.adapter or source).ref, trained)
     device = resolve_device(device)
     torch.manual_seed(seed)  # a new head is the same for the same seed
     cls = _auto_class("zero-shot-image-classification" if bare else task)  # AutoModel if bare
@@ -284,8 +306,9 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
             model, layout = load_pruned(cls, source.path, config)
             extra = {"format": "mmkit-pruned", "pruned": {"attention": layout}}
         else:
+            new_head = task.endswith("classification") and not has_head
             model = _from_pretrained(cls, source, config, dtype, allow_pickle, trust_remote_code,
-                                     **quant)
+                                     new_head, **quant)
             if is_ptq_folder(source.path):  # simulated activation quantization on top
                 extra = {"format": "mmkit-ptq", "ptq": attach_ptq(model, source.path)}
     if getattr(model, "is_quantized", False):  # bitsandbytes: a kernel for every CPU
@@ -300,10 +323,10 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
     model.eval()
     if device != "cpu" and not quant:  # bitsandbytes placed a quantized model already
         model.to(device)
-    tokenizer, image_processor = _load_processors(source, kind)
+    tokenizer, image_processor = _load_processors(source, kind, config, trust_remote_code)
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    fresh = (task.endswith("classification") and not has_head and not bare
+    fresh = (task.endswith("classification") and not has_head and not bare and not trained
              and task != "zero-shot-image-classification")
     if fresh:
         log.warning("'%s' has no trained %s head: a new one was created for %d classes "
@@ -343,26 +366,51 @@ def _requantize(cls, model, quant: dict):
         return cls.from_pretrained(tmp, config=model.config, **quant)
 
 
-def _from_pretrained(cls, source, config, dtype, allow_pickle, trust_remote_code, **extra):
+def _from_pretrained(cls, source, config, dtype, allow_pickle, trust_remote_code,
+                     new_head=False, **extra):
     import transformers
 
     kwargs = dict(config=config, trust_remote_code=trust_remote_code, dtype=dtype or "auto",
-                  **extra)
+                  output_loading_info=True, ignore_mismatched_sizes=True, **extra)
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # we report a new head ourselves
     try:
-        return cls.from_pretrained(source.path, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
+        model, info = cls.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"Cannot load '{source.ref}': {exc}") from None
     except RuntimeError as exc:
         raise RuntimeFailure(f"Loading '{source.ref}' failed: {exc}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
+    _check_loaded(source.ref, info, new_head)
+    return model
 
 
-def _load_processors(source: ModelSource, kind: str):
+NEW_HEAD_PARTS = {"classifier", "score", "pooler"}  # created, not loaded, for a new head
+
+
+def _check_loaded(ref: str, info: dict, new_head: bool) -> None:
+    """Refuse weights that leave part of the model random: tensors the files lack, or whose
+    shapes disagree with the config (transformers would re-initialise them)."""
+    mismatched = sorted(info.get("mismatched_keys") or [], key=str)
+    if mismatched:
+        key, found, wanted = list(mismatched[0])[:3]
+        raise InputError(f"The weights of '{ref}' do not fit its config.json: {len(mismatched)} "
+                         f"tensors have other shapes (e.g. {key}: {tuple(found)} in the file, "
+                         f"{tuple(wanted)} by the config). The config and the weights belong to "
+                         "different models; re-create the folder with save_pretrained.")
+    missing = [k for k in info.get("missing_keys") or []
+               if not (new_head and NEW_HEAD_PARTS & set(k.split(".")))]
+    if missing:
+        raise InputError(f"The weight files of '{ref}' lack {len(missing)} of the model's "
+                         f"tensors (e.g. {', '.join(sorted(missing)[:3])}); loading them would "
+                         "leave those weights random. The files are incomplete or belong to "
+                         "another model: re-create them with save_pretrained.")
+
+
+def _load_processors(source: ModelSource, kind: str, config, trust_remote_code: bool = False):
     from .tiny import tiny_processors
 
     if source.kind == "tiny":
@@ -372,10 +420,19 @@ def _load_processors(source: ModelSource, kind: str):
     tokenizer = image_processor = None
     try:
         if kind in ("text-encoder", "causal-lm", "clip"):
-            tokenizer = AutoTokenizer.from_pretrained(source.path)
+            tokenizer = AutoTokenizer.from_pretrained(source.path,
+                                                      trust_remote_code=trust_remote_code)
         if kind in ("vision", "clip"):
-            image_processor = AutoImageProcessor.from_pretrained(source.path)
-    except (OSError, ValueError) as exc:
+            image_processor = AutoImageProcessor.from_pretrained(
+                source.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
         raise InputError(f"'{source.ref}' has no usable tokenizer or image processor ({exc}). "
                          "Save it beside the weights with save_pretrained.") from None
+    if tokenizer is not None:
+        vocab = getattr(getattr(config, "text_config", config), "vocab_size", None) or 0
+        if len(tokenizer) < vocab / 2:  # transformers builds a few-token stand-in
+            raise InputError(f"'{source.ref}' has no usable tokenizer: the one found knows "
+                             f"{len(tokenizer)} tokens for a vocabulary of {vocab}, so nearly "
+                             "every word would become unknown. Save the model's tokenizer beside "
+                             "the weights (tokenizer.save_pretrained(folder)).")
     return tokenizer, image_processor

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from .errors import InputError
+from .families import check_length
 from .loading import LoadedModel, resolve_device
 from .tasks import get_task
 from .tasks.common import to_device
@@ -79,6 +80,8 @@ def profile(loaded: LoadedModel, device: str = "cpu", batch_size: int = 1, seq_l
         if value < low:
             raise InputError(f"{name} must be at least {low} (got {value}).")
     device = resolve_device(device)
+    if loaded.kind in ("text-encoder", "causal-lm"):
+        check_length(loaded.model.config, seq_len, "--seq-len", loaded.source.ref)
     if threads:
         torch.set_num_threads(threads)
     model = loaded.model.to(device) if device != "cpu" else loaded.model

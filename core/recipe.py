@@ -24,10 +24,11 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import InputError
+from .errors import InputError, shown
 
 log = logging.getLogger("mmkit")
 
+MAX_RECIPE_BYTES = 1 << 20
 RECIPE_KEYS = ("model", "task", "data", "seed", "max_samples", "text_column", "image_column",
                "label_column", "steps", "eval")
 
@@ -80,14 +81,24 @@ def load_recipe(path: str | Path) -> dict:
     """Read a recipe file (safe YAML), with errors that name the line."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"Recipe file '{path}' does not exist.")
+        raise InputError(f"Recipe file '{shown(path)}' does not exist.")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise InputError(f"{shown(path)} is {path.stat().st_size:,} bytes; a recipe is a short "
+                         f"YAML file (at most {MAX_RECIPE_BYTES:,} bytes). Pass the right file.")
     try:
-        data = yaml.load(path.read_text(), Loader=_LineLoader)
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_LineLoader)
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{shown(path)} is not UTF-8 text (byte {exc.start}); save the recipe "
+                         "as UTF-8.") from None
+    except RecursionError:
+        raise InputError(f"{shown(path)} nests brackets or blocks too deeply to be a recipe; "
+                         "fix the file.") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise InputError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}. "
-                         "Fix the file and run again.") from None
+        raise InputError(f"{shown(path)} is not valid YAML{where}: "
+                         f"{shown(getattr(exc, 'problem', exc))}. Fix the file and run "
+                         "again.") from None
     if not isinstance(data, dict):
         raise InputError(f"{path} must be a YAML mapping with keys such as model, data, steps.")
     return data
@@ -182,6 +193,7 @@ def plan_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False,
     """Check everything that can be checked without loading the model: the recipe, each
     step's parameters and model kinds, the task, the data, and the output path."""
     from .data import load_data, resolve_data
+    from .families import check_length
     from .loading import peek
     from .outputs import check_output, output_path
     from .train import run_fingerprint
@@ -190,7 +202,11 @@ def plan_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False,
         recipe = parse_recipe(recipe)
     out = output_path(out)
     steps = resolved_steps(recipe)
-    source, _, kind, task = peek(recipe.model, recipe.task, trust_remote_code)
+    source, config, kind, task = peek(recipe.model, recipe.task, trust_remote_code)
+    if kind in ("text-encoder", "causal-lm"):  # sequence lengths the model can take
+        for length in [getattr(cfg, "max_length", None) for _, cfg, _ in steps] + [
+                recipe.eval.max_length if recipe.eval else None]:
+            check_length(config, length, "--max-length", recipe.model)
     for method, _, _ in steps:
         if kind not in method.kinds:
             raise InputError(f"{method.step} {method.name} does not apply to '{recipe.model}', a "
@@ -214,6 +230,9 @@ def plan_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False,
         spec = request.pop("spec")
         dataset = load_data(spec, task, max_samples=recipe.max_samples, **request)
         resolved.update({"data": spec, **{k: v for k, v in request.items() if v is not None}})
+    for method, cfg, _ in steps:  # calibration data: readable and of the right kind, now
+        if getattr(cfg, "calib", None):
+            load_data(cfg.calib, task, max_samples=1)
     plan = Plan(recipe, out, source, task, steps, dataset, request["seed"], load_options,
                 resolved, _input_paths(source, dataset, steps))
     check_output(out, overwrite, plan.inputs)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .embedded import ALIASES, alias_path
-from .errors import InputError
+from .errors import InputError, shown
 from .tiny import TINY_FAMILIES
 
 MANIFEST = "mmkit.json"
@@ -50,11 +50,27 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as exc:
         raise InputError(f"{path} is not valid JSON ({exc}); the artifact is damaged. "
                          "Re-create it, or delete mmkit.json to load the folder as plain "
                          "Hugging Face files.") from None
+    files = manifest.get("files", {}) if isinstance(manifest, dict) else None
+    shaped = isinstance(files, dict) and all(isinstance(v, dict) for v in files.values()) and all(
+        isinstance(manifest.get(k) or {}, dict) for k in ("task", "parent", "data")) and all(
+        isinstance(step, dict) for step in manifest.get("steps") or [])
+    if not shaped:
+        raise InputError(f"{path} is not an mmkit manifest (a JSON object whose 'files' maps "
+                         "names to their hashes, with 'task', 'parent' and 'data' objects); the "
+                         "artifact is damaged. Re-create it, or delete mmkit.json to load the "
+                         "folder as plain Hugging Face files.")
+    for name in files:
+        inside = Path(folder, name).resolve()
+        if Path(folder).resolve() not in inside.parents:
+            raise InputError(f"{path} lists a file outside its own folder ({name[:200]}); an "
+                             "artifact only describes its own files. The manifest was altered: "
+                             "re-create the artifact.")
+    return manifest
 
 
 def _local_folder(ref: str, path: Path) -> ModelSource:
@@ -101,6 +117,8 @@ def resolve(ref: str) -> ModelSource:
     local hub cache when offline).
     """
     ref = ref.strip()
+    if not ref:
+        raise InputError(f"The model reference is empty. {_aliases_hint()}")
     if ref.startswith("tiny:"):
         family = ref.split(":", 1)[1]
         if family not in TINY_FAMILIES:
@@ -110,20 +128,26 @@ def resolve(ref: str) -> ModelSource:
     if ref in ALIASES:
         return ModelSource(ref, "embedded", str(alias_path(ref)))
     path = Path(ref).expanduser()
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise InputError(f"Model '{shown(ref)}' is not a usable path ({exc.strerror}) nor a "
+                         f"built-in name or hub id. {_aliases_hint()}") from None
+    if exists:
         return _local_folder(ref, path)
     looks_like_path = ref.startswith((".", "/", "~")) or os.sep in ref.strip("/").split("/", 1)[-1]
     if HUB_ID.match(ref) and not looks_like_path and not _moved_aside(path):
         if _hub_cached(ref) or hub_reachable():
             return ModelSource(ref, "hub", ref)
         raise InputError(
-            f"Model '{ref}' is not a local folder, not a built-in name, and the model hub "
+            f"Model '{shown(ref)}' is not a local folder, not a built-in name, and the model hub "
             f"cannot be reached (offline or HF_HUB_OFFLINE=1) with no cached copy. Tried: a "
             f"folder at {path.resolve()}, the built-in names, the hub cache. Pass a local "
             f"folder or a built-in name. {_aliases_hint()}"
         )
-    raise InputError(f"Model '{ref}' does not exist: no folder at {path.resolve()} and it is "
-                     f"not a built-in name or a hub id.{_moved_aside(path)} {_aliases_hint()}")
+    raise InputError(f"Model '{shown(ref)}' does not exist: no folder at "
+                     f"{shown(path.resolve())} and it is not a built-in name or a hub id."
+                     f"{_moved_aside(path)} {_aliases_hint()}")
 
 
 def _moved_aside(path: Path) -> str:

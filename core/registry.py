@@ -17,9 +17,10 @@ STEPS = ("finetune", "prune", "quantize", "merge", "extract", "cast")
 
 
 class MethodConfig(BaseModel):
-    """Base of every method's config: typed, frozen, unknown keys rejected."""
+    """Base of every method's config: typed, frozen, unknown keys and non-finite numbers
+    (nan, inf) rejected."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)

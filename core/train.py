@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import Field
 
 from .errors import InputError
+from .families import check_length
 from .registry import MethodConfig
 
 log = logging.getLogger("mmkit")
@@ -228,6 +229,8 @@ def train(loaded, model, cfg: TrainingConfig, ctx, default_lr: float, masks=None
     from .checkpoints import prepare_step
 
     dataset = ctx.dataset
+    if loaded.kind in ("text-encoder", "causal-lm"):
+        check_length(loaded.model.config, cfg.max_length, "--max-length", loaded.source.ref)
     train_items = build_items(loaded, dataset.split("train"), cfg.max_length)
     eval_items = build_items(loaded, dataset.split("validation"), cfg.max_length)
     if len(train_items) == 0:

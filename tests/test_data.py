@@ -78,7 +78,7 @@ def test_bad_json_line_names_the_line(tmp_path):
 def test_empty_labels_are_reported(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("text,label\na,1\nb,\nc,0\n")
-    with pytest.raises(InputError, match="empty 'label'"):
+    with pytest.raises(InputError, match="no 'label' label"):
         load_data(str(path), "text-classification")
 
 

@@ -53,21 +53,33 @@ def load_pruned(cls, folder, config):
     from ..quantize.qlinear import set_module
     from .structured import set_head_count
 
-    spec = json.loads(Path(folder, PRUNE_JSON).read_text())
+    from ...core.artifacts import read_json_file
+
+    spec = read_json_file(Path(folder, PRUNE_JSON), "an mmkit pruning description",
+                          {"linears": dict, "attention": dict, "family": str})
     model = cls.from_config(config)
     modules = dict(model.named_modules())
-    for name, (out_f, in_f, bias) in spec["linears"].items():
-        old = modules.get(name)
-        if old is None:
-            raise InputError(f"{folder}: {PRUNE_JSON} names a layer {name} that its config does "
-                             "not build; the artifact is damaged. Re-create it.")
-        if (old.out_features, old.in_features) != (out_f, in_f):
-            set_module(model, name, torch.nn.Linear(in_f, out_f, bias=bias))
-    for name, layout in spec["attention"].items():
-        set_head_count(model.get_submodule(name), spec["family"], layout["heads"],
-                       layout["kv_heads"], layout["head_dim"])
-    result = model.load_state_dict(load_file(str(Path(folder, "model.safetensors"))),
-                                   strict=False)
+    try:
+        for name, (out_f, in_f, bias) in spec["linears"].items():
+            old = modules.get(name)
+            if old is None:
+                raise InputError(f"{folder}: {PRUNE_JSON} names a layer {name[:200]} that its "
+                                 "config does not build; the artifact is damaged. Re-create it.")
+            if (old.out_features, old.in_features) != (out_f, in_f):
+                set_module(model, name, torch.nn.Linear(int(in_f), int(out_f), bias=bool(bias)))
+        for name, layout in spec["attention"].items():
+            set_head_count(model.get_submodule(name), spec["family"], layout["heads"],
+                           layout["kv_heads"], layout["head_dim"])
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as exc:
+        raise InputError(f"{folder}: {PRUNE_JSON} does not describe this model's layers "
+                         f"({type(exc).__name__}: {str(exc)[:200]}); the artifact is damaged. "
+                         "Re-create it.") from None
+    try:
+        result = model.load_state_dict(load_file(str(Path(folder, "model.safetensors"))),
+                                       strict=False)
+    except RuntimeError as exc:  # shapes differ from what mmkit_prune.json describes
+        raise InputError(f"{folder}: the weights do not match {PRUNE_JSON} ({str(exc)[:300]}); "
+                         "re-create the artifact.") from None
     missing = [k for k in result.missing_keys if "lm_head" not in k]
     if missing or result.unexpected_keys:
         raise InputError(f"{folder} does not match its own {PRUNE_JSON} (missing {missing[:3]}, "

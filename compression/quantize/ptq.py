@@ -246,13 +246,24 @@ def attach_ptq(model, folder) -> dict:
     """Put the saved activation grids and softmax quantization back on a loaded model."""
     from safetensors.torch import load_file
 
-    spec = json.loads(Path(folder, PTQ_JSON).read_text())
-    grids = load_file(str(Path(folder, PTQ_TENSORS)))
-    for name, bits in spec["layers"].items():
-        lo, step = grids[f"{name}.mmkit_aq.lo"], grids[f"{name}.mmkit_aq.step"]
-        _attach(model.get_submodule(name), ActQuant(lo, step, bits))
+    from ...core.artifacts import read_json_file
+
+    spec = read_json_file(Path(folder, PTQ_JSON), "an mmkit activation-quantization "
+                          "description", {"layers": dict, "bits": int, "a_bits": int})
+    if spec.get("softmax_bits") is not None and not isinstance(spec["softmax_bits"], int):
+        raise InputError(f"{Path(folder, PTQ_JSON)}: softmax_bits must be a whole number; the "
+                         "artifact is damaged. Re-create it.")
+    try:
+        grids = load_file(str(Path(folder, PTQ_TENSORS)))
+        for name, bits in spec["layers"].items():
+            lo, step = grids[f"{name}.mmkit_aq.lo"], grids[f"{name}.mmkit_aq.step"]
+            _attach(model.get_submodule(name), ActQuant(lo, step, int(bits)))
+    except (OSError, KeyError, AttributeError, TypeError, ValueError) as exc:
+        raise InputError(f"{folder}: {PTQ_JSON} and {PTQ_TENSORS} do not describe this model "
+                         f"({type(exc).__name__}: {str(exc)[:200]}); the artifact is damaged. "
+                         "Re-create it.") from None
     _set_softmax_bits(model, spec.get("softmax_bits"))
-    return {k: spec[k] for k in ("bits", "a_bits", "softmax_bits")}
+    return {k: spec.get(k) for k in ("bits", "a_bits", "softmax_bits")}
 
 
 def is_ptq_folder(path) -> bool:

@@ -1,10 +1,12 @@
 """The saved form of RTN / GPTQ / dynamic-int8 models ("mmkit-quantized").
 
-The folder holds config.json, `model.safetensors` (the model's state dict: QuantLinear layers
-as `qweight` int32 words + `scales`, `zeros`, `g_idx`, `bias`; every other tensor as is) and
-`mmkit_quant.json` ({"format_version": 1, "layers": {name: {bits, in_features, out_features,
-groups, bias, kernel}}}). Loading builds the model from its config, swaps those layers for
-QuantLinear and loads the state dict strictly: the same outputs as before saving.
+The folder holds config.json, `mmkit_quantized.safetensors` (the model's state dict:
+QuantLinear layers as `qweight` int32 words + `scales`, `zeros`, `g_idx`, `bias`; every other
+tensor as is) and `mmkit_quant.json` ({"format_version": 1, "layers": {name: {bits,
+in_features, out_features, groups, bias, kernel}}}). Loading builds the model from its config,
+swaps those layers for QuantLinear and loads the state dict strictly: the same outputs as
+before saving. The weights are not in `model.safetensors` on purpose: plain transformers would
+load that with random weights in every quantized layer; this way it says it finds no weights.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from ...core.errors import InputError
 
 QUANT_JSON = "mmkit_quant.json"
+WEIGHTS = "mmkit_quantized.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -35,7 +38,7 @@ def save_quantized(model, folder: Path) -> None:
     model.config.architectures = [type(model).__name__]  # as save_pretrained records it
     model.config.save_pretrained(folder)
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
-              str(folder / "model.safetensors"), metadata={"format": "pt"})
+              str(folder / WEIGHTS), metadata={"format": "pt"})
     (folder / QUANT_JSON).write_text(json.dumps({"format_version": FORMAT_VERSION,
                                                  "layers": layers}, indent=2))
 
@@ -49,18 +52,37 @@ def load_quantized(cls, folder, config):
     """Rebuild a saved mmkit-quantized model of class `cls` (an Auto class)."""
     from safetensors.torch import load_file
 
-    from .qlinear import QuantLinear, set_module
+    from .qlinear import KERNELS, QuantLinear, set_module
 
-    spec = json.loads(Path(folder, QUANT_JSON).read_text())
-    if spec.get("format_version", 0) > FORMAT_VERSION:
-        raise InputError(f"{folder} was quantized by a newer mmkit (format version "
-                         f"{spec['format_version']}); upgrade mmkit to load it.")
+    spec = _read_spec(folder)
     model = cls.from_config(config)
+    modules = dict(model.named_modules())
     for name, s in spec["layers"].items():
-        set_module(model, name, QuantLinear(s["in_features"], s["out_features"], s["bits"],
-                                            s["groups"], s["bias"], s["kernel"]))
-    state = load_file(str(Path(folder, "model.safetensors")))
-    result = model.load_state_dict(state, strict=False)
+        if name not in modules:
+            raise InputError(f"{Path(folder, QUANT_JSON)} names a layer {name[:200]} that the "
+                             "model's config does not build; the artifact is damaged. Re-create "
+                             "it.")
+        try:
+            layer = QuantLinear(int(s["in_features"]), int(s["out_features"]), int(s["bits"]),
+                                int(s["groups"]), bool(s["bias"]), s["kernel"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise InputError(f"{Path(folder, QUANT_JSON)} describes layer {name[:200]} "
+                             f"incompletely ({type(exc).__name__}: {exc}); the artifact is "
+                             "damaged. Re-create it.") from None
+        if layer.kernel not in KERNELS:
+            raise InputError(f"{Path(folder, QUANT_JSON)}: layer {name[:200]} names an unknown "
+                             f"kernel {str(layer.kernel)[:40]}; this mmkit knows "
+                             f"{', '.join(KERNELS)}.")
+        set_module(model, name, layer)
+    weights = Path(folder, WEIGHTS)
+    if not weights.is_file():  # written by mmkit 0.1.0 before the file was renamed
+        weights = Path(folder, "model.safetensors")
+    state = load_file(str(weights))
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes differ from what mmkit_quant.json describes
+        raise InputError(f"{folder}: the weights do not match {QUANT_JSON} ({str(exc)[:300]}); "
+                         "the artifact is damaged. Re-create it.") from None
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
     missing = [k for k in result.missing_keys if k not in tied and "lm_head" not in k]
     if missing or result.unexpected_keys:
@@ -69,3 +91,18 @@ def load_quantized(cls, folder, config):
                          "Re-create it.")
     model.tie_weights()
     return model.eval()
+
+
+def _read_spec(folder) -> dict:
+    from ...core.artifacts import read_json_file
+
+    spec = read_json_file(Path(folder, QUANT_JSON), "an mmkit quantization description",
+                          {"layers": dict})
+    if not all(isinstance(v, dict) for v in spec["layers"].values()):
+        raise InputError(f"{Path(folder, QUANT_JSON)}: every layer needs an object of its "
+                         "sizes and bits; the artifact is damaged. Re-create it.")
+    version = spec.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise InputError(f"{folder} was quantized by a newer mmkit (format version "
+                         f"{str(version)[:20]}); upgrade mmkit to load it.")
+    return spec
