@@ -6,7 +6,7 @@ import time
 
 from .data import Dataset, align_labels
 from .errors import InputError
-from .families import check_length
+from .families import check_length, length_limit, prompt_tokens
 from .loading import LoadedModel
 from .tasks import get_task
 from .versions import environment
@@ -22,7 +22,11 @@ def evaluate(loaded: LoadedModel, dataset: Dataset, split: str = "test", *,
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1 (got {batch_size}).")
     if loaded.kind in ("text-encoder", "causal-lm"):
-        check_length(loaded.model.config, max_length, "--max-length", loaded.source.ref)
+        reserved = prompt_tokens(loaded.model)
+        check_length(loaded.model.config, max_length, "--max-length", loaded.source.ref,
+                     reserved)
+        if max_length is None and reserved:  # the task's default length, less the prompt
+            max_length = length_limit(loaded.model.config, reserved)
     task = get_task(loaded.task)
     part = dataset.split(split)
     if len(part) == 0:

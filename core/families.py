@@ -56,9 +56,26 @@ def max_positions(config) -> int | None:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
-def check_length(config, length: int | None, option: str, ref: str) -> None:
-    """Refuse a sequence length the model's position table cannot hold."""
+def prompt_tokens(model) -> int:
+    """Positions a prompt-tuning adapter puts before the input (0 for other models)."""
+    configs = getattr(model, "peft_config", None) or {}
+    config = configs.get(getattr(model, "active_adapter", None))
+    if config is None or str(config.peft_type.value) not in ("PROMPT_TUNING", "P_TUNING"):
+        return 0
+    return int(config.num_virtual_tokens)
+
+
+def length_limit(config, reserved: int = 0) -> int | None:
+    """The longest input a text model takes, less the positions a prompt reserves."""
     limit = max_positions(config)
+    return None if limit is None else limit - reserved
+
+
+def check_length(config, length: int | None, option: str, ref: str, reserved: int = 0) -> None:
+    """Refuse a sequence length the model's position table cannot hold (with `reserved`
+    positions taken by prompt-tuning tokens)."""
+    limit = length_limit(config, reserved)
     if length is not None and limit is not None and length > limit:
+        taken = f" (less {reserved} for the prompt's virtual tokens)" if reserved else ""
         raise InputError(f"{option} {length} is longer than the {limit} positions '{ref}' "
-                         f"takes; use {option} {limit} or less.")
+                         f"takes{taken}; use {option} {limit} or less.")

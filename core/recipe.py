@@ -204,9 +204,12 @@ def plan_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False,
     steps = resolved_steps(recipe)
     source, config, kind, task = peek(recipe.model, recipe.task, trust_remote_code)
     if kind in ("text-encoder", "causal-lm"):  # sequence lengths the model can take
-        for length in [getattr(cfg, "max_length", None) for _, cfg, _ in steps] + [
-                recipe.eval.max_length if recipe.eval else None]:
-            check_length(config, length, "--max-length", recipe.model)
+        for method, cfg, _ in steps:
+            reserved = cfg.virtual_tokens if method.name == "prompt" else 0
+            check_length(config, getattr(cfg, "max_length", None), "--max-length",
+                         recipe.model, reserved)
+        check_length(config, recipe.eval.max_length if recipe.eval else None, "--max-length",
+                     recipe.model)
     for method, _, _ in steps:
         if kind not in method.kinds:
             raise InputError(f"{method.step} {method.name} does not apply to '{recipe.model}', a "
@@ -300,6 +303,8 @@ def _execute(plan: Plan, device: str, trust_remote_code: bool, allow_pickle: boo
         log.info("step %s:%s", method.step, method.name)
         start = time.perf_counter()
         loaded = method.apply(loaded, cfg, ctx)
+        if loaded.extra.pop("merged_adapter", None):  # a prune / quantize step merged it first
+            ctx.report["merged_adapter_first"] = True
         done.append({"step": method.step, "method": method.name,
                      "params": cfg.model_dump(mode="json"),
                      "seconds": round(time.perf_counter() - start, 3), "report": ctx.report})

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import Field
 
 from .errors import InputError
-from .families import check_length
+from .families import check_length, prompt_tokens
 from .registry import MethodConfig
 
 log = logging.getLogger("mmkit")
@@ -230,7 +230,8 @@ def train(loaded, model, cfg: TrainingConfig, ctx, default_lr: float, masks=None
 
     dataset = ctx.dataset
     if loaded.kind in ("text-encoder", "causal-lm"):
-        check_length(loaded.model.config, cfg.max_length, "--max-length", loaded.source.ref)
+        check_length(loaded.model.config, cfg.max_length, "--max-length", loaded.source.ref,
+                     prompt_tokens(model))
     train_items = build_items(loaded, dataset.split("train"), cfg.max_length)
     eval_items = build_items(loaded, dataset.split("validation"), cfg.max_length)
     if len(train_items) == 0:
