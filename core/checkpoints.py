@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -19,6 +20,7 @@ from .errors import InputError
 
 log = logging.getLogger("mmkit")
 RUN_FILE = "mmkit-run.json"
+MARKING = RUN_FILE + ".tmp"  # the marker while it is written
 
 
 def checkpoint_dir(out) -> Path:
@@ -42,6 +44,9 @@ def claim(workdir: Path, fingerprint: str, resume: bool, overwrite: bool) -> Non
     if workdir.is_symlink():
         raise InputError(f"{workdir} is a symbolic link; mmkit does not write or delete "
                          "checkpoints through links. Remove the link, or choose another -o.")
+    if workdir.is_dir() and not workdir.is_symlink() and all(
+            p.name == MARKING for p in workdir.iterdir()):  # killed as it was made: no loss
+        shutil.rmtree(workdir)
     if not workdir.exists():
         if resume:
             raise InputError(f"--resume: there are no checkpoints to resume at {workdir}. Run "
@@ -76,9 +81,10 @@ def prepare_step(step_dir: Path, fingerprint: str, resume: bool) -> str | None:
     """Create, or when resuming reopen, one training step's checkpoint folder; return the
     newest complete checkpoint to resume from (None: start from the beginning)."""
     root = step_dir.parent
-    if not (root / RUN_FILE).is_file():
+    if not (root / RUN_FILE).is_file():  # written first, whole, so a folder with content has it
         root.mkdir(parents=True, exist_ok=True)
-        (root / RUN_FILE).write_text(json.dumps({"fingerprint": fingerprint}))
+        (root / MARKING).write_text(json.dumps({"fingerprint": fingerprint}))
+        os.replace(root / MARKING, root / RUN_FILE)
     step_dir.mkdir(exist_ok=True)
     if not resume:
         return None
