@@ -79,7 +79,10 @@ def kills(n: int, root: Path, rng: random.Random) -> dict:
             delay = rng.uniform(0.3, duration)
             time.sleep(delay)
             killed = proc.poll() is None
-            os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it finished first
+                pass
             proc.wait()
             state = "valid" if valid(out) else ("absent" if not out.exists() else "corrupt")
             left = leftovers(out)

@@ -30,10 +30,17 @@ def windows(stream: list[int], seq_len: int) -> list[list[int]]:
     return [w for w in out if len(w) >= 2]
 
 
+LOGIT_BUDGET = 1 << 25  # logits alive at once (128 MB in fp32), whatever the batch size
+
+
 def evaluate(loaded, split, batch_size: int = 8, max_length: int = DEFAULT_SEQ_LEN) -> dict:
-    """Perplexity: exp of the mean next-token negative log-likelihood over all windows."""
+    """Perplexity: exp of the mean next-token negative log-likelihood over all windows.
+
+    The windows run in micro-batches small enough that their logits (windows x tokens x
+    vocabulary) stay under LOGIT_BUDGET: a 49k-token vocabulary at 512 tokens is 100 MB a
+    window, so a batch of 32 would otherwise hold 3 GB of logits and several copies.
+    """
     import torch
-    import torch.nn.functional as F
 
     model, device = loaded.model, model_device(loaded.model)
     seq_len = min(max_length, max_positions(model.config))
@@ -42,26 +49,47 @@ def evaluate(loaded, split, batch_size: int = 8, max_length: int = DEFAULT_SEQ_L
         from ..errors import InputError
 
         raise InputError("The corpus is too short to measure perplexity (fewer than 2 tokens).")
+    vocab = model.config.vocab_size
+    step = max(1, min(batch_size, LOGIT_BUDGET // (seq_len * vocab)))
     nll, count = 0.0, 0
-    for start in range(0, len(wins), batch_size):
-        group = wins[start:start + batch_size]
-        width = max(len(w) for w in group)
-        ids = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros(len(group), width, dtype=torch.long)
-        for row, w in enumerate(group):
-            ids[row, :len(w)] = torch.tensor(w)
-            mask[row, :len(w)] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        logits = logits[:, -ids.size(1):]  # prompt tuning prepends virtual-token positions
-        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), target.reshape(-1),
-                               ignore_index=-100, reduction="sum")
-        nll += loss.item()
-        count += int((target != -100).sum())
+    for start in range(0, len(wins), step):
+        ids, mask = _pad(wins[start:start + step])
+        loss, tokens = _window_nll(model, ids.to(device), mask.to(device))
+        nll += loss
+        count += tokens
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count,
             "windows": len(wins), "seq_len": seq_len}
+
+
+def _pad(group: list[list[int]]):
+    """Token ids and attention mask of a group of windows, right-padded."""
+    import torch
+
+    width = max(len(w) for w in group)
+    ids = torch.zeros(len(group), width, dtype=torch.long)
+    mask = torch.zeros(len(group), width, dtype=torch.long)
+    for row, w in enumerate(group):
+        ids[row, :len(w)] = torch.tensor(w)
+        mask[row, :len(w)] = 1
+    return ids, mask
+
+
+def _window_nll(model, ids, mask) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood of a micro-batch, and its token count.
+
+    The targets are shifted rather than the logits, so no copy of the logits is made (the
+    last position's target is ignored)."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits = logits[:, -ids.size(1):]  # prompt tuning prepends virtual-token positions
+        target = torch.full_like(ids, -100)
+        target[:, :-1] = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1),
+                               ignore_index=-100, reduction="sum")
+    return loss.item(), int((target != -100).sum())
 
 
 def dummy_batch(loaded, batch_size: int, seq_len: int) -> dict:

@@ -1,0 +1,98 @@
+"""Peak memory of perplexity on smollm2: mmkit's micro-batched loss against the loop it
+replaced (full logits of a whole batch, then copies), one fresh process per run, interleaved.
+
+    HF_HUB_OFFLINE=1 python bench/eval_memory.py [--max-samples 40] [--batch-sizes 8,32] \
+        [--out bench/results/eval_memory.json]
+
+Not a test: it measures. Peak RSS is the process high-water mark (ru_maxrss) after the run;
+`loaded_mb` is the mark before evaluating (libraries and the model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+
+from results_io import RESULTS, write_result  # bench/ is on sys.path when run as a script
+
+
+def full_logits_baseline(loaded, split, batch_size: int, max_length: int = 512) -> dict:
+    """The loop mmkit used before (kept here only as the baseline): the logits of a whole
+    batch at once, cast, sliced and reshaped (copies), then cross-entropy."""
+    import torch
+    import torch.nn.functional as F
+
+    from mmkit.core.tasks.causal_lm import max_positions, token_stream, windows
+
+    model = loaded.model
+    seq_len = min(max_length, max_positions(model.config))
+    wins = windows(token_stream(loaded, split.inputs), seq_len)
+    nll, count = 0.0, 0
+    for start in range(0, len(wins), batch_size):
+        group = wins[start:start + batch_size]
+        width = max(len(w) for w in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros(len(group), width, dtype=torch.long)
+        for row, w in enumerate(group):
+            ids[row, :len(w)] = torch.tensor(w)
+            mask[row, :len(w)] = 1
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        logits = logits[:, -ids.size(1):]
+        target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), target.reshape(-1),
+                               ignore_index=-100, reduction="sum")
+        nll += loss.item()
+        count += int((target != -100).sum())
+    return {"perplexity": math.exp(nll / count), "tokens": count}
+
+
+def one_run(variant: str, batch_size: int, max_samples: int) -> dict:
+    """Load smollm2 and bbc-text, then time and measure one evaluation."""
+    from mmkit.core.data import load_data
+    from mmkit.core.loading import load_model
+    from mmkit.core.tasks.causal_lm import evaluate
+
+    loaded = load_model("smollm2")
+    split = load_data("bbc-text", "causal-lm", max_samples=max_samples).split("test")
+    loaded_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    start = time.perf_counter()
+    if variant == "mmkit":
+        result = evaluate(loaded, split, batch_size=batch_size)
+    else:
+        result = full_logits_baseline(loaded, split, batch_size)
+    return {"variant": variant, "batch_size": batch_size, "seconds": time.perf_counter() - start,
+            "loaded_mb": loaded_mb,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "perplexity": result["perplexity"], "tokens": result["tokens"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-samples", type=int, default=40)
+    parser.add_argument("--batch-sizes", default="8,32")
+    parser.add_argument("--one", nargs=2, metavar=("VARIANT", "BATCH"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=str(RESULTS / "eval_memory.json"))
+    args = parser.parse_args()
+    if args.one:  # a child process: one measurement, as JSON on stdout
+        print(json.dumps(one_run(args.one[0], int(args.one[1]), args.max_samples)))
+        return
+    runs = []
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        for variant in ("full-logits", "mmkit"):  # interleaved, one process each
+            proc = subprocess.run([sys.executable, __file__, "--one", variant, str(batch),
+                                   "--max-samples", str(args.max_samples)],
+                                  capture_output=True, text=True, check=True)
+            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    write_result({"model": "smollm2", "data": "bbc-text", "split": "test",
+                  "max_samples": args.max_samples, "runs": runs}, args.out)
+
+
+if __name__ == "__main__":
+    main()
