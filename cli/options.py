@@ -106,9 +106,9 @@ def models_from(model: str) -> list[str]:
     if model != "-":
         return [model]
     refs = []
-    for n, line in enumerate(sys.stdin, 1):
-        line = line.strip()
-        if not line:
+    for n, raw in enumerate(sys.stdin, 1):
+        line = raw.strip()
+        if not line or raw[0] in " \t":  # blank, or a human result's indented detail line
             continue
         if line.startswith(("{", "[")):
             try:
@@ -123,10 +123,20 @@ def models_from(model: str) -> list[str]:
                                          f"{shown(line, 80)}")
             refs.append(ref)
         else:
-            refs.append(line)
+            refs.append(_path_of(line))
     if not refs:
         raise click.BadParameter("MODEL is '-' but stdin held no artifact paths.")
     return refs
+
+
+def _path_of(line: str) -> str:
+    """The artifact a stdin line names: the whole line when it is a path, else its first
+    field (a command's human result line starts with the artifact, then two spaces)."""
+    import os
+
+    if os.path.exists(line) or "  " not in line:
+        return line
+    return line.split("  ", 1)[0]
 
 
 def task_option(func):

@@ -108,6 +108,11 @@ def test_run_then_chain_through_stdin(recipe_file, tmp_path):
     assert json_lines(chained)[0]["accuracy"] == row["metrics"][0]["accuracy"]
     plain = invoke("inspect", "-", input=f"{out}\n\n")
     assert plain.exit_code == 0 and "made from tiny:bert by cast:dtype" in plain.stdout
+    human = invoke("run", recipe_file, "-o", tmp_path / "again")  # its human lines pipe too
+    assert human.exit_code == 0 and "\n  test: accuracy" in human.stdout
+    piped = invoke("eval", "-", "--max-samples", 8, "--json", input=human.stdout)
+    assert piped.exit_code == 0, piped.stderr
+    assert json_lines(piped)[0]["accuracy"] == row["metrics"][0]["accuracy"]
 
 
 # ---------------------------------------------------------------- bad input: exit 2, no output
