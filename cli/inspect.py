@@ -20,6 +20,10 @@ def _human(r: dict) -> str:
              "  methods " + (", ".join(r["methods"]) or "none")]
     if r["labels"]:
         lines.insert(2, "  labels " + ", ".join(r["labels"]))
+    if r["adapter"]:
+        a = r["adapter"]
+        rank = f" r={a['r']}" if a["r"] else ""
+        lines.insert(3, f"  adapter {a['method']}{rank}: {a['parameters']:,} parameters")
     if r["steps"]:
         lines.append(f"  made from {r['parent']} by " + " -> ".join(r["steps"]))
     return "\n".join(lines)

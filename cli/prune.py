@@ -18,11 +18,19 @@ def _human(r: dict) -> str:
     what = (f"{rep['sparsity']:.1%} of {rep['layers_pruned']} layers' weights zero"
             if "sparsity" in rep else
             {"heads": lambda: f"{len(rep['attention'])} attention layers resized",
-             "neurons": lambda: f"FFN width {rep['intermediate_size']}",
-             "layers": lambda: f"removed layers {rep['removed_layers']}"}[rep["method"]]())
+             "neurons": lambda: "FFN width now " + _per_stack(rep["intermediate_size"]),
+             "layers": lambda: "removed layers " + _per_stack(rep["removed_layers"])
+             }[rep["method"]]())
     line = f"{r['artifact']}  {rep['method']} on {r['model']}: {what}"
     line += options.metric_lines(r)
     return line
+
+
+def _per_stack(values: dict) -> str:
+    """`768`, or `vision_model.encoder.layers 64, text_model.encoder.layers 64` for CLIP."""
+    if len(values) == 1:
+        return str(next(iter(values.values())))
+    return ", ".join(f"{stack} {value}" for stack, value in values.items())
 
 
 @click.command("prune", cls=options.Command)

@@ -24,6 +24,6 @@ def cast_(loaded, config: CastConfig, ctx):
     before = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     loaded.model.to(dtype)
     after = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-    ctx.report.update({"dtype": DTYPES[config.dtype], "weights_mb_before": before / 2**20,
-                       "weights_mb_after": after / 2**20})
+    ctx.report.update({"dtype": DTYPES[config.dtype], "weights_mb_before": before / 1e6,
+                       "weights_mb_after": after / 1e6})
     return loaded

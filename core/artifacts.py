@@ -116,7 +116,7 @@ def _write(loaded, out, recipe, steps, metrics, data_info, overwrite, fmt) -> Pa
             "metrics": metrics,
             "data": data_info,
             "weights_sha256": _weights_sha(tmp),
-            "weights_disk_mb": sum(f.stat().st_size for f in tmp.glob("*.safetensors")) / 2**20,
+            "weights_disk_mb": sum(f.stat().st_size for f in tmp.glob("*.safetensors")) / 1e6,
             "files": files,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))

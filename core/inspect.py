@@ -5,36 +5,100 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 from .loading import LoadedModel
-from .profile import count_parameters, disk_bytes, weights_bytes
+from .profile import count_parameters, disk_bytes, megabytes, weights_bytes
+
+# submodules an adapter adds (peft's and mmkit's): not layers of the model itself
+ADAPTER_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "vera_A", "vera_B",
+                 "lora_magnitude_vector", "modules_to_save"}
+WRAPPER_PARTS = ("base_layer", "original_module")  # peft's wrappers around the model's layers
+
+
+def _layer_name(name: str) -> str | None:
+    """The model's own name of a layer, or None for a module an adapter added."""
+    parts = name.split(".")
+    if any(p in ADAPTER_PARTS or p.startswith("mmkit_") for p in parts):
+        return None
+    return ".".join(p for p in parts if p not in WRAPPER_PARTS)
 
 
 def _linear_layers(model) -> list[dict]:
     import torch
 
-    out = []
+    out, seen = [], set()
     for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            out.append({"name": name, "in": mod.in_features, "out": mod.out_features,
-                        "bias": mod.bias is not None})
+        own = _layer_name(name)
+        if own is None or own in seen:
+            continue
+        if isinstance(mod, torch.nn.Linear) or hasattr(mod, "qweight"):  # QuantLinear too
+            row = {"name": own, "in": mod.in_features, "out": mod.out_features,
+                   "bias": mod.bias is not None}
         elif type(mod).__name__ == "Conv1D" and hasattr(mod, "nf"):  # GPT-2's transposed Linear
-            out.append({"name": name, "in": mod.weight.shape[0], "out": mod.nf,
-                        "bias": mod.bias is not None, "type": "Conv1D"})
+            row = {"name": own, "in": mod.weight.shape[0], "out": mod.nf,
+                   "bias": mod.bias is not None, "type": "Conv1D"}
+        else:
+            continue
+        if type(mod).__name__ != "Linear" and "type" not in row:
+            row["type"] = type(mod).__name__
+        seen.add(own)
+        out.append(row)
     return out
 
 
 def linear_groups(layers: list[dict]) -> list[dict]:
-    """Linear layers grouped by their last name part (q_proj, fc1, ...), with count and shape."""
+    """Linear layers grouped by their last name part and shape (fc1 384->1536), with count."""
     groups = defaultdict(list)
     for layer in layers:
-        groups[layer["name"].rsplit(".", 1)[-1]].append(layer)
-    return [{"suffix": k, "count": len(v), "shape": f"{v[0]['in']}->{v[0]['out']}"}
-            for k, v in groups.items()]
+        groups[(layer["name"].rsplit(".", 1)[-1], layer["in"], layer["out"])].append(layer)
+    return [{"suffix": suffix, "count": len(v), "shape": f"{n_in}->{n_out}"}
+            for (suffix, n_in, n_out), v in groups.items()]
+
+
+def _adapter(loaded: LoadedModel) -> dict | None:
+    """The adapter a loaded model carries: its method and trainable size."""
+    model = loaded.model
+    if hasattr(model, "peft_config"):
+        config = model.peft_config[model.active_adapter]
+        method = str(config.peft_type.value).lower()
+        rank = getattr(config, "r", None)
+    elif loaded.extra.get("format") == "mmkit-adapter":
+        method = loaded.extra["adapter"]["method"]
+        rank = loaded.extra["adapter"]["params"].get("r")
+    else:
+        return None
+    size = sum(p.numel() for n, p in model.named_parameters() if _layer_name(n) is None)
+    return {"method": method, "r": rank, "parameters": size}
+
+
+def applicable_methods(loaded: LoadedModel) -> list[str]:
+    """The registered methods mmkit's commands accept for this model as it is now: by its
+    kind, and by its state (an adapter is merged only when it is a weight change; a
+    quantized model is not pruned or quantized again)."""
+    from ..adapters.merging import MERGEABLE_PEFT
+    from .registry import methods_for
+
+    adapter = _adapter(loaded)
+    quantized = loaded.extra.get("format") in ("mmkit-quantized", "mmkit-ptq") or \
+        getattr(loaded.model, "is_quantized", False)
+    mergeable = adapter is None or adapter["method"].upper() in MERGEABLE_PEFT or \
+        adapter["method"] == "svfit"
+    out = []
+    for m in methods_for(loaded.kind):
+        if m.step == "finetune" and adapter is not None:
+            continue  # an adapter on an adapter: merge first
+        if m.step in ("prune", "quantize") and (quantized or not mergeable):
+            continue
+        if m.step == "finetune" and quantized and m.name not in ("lora", "dora"):
+            continue  # only (Q)LoRA trains on a quantized base
+        if m.step == "finetune" and loaded.extra.get("format") in ("mmkit-quantized",
+                                                                     "mmkit-ptq"):
+            continue
+        out.append(f"{m.step}:{m.name}")
+    return out
 
 
 def inspect_model(loaded: LoadedModel) -> dict:
-    """Family, parameters by module type, sizes, dtypes, linear layers, applicable methods."""
-    from .registry import methods_for
-
+    """Family, parameters by module type, sizes (MB = 10^6 bytes), dtypes, linear layers,
+    the adapter it carries, and the methods that apply."""
     model = loaded.model
     by_type = Counter()
     for mod in model.modules():
@@ -45,7 +109,6 @@ def inspect_model(loaded: LoadedModel) -> dict:
     for p in model.parameters():
         dtypes[str(p.dtype).replace("torch.", "")] += p.numel()
     layers = _linear_layers(model)
-    disk = disk_bytes(loaded.source.path)
     manifest = loaded.source.manifest
     return {
         "model": loaded.source.ref,
@@ -60,11 +123,12 @@ def inspect_model(loaded: LoadedModel) -> dict:
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "parameters_by_module_type": dict(by_type.most_common()),
         "dtypes": dict(dtypes),
-        "weights_mb": weights_bytes(model) / 2**20,
-        "disk_mb": None if disk is None else disk / 2**20,
+        "weights_mb": megabytes(weights_bytes(model)),
+        "disk_mb": megabytes(disk_bytes(loaded.source.path)),
+        "adapter": _adapter(loaded),
         "linear_layers": layers,
         "linear_groups": linear_groups(layers),
-        "methods": [f"{m.step}:{m.name}" for m in methods_for(loaded.kind)],
+        "methods": applicable_methods(loaded),
         "steps": [f"{s['step']}:{s['method']}" for s in manifest.get("steps", [])],
         "parent": (manifest.get("parent") or {}).get("ref"),
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import statistics
@@ -16,9 +17,28 @@ from .tasks.common import to_device
 from .versions import environment
 
 
+def megabytes(n_bytes: int | float | None) -> float | None:
+    """Bytes in MB (10^6 bytes), the unit every mmkit figure uses."""
+    return None if n_bytes is None else n_bytes / 1e6
+
+
 def count_parameters(model) -> int:
-    """Parameters of a model, counting packed (quantized) storage by its logical size."""
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of a model, counting packed (quantized) weights by their logical size:
+    mmkit's QuantLinear keeps its codes in buffers, bitsandbytes packs two 4-bit values a
+    byte."""
+    total, seen = 0, set()
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        for name, p in module.named_parameters(recurse=False):
+            if p.data_ptr() in seen:  # tied weights count once
+                continue
+            seen.add(p.data_ptr())
+            logical = state is not None and name == "weight"
+            total += math.prod(state.shape) if logical else p.numel()
+        if hasattr(module, "qweight"):  # QuantLinear
+            total += module.in_features * module.out_features
+            total += 0 if module.bias is None else module.bias.numel()
+    return total
 
 
 def weights_bytes(model) -> int:
@@ -110,8 +130,8 @@ def profile(loaded: LoadedModel, device: str = "cpu", batch_size: int = 1, seq_l
         "latency_ms": {"median": median * 1e3, "p90": _percentile(times, 0.9) * 1e3,
                        "mean": statistics.fmean(times) * 1e3, "min": min(times) * 1e3},
         "throughput_per_s": batch_size / median,
-        "peak_memory_mb": peak / 2**20, "peak_memory_kind": peak_kind,
-        "parameters": count_parameters(model), "weights_mb": weights_bytes(model) / 2**20,
-        "disk_mb": (lambda b: None if b is None else b / 2**20)(disk_bytes(loaded.source.path)),
+        "peak_memory_mb": megabytes(peak), "peak_memory_kind": peak_kind,
+        "parameters": count_parameters(model), "weights_mb": megabytes(weights_bytes(model)),
+        "disk_mb": megabytes(disk_bytes(loaded.source.path)),
         "dtype": str(dtype).replace("torch.", ""), "environment": environment(device),
     }

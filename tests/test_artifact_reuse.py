@@ -169,3 +169,22 @@ def test_save_steps_checkpoints_and_evaluates_every_n_steps(tmp_path):
          "save_steps": 3}]}, tmp_path / "s")
     history = result["steps"][0]["report"]["validation_history"]
     assert len(history) >= 2 and not (tmp_path / "s.checkpoints").exists()
+
+
+def test_inspect_tells_what_an_artifact_is_and_what_applies(three_class, tmp_path):
+    from mmkit.core.inspect import inspect_model
+
+    lora = inspect_model(load_model(str(three_class["adapter"])))
+    assert lora["adapter"]["method"] == "lora" and lora["adapter"]["r"] == 16
+    assert not any(m.startswith("finetune:") for m in lora["methods"])  # no adapter on adapter
+    assert "quantize:rtn" in lora["methods"]  # merged first
+    assert not any("lora" in layer["name"] for layer in lora["linear_layers"])
+    shapes = {(g["suffix"], g["shape"]) for g in lora["linear_groups"]}
+    assert {("dense", "32->64"), ("dense", "64->32")} <= shapes  # one group per shape
+    plain = inspect_model(load_model("tiny:llama"))
+    out = run_recipe({"model": "tiny:llama", "steps": [{"step": "quantize", "method": "rtn"}]},
+                     tmp_path / "q")["artifact"]
+    quantized = inspect_model(load_model(out))
+    assert quantized["parameters"] == plain["parameters"]  # packed layers count in full
+    assert quantized["weights_mb"] < plain["weights_mb"]
+    assert not any(m.startswith(("quantize:", "prune:")) for m in quantized["methods"])

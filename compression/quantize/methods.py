@@ -155,7 +155,7 @@ def _disk_mb(loaded):
     from ...core.profile import disk_bytes
 
     size = disk_bytes(loaded.source.path)
-    return None if size is None else size / 2**20
+    return None if size is None else size / 1e6
 
 
 def _report(ctx, loaded, before: int, plan: dict, errors: dict, how: dict, method: str):
@@ -167,7 +167,7 @@ def _report(ctx, loaded, before: int, plan: dict, errors: dict, how: dict, metho
     ctx.report.update({
         "method": method, "layers_quantized": len(plan),
         "bits_per_weight": payload / weights if weights else None,
-        "weights_mb_before": before / 2**20, "weights_mb_after": _weights_bytes(loaded.model) / 2**20,
+        "weights_mb_before": before / 1e6, "weights_mb_after": _weights_bytes(loaded.model) / 1e6,
         "disk_mb_before": _disk_mb(loaded),  # after: the manifest's weights_disk_mb
         "layers": {n: {"bits": plan[n], **errors.get(n, {}), "how": how.get(n, method)}
                    for n in plan},
@@ -307,8 +307,8 @@ def bnb_apply(kind: str):
                                    {"quantization_config": qc, "device_map": {"": device}}).eval()
         fit_cpu_kernels_(loaded.model)
         ctx.report.update({"method": kind, "layers_quantized": len(plan), "bits_per_weight": None,
-                           "disk_mb_before": _disk_mb(loaded), "weights_mb_before": before / 2**20,
-                           "weights_mb_after": _weights_bytes(loaded.model) / 2**20})
+                           "disk_mb_before": _disk_mb(loaded), "weights_mb_before": before / 1e6,
+                           "weights_mb_after": _weights_bytes(loaded.model) / 1e6})
         return loaded
 
     apply.__name__ = f"{kind}_"
