@@ -4,8 +4,8 @@ replaced (full logits of a whole batch, then copies), one fresh process per run,
     HF_HUB_OFFLINE=1 python bench/eval_memory.py [--max-samples 40] [--batch-sizes 8,32] \
         [--out bench/results/eval_memory.json]
 
-Not a test: it measures. Peak RSS is the process high-water mark (ru_maxrss) after the run;
-`loaded_mb` is the mark before evaluating (libraries and the model).
+Not a test: it measures. Peak RSS (MiB) is the process high-water mark (ru_maxrss) after the run;
+`loaded_mib` is the mark before evaluating (libraries and the model).
 """
 
 from __future__ import annotations
@@ -60,15 +60,15 @@ def one_run(variant: str, batch_size: int, max_samples: int) -> dict:
 
     loaded = load_model("smollm2")
     split = load_data("bbc-text", "causal-lm", max_samples=max_samples).split("test")
-    loaded_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    loaded_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
     if variant == "mmkit":
         result = evaluate(loaded, split, batch_size=batch_size)
     else:
         result = full_logits_baseline(loaded, split, batch_size)
     return {"variant": variant, "batch_size": batch_size, "seconds": time.perf_counter() - start,
-            "loaded_mb": loaded_mb,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "loaded_mib": loaded_mib,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "perplexity": result["perplexity"], "tokens": result["tokens"]}
 
 
