@@ -5,7 +5,9 @@ replaced (full logits of a whole batch, then copies), one fresh process per run,
         [--out bench/results/eval_memory.json]
 
 Not a test: it measures. Peak RSS (MiB) is the process high-water mark (ru_maxrss) after the run;
-`loaded_mib` is the mark before evaluating (libraries and the model).
+`loaded_mib` is the mark before evaluating (libraries and the model; the weights are memory-mapped,
+so they count in full only once the first forward pass has touched them). SmolLM2 is converted
+from its GGUF before the first measured process, so no measurement carries the conversion.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
 import resource
 import subprocess
 import sys
@@ -56,7 +60,7 @@ def one_run(variant: str, batch_size: int, max_samples: int) -> dict:
     """Load smollm2 and bbc-text, then time and measure one evaluation."""
     from mmkit.core.data import load_data
     from mmkit.core.loading import load_model
-    from mmkit.core.tasks.causal_lm import evaluate
+    from mmkit.core.tasks.causal_lm import evaluate, windows_per_forward
 
     loaded = load_model("smollm2")
     split = load_data("bbc-text", "causal-lm", max_samples=max_samples).split("test")
@@ -64,12 +68,38 @@ def one_run(variant: str, batch_size: int, max_samples: int) -> dict:
     start = time.perf_counter()
     if variant == "mmkit":
         result = evaluate(loaded, split, batch_size=batch_size)
+        micro = windows_per_forward(batch_size, result["seq_len"], loaded.model.config.vocab_size)
     else:
+        micro = batch_size
         result = full_logits_baseline(loaded, split, batch_size)
     return {"variant": variant, "batch_size": batch_size, "seconds": time.perf_counter() - start,
-            "loaded_mib": loaded_mib,
+            "windows_per_forward": micro, "loaded_mib": loaded_mib,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "perplexity": result["perplexity"], "tokens": result["tokens"]}
+
+
+def summary(runs: list[dict]) -> dict:
+    """Per batch size: peak RSS of the old loop over the new one, and how far apart their
+    perplexities are."""
+    out = {}
+    for batch in sorted({r["batch_size"] for r in runs}):
+        old, new = (next(r for r in runs if r["batch_size"] == batch and r["variant"] == v)
+                    for v in ("full-logits", "mmkit"))
+        out[f"batch_{batch}"] = {
+            "peak_rss_ratio_old_over_new": old["peak_rss_mib"] / new["peak_rss_mib"],
+            "perplexity_rel_diff": abs(old["perplexity"] / new["perplexity"] - 1),
+            "seconds_old": old["seconds"], "seconds_new": new["seconds"]}
+    return out
+
+
+def environment() -> dict:
+    """The machine and library versions the figures were taken with."""
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "device": "cpu"}
 
 
 def main() -> None:
@@ -82,6 +112,10 @@ def main() -> None:
     if args.one:  # a child process: one measurement, as JSON on stdout
         print(json.dumps(one_run(args.one[0], int(args.one[1]), args.max_samples)))
         return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # convert the GGUF now (once), so that no measured process carries the conversion's peak
+    subprocess.run([sys.executable, "-c", "from mmkit.core.embedded import smollm2_path; "
+                    "smollm2_path()"], check=True)
     runs = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         for variant in ("full-logits", "mmkit"):  # interleaved, one process each
@@ -91,7 +125,8 @@ def main() -> None:
             runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
     write_result({"model": "smollm2", "data": "bbc-text", "split": "test",
-                  "max_samples": args.max_samples, "runs": runs}, args.out)
+                  "max_samples": args.max_samples, "environment": environment(), "runs": runs,
+                  "summary": summary(runs)}, args.out)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ class SearchGroup(click.Group):
 def _human(r: dict) -> str:
     lines = [f"{r['out']}: {r['trials_completed']} trials ({r['rejected_without_evaluation']} "
              "over the budget, not evaluated)", r["table"]]
+    if r["space_exhausted"]:
+        lines.append(f"every one of the {r['space_points']} points of the space has been tried")
     if r["exported"]:
         lines.append("exported: " + ", ".join(r["exported"]))
     return "\n".join(lines)
@@ -31,7 +33,7 @@ def search_group():
     pick another point from a finished search (`mmkit search pick --help`)."""
 
 
-@search_group.command("run")
+@search_group.command("run", cls=options.Command)
 @options.model_argument
 @options.data
 @click.option("--latency-budget", help="Fastest acceptable median latency, e.g. 20ms or 0.5s. "
@@ -61,10 +63,12 @@ def search_group():
               help="Search folder: study, pareto.*, exported models. Run again to resume.")
 @click.option("--overwrite", is_flag=True, help="Delete OUT's study and start afresh.")
 @options.device()
+@options.loading
 @options.common
 def search_run(model, task, data, text_column, image_column, label_column, max_samples, seed,
                latency_budget, objectives, knobs, space_file, trials, timeout, sampler, storage,
-               workers, batch_size, seq_len, export, out, overwrite, device, as_json):
+               workers, batch_size, seq_len, export, out, overwrite, device, allow_pickle,
+               trust_remote_code, as_json):
     """Search MODEL's compressed variants (structural cuts, sparsity, quantization) for the
     best accuracy / latency / size trade-offs on the target device, and export the most
     accurate one under --latency-budget."""
@@ -77,14 +81,16 @@ def search_run(model, task, data, text_column, image_column, label_column, max_s
     if knobs and space_file:
         raise InputError("Pass either --knobs or --space, not both.")
     timeout_s = parse_seconds(timeout)
-    job = prepare(model, data=data, task=task, max_samples=max_samples, seed=seed,
-                  budget=latency_budget, objectives=objectives, knobs=knobs,
-                  space_file=space_file, device=device, sampler=sampler, batch_size=batch_size,
-                  seq_len=seq_len, out=out, storage=storage, overwrite=overwrite)
-    options.emit(search(job, trials, timeout_s, workers, export), as_json, _human)
+    prepared = prepare(model, data=data, task=task, max_samples=max_samples, seed=seed,
+                       budget=latency_budget, objectives=objectives, knobs=knobs,
+                       space_file=space_file, device=device, sampler=sampler,
+                       batch_size=batch_size, seq_len=seq_len, workers=workers, out=out,
+                       storage=storage, overwrite=overwrite, allow_pickle=allow_pickle,
+                       trust_remote_code=trust_remote_code)
+    options.emit(search(prepared, trials, timeout_s, workers, export), as_json, _human)
 
 
-@search_group.command("pick")
+@search_group.command("pick", cls=options.Command)
 @click.argument("out", type=click.Path())
 @click.option("--latency-budget", required=True, help="The new budget, e.g. 10ms.")
 @click.option("-o", "--output", "dest", type=click.Path(),

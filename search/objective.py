@@ -54,7 +54,8 @@ class Trial:
                  seq_len, repeats, calib):
         self.base, self.dataset, self.space = base, dataset, space
         self.objectives, self.budget_ms, self.device = objectives, budget_ms, device
-        self.batch_size, self.seq_len, self.repeats, self.calib = batch_size, seq_len, repeats, calib
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.repeats, self.calib = repeats, calib
         self.depth = n_layers(base.model)
 
     def build(self, steps: list[dict]):
@@ -74,22 +75,32 @@ class Trial:
 
     def __call__(self, trial):
         """The Optuna objective."""
+        import optuna
+
         from ..core.evaluate import evaluate
         from ..core.profile import profile
-        from .space import steps_for
+        from .space import point_key, steps_for
 
         start = time.perf_counter()
         params = {name: trial.suggest_categorical(name, values)
                   for name, values in self.space.items()}
+        key = point_key(params, self.space)
+        trial.set_user_attr("point", key)
+        trial.set_user_attr("worker_pid", os.getpid())
+        settled, running = taken_points(trial.study, self.space, trial.number)
+        twin = settled.get(key, running.get(key))
+        if twin is not None:  # another trial has measured it, or is measuring it now
+            trial.set_user_attr("duplicate_of", twin)
+            log.info("trial %d: %s is trial %d's point; skipped", trial.number, key, twin)
+            self._move_on(trial, {key, *settled, *running})
+            raise optuna.TrialPruned(f"the point {key} is trial {twin}'s")
         steps = steps_for(params, self.depth, self.calib)
         trial.set_user_attr("steps", steps)
-        trial.set_user_attr("worker_pid", os.getpid())
         try:
             loaded = self.build(steps)
         except InputError as exc:  # e.g. every layer removed: not a candidate
-            import optuna
-
             trial.set_user_attr("invalid", str(exc))
+            self._stop_when_all_tried(trial, {key, *settled})
             raise optuna.TrialPruned(str(exc)) from None
         prof = profile(loaded, self.device, batch_size=self.batch_size, seq_len=self.seq_len,
                        warmup=2, repeats=self.repeats)
@@ -113,4 +124,59 @@ class Trial:
                      {k: round(v, 4) for k, v in trial.user_attrs["metrics"].items()}, latency,
                      size)
         trial.set_user_attr("seconds", time.perf_counter() - start)
+        self._stop_when_all_tried(trial, {key, *settled})
         return tuple(measured.get(n, OBJECTIVES[n][1]) for n in self.objectives)
+
+    def nothing_left(self, study) -> bool:
+        """True when every point of the (listable) space has been tried."""
+        from .space import ENUMERATE_LIMIT, size
+
+        settled, _ = taken_points(study, self.space)
+        return size(self.space) <= ENUMERATE_LIMIT and len(settled) >= size(self.space)
+
+    def _stop_when_all_tried(self, trial, settled: set[str]) -> None:
+        """Stop the study once every point of the space has been tried (with this trial)."""
+        from .space import ENUMERATE_LIMIT, size
+
+        if size(self.space) <= ENUMERATE_LIMIT and len(settled) >= size(self.space):
+            log.info("every one of the %d points of the space has been tried; the search stops",
+                     size(self.space))
+            trial.study.stop()
+
+    def _move_on(self, trial, taken: set[str]) -> None:
+        """After a point that was taken already: queue one that is not, so that a sampler
+        that keeps proposing known points still makes progress; stop when none is left."""
+        from .space import ENUMERATE_LIMIT, size, untried_point
+
+        point = untried_point(self.space, taken, seed=trial.number)
+        if point is not None:
+            trial.study.enqueue_trial(point)
+        elif size(self.space) <= ENUMERATE_LIMIT:
+            log.info("every point of the space has been tried or is being tried; this worker "
+                     "stops")
+            trial.study.stop()
+
+
+def taken_points(study, space: dict, number: int | None = None) -> tuple[dict, dict]:
+    """The points other trials than `number` have settled (measured, or found invalid) and
+    the points running now, each {point: trial number}."""
+    import optuna
+
+    from .space import point_key
+
+    state = optuna.trial.TrialState
+    settled, running = {}, {}
+    for t in study.get_trials(deepcopy=False,
+                              states=(state.COMPLETE, state.PRUNED, state.RUNNING)):
+        if t.number == number:
+            continue
+        key = t.user_attrs.get("point")
+        if key is None and t.state == state.COMPLETE:  # a trial of an older mmkit
+            key = point_key(t.params, space)
+        if key is None:
+            continue
+        if t.state == state.COMPLETE or "invalid" in t.user_attrs:
+            settled.setdefault(key, t.number)
+        elif t.state == state.RUNNING:
+            running.setdefault(key, t.number)
+    return settled, running

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+from numbers import Real
 from pathlib import Path
 
-from ..core.errors import RuntimeFailure
-from .objective import OBJECTIVES
+from ..core.errors import InputError, RuntimeFailure, shown
+from .objective import OBJECTIVES, QUALITY
+
+EXPORT_LOCK_WAIT_S = 600.0  # two searches on one study may finish together: wait, not fail
 
 
 def trial_rows(study, objectives: list[str]) -> list[dict]:
@@ -49,7 +53,7 @@ def pareto_front(rows: list[dict], objectives: list[str]) -> list[dict]:
 
 def best_under(rows: list[dict], objectives: list[str], budget_ms: float | None):
     """The most accurate evaluated trial within the budget (ties: the faster)."""
-    quality = next(n for n in objectives if n in ("accuracy", "macro_f1", "perplexity"))
+    quality = next(n for n in objectives if n in QUALITY)
     sign = 1 if OBJECTIVES[quality][0] == "maximize" else -1
     pool = [r for r in rows if r["evaluated"]
             and (budget_ms is None or r["latency_ms"] <= budget_ms)]
@@ -66,7 +70,9 @@ def write_outputs(out: Path, study, rows, front, settings, stats) -> dict:
                "latency_budget_ms": settings["budget_ms"], "device": settings["device"],
                "model": settings["model"], "data": settings["data"], **stats,
                "front": front, "evaluated": [r for r in rows if r["evaluated"]]}
-    (out / "pareto.json").write_text(json.dumps(summary, indent=2, default=str))
+    tmp = out / f".pareto.json.tmp-{os.getpid()}"  # `search pick` may read it meanwhile
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    os.replace(tmp, out / "pareto.json")
     with open(out / "pareto.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         knobs = sorted({k for r in front for k in r["params"]})
@@ -85,7 +91,7 @@ def _plots(out, study, rows, front, objectives, budget_ms) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    quality = next(n for n in objectives if n in ("accuracy", "macro_f1", "perplexity"))
+    quality = next(n for n in objectives if n in QUALITY)
     fig, ax = plt.subplots(figsize=(6, 4))
     evaluated = [r for r in rows if r["evaluated"]]
     ax.scatter([r["latency_ms"] for r in evaluated], [r["values"][quality] for r in evaluated],
@@ -118,21 +124,105 @@ def table(front: list[dict], objectives: list[str]) -> str:
     return "\n".join(lines)
 
 
-def export(row: dict, settings: dict, dest: Path, device: str, overwrite: bool = True) -> str:
-    """Write one trial's model as an artifact by running its recipe."""
+def export(row: dict, settings: dict, dest: Path, loading: dict, overwrite: bool = True) -> str:
+    """Write one trial's model as an artifact by running its recipe (a prune / quantize step
+    merges an adapter first)."""
     from ..core.recipe import run_recipe
 
     recipe = {"model": settings["model"], "task": settings["task"], "data": settings["data"],
               "seed": settings["seed"], "max_samples": settings["max_samples"],
-              "steps": row["steps"], "eval": {"split": "test"}}
+              **settings.get("columns", {}), "steps": row["steps"], "eval": {"split": "test"}}
     recipe = {k: v for k, v in recipe.items() if v is not None}
-    return run_recipe(recipe, dest, overwrite=overwrite, device=device)["artifact"]
+    return run_recipe(recipe, dest, overwrite=overwrite, device=settings["device"],
+                      lock_wait=EXPORT_LOCK_WAIT_S, **loading)["artifact"]
 
 
 def no_candidate(rows: list[dict], budget_ms: float) -> RuntimeFailure:
     """The error when nothing meets the budget, naming the fastest point seen."""
+    if not rows:
+        return RuntimeFailure(f"No candidate met the {budget_ms:g} ms latency budget: the search "
+                              "evaluated no point. Run more trials, or raise the budget.")
     fastest = min(rows, key=lambda r: r["latency_ms"])
     return RuntimeFailure(f"No candidate met the {budget_ms:g} ms latency budget. The fastest "
                           f"point seen ran in {fastest['latency_ms']:.2f} ms (trial "
                           f"{fastest['trial']}: {fastest['params']}). Raise the budget, add "
                           "stronger cuts to the space, or run more trials.")
+
+
+# ---------------------------------------------------------------- reading a search back
+def _number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def check_job(job) -> str | None:
+    """What is wrong with search.json's content, or None."""
+    settings = job.get("settings") if isinstance(job, dict) else None
+    if not isinstance(settings, dict):
+        return "it has no 'settings' object"
+    for key in ("model", "task", "data", "device"):
+        if not isinstance(settings.get(key), str):
+            return f"settings.{key} is not a string"
+    if not isinstance(settings.get("seed"), int):
+        return "settings.seed is not a whole number"
+    loading = job.get("loading", {})
+    if not isinstance(loading, dict) or not all(
+            k in ("allow_pickle", "trust_remote_code") and isinstance(v, bool)
+            for k, v in loading.items()):
+        return "'loading' is not an object of allow_pickle / trust_remote_code flags"
+    return None
+
+
+def _check_row(row, objectives: list[str]) -> str | None:
+    if not isinstance(row, dict):
+        return "a result row is not an object"
+    values = row.get("values")
+    if not isinstance(values, dict) or not all(_number(values.get(n)) for n in objectives):
+        return f"trial {shown(row.get('trial'), 20)} lacks a number for each objective"
+    shaped = (_number(row.get("latency_ms")) and isinstance(row.get("steps"), list)
+              and isinstance(row.get("params"), dict) and isinstance(row.get("evaluated"), bool))
+    if not shaped:
+        return f"trial {shown(row.get('trial'), 20)} lacks latency_ms, steps, params or evaluated"
+    return None
+
+
+def check_summary(summary) -> str | None:
+    """What is wrong with pareto.json's content, or None."""
+    if not isinstance(summary, dict):
+        return "it is not a JSON object"
+    objectives = summary.get("objectives")
+    if not isinstance(objectives, list) or not objectives \
+            or not all(isinstance(n, str) and n in OBJECTIVES for n in objectives) \
+            or not any(n in QUALITY for n in objectives):
+        return "'objectives' is not a list of known objectives with a quality measure"
+    budget = summary.get("latency_budget_ms")
+    if budget is not None and not _number(budget):
+        return "'latency_budget_ms' is not a number"
+    for key in ("evaluated", "front"):
+        if not isinstance(summary.get(key), list):
+            return f"'{key}' is not a list"
+        for row in summary[key]:
+            problem = _check_row(row, objectives)
+            if problem:
+                return problem
+    return None
+
+
+def read_search_file(path: Path, what: str, check) -> dict:
+    """A JSON file a search wrote, checked by `check`; a clear error when it is missing,
+    damaged or of another shape."""
+    again = (f"Run the search again with the same command and -o {path.parent} (it resumes "
+             f"the study and rewrites {path.name}).")
+    if not path.is_file():
+        raise InputError(f"{path.parent} holds no {what} results ({path.name} is missing). Pass "
+                         f"the -o folder of a finished `mmkit search`. {again}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, RecursionError) as exc:
+        raise InputError(f"Cannot read {path}: {shown(exc)}. {again}") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}): it is "
+                         f"truncated or damaged. {again}") from None
+    problem = check(data)
+    if problem:
+        raise InputError(f"{path} is not a file a search wrote: {problem}. {again}")
+    return data

@@ -1,23 +1,40 @@
-"""`mmkit search` end to end: check everything, open (or resume) the study, run the trials in
-one or more processes, write the front and export the best model under the budget."""
+"""`mmkit search` end to end: check everything, then create (or resume) the study, run the
+trials in one or more processes, write the front and export the best model under the budget."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.errors import InputError, RuntimeFailure
-from . import results, space as spaces, study as studies
+from ..core.errors import InputError, RuntimeFailure, shown
+from . import results, space as spaces
 from .objective import OBJECTIVES, Trial, check_objectives
 
 log = logging.getLogger("mmkit")
 SETTINGS_FILE = "search.json"
+SEARCH_FILES = (SETTINGS_FILE, "study.db")  # a folder holding one of these is a search folder
+LOCK_WAIT_S = 600.0  # how long a search waits for another one writing the same folder
+WORKERS_PER_CPU = 4
+
+
+@dataclass
+class Prepared:
+    """A checked search: what search.json holds (`job`), plus the model and data this process
+    loaded while checking them, which its own worker reuses."""
+
+    job: dict  # settings, loading options, storage, out
+    run: int  # how many runs started on the study before this one
+    loaded: object
+    dataset: object
 
 
 def parse_duration_ms(text: str | None, what: str = "--latency-budget") -> float | None:
@@ -25,11 +42,12 @@ def parse_duration_ms(text: str | None, what: str = "--latency-budget") -> float
     if text is None:
         return None
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|us)?\s*", str(text))
-    if not m or float(m.group(1)) <= 0:
-        raise InputError(f"{what} '{text}' cannot be parsed: write a positive time such as "
-                         "20ms, 0.5s or 20 (milliseconds).")
-    scale = {"ms": 1.0, None: 1.0, "s": 1000.0, "us": 0.001}[m.group(2)]
-    return float(m.group(1)) * scale
+    value = float(m.group(1)) * {"ms": 1.0, None: 1.0, "s": 1000.0, "us": 0.001}[m.group(2)] \
+        if m else math.nan
+    if not 0 < value < math.inf:
+        raise InputError(f"{what} '{shown(text, 60)}' cannot be parsed: write a positive time such "
+                         "as 20ms, 0.5s or 20 (milliseconds).")
+    return value
 
 
 def parse_seconds(text: str | None) -> float | None:
@@ -37,128 +55,352 @@ def parse_seconds(text: str | None) -> float | None:
     if text is None:
         return None
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|m|h)?\s*", str(text))
-    if not m or float(m.group(1)) <= 0:
-        raise InputError(f"--timeout '{text}' cannot be parsed: write 600, 600s, 10m or 1h.")
-    return float(m.group(1)) * {None: 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+    value = float(m.group(1)) * {None: 1, "s": 1, "m": 60, "h": 3600}[m.group(2)] \
+        if m else math.nan
+    if not 0 < value < math.inf:
+        raise InputError(f"--timeout '{shown(text, 60)}' cannot be parsed: write a positive time "
+                         "such as 600, 600s, 10m or 1h.")
+    return value
 
 
-def _settings(model, task, data, max_samples, seed, space, objectives, budget_ms, device,
-              batch_size, seq_len, sampler) -> dict:
-    return {"model": model, "task": task, "data": data, "max_samples": max_samples, "seed": seed,
-            "space": space, "objectives": objectives, "budget_ms": budget_ms, "device": device,
-            "batch_size": batch_size, "seq_len": seq_len, "sampler": sampler}
+def check_workers(workers: int) -> None:
+    """More worker processes than the machine can run only slow each other down."""
+    cpus = os.cpu_count() or 1
+    if workers > WORKERS_PER_CPU * cpus:
+        raise InputError(f"--workers {workers} is more than this machine can run usefully: at "
+                         f"most {WORKERS_PER_CPU * cpus} ({WORKERS_PER_CPU} per CPU core; it has "
+                         f"{cpus}), each loading its own copy of the model. Use fewer workers, "
+                         "or start more searches on other machines with the same --storage.")
 
 
-def prepare(model: str, *, data=None, task=None, max_samples=None, seed=0, budget=None,
-            objectives="accuracy,latency,size", knobs=None, space_file=None, device="cpu",
-            sampler="tpe", batch_size=1, seq_len=64, out, storage=None, overwrite=False) -> dict:
-    """Check every input before any work; return the settings the workers share."""
-    from ..core.data import DEFAULT_DATA
-    from ..core.loading import peek, resolve_device
-
-    budget_ms = parse_duration_ms(budget)
-    device = resolve_device(device)
-    if sampler not in studies.SAMPLERS:
-        raise InputError(f"Unknown sampler '{sampler}'. Samplers: {', '.join(studies.SAMPLERS)}.")
-    space = spaces.from_file(space_file) if space_file else spaces.from_knob_names(knobs)
-    spaces.check_baseline(space)
-    _, _, kind, task = peek(model, task)
-    objectives = check_objectives([o.strip() for o in objectives.split(",") if o.strip()], task)
-    if "quant" in space and any(q in ("nf4", "int8") for q in space["quant"]) and device == "cpu":
-        log.info("bitsandbytes quantization on CPU is slower than fp32; the search will see it")
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise InputError(f"The output '{out}' is a file; choose another -o path.")
-    settings = _settings(model, task, data or DEFAULT_DATA[task], max_samples, seed, space,
-                         objectives, budget_ms, device, batch_size, seq_len, sampler)
-    url = studies.storage_url(out, storage)
-    directions = [OBJECTIVES[o][0] for o in objectives]
-    sampler_obj = studies.make_sampler(sampler, seed, space)
-    if storage:  # an outside storage: check it opens before anything is written
-        studies.open_storage(url)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-        if storage:
-            _delete_study(url)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+# ---------------------------------------------------------------- checks
+def _is_search_folder(path: Path) -> bool:
+    """True for an empty folder or one a search wrote."""
     try:
-        studies.open_study(url, settings, directions, sampler_obj)
-    except InputError:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    return {"settings": settings, "storage": url, "out": str(out)}
+        names = {p.name for p in path.iterdir()}
+    except OSError:
+        return False
+    return not names or bool(names & set(SEARCH_FILES))
 
 
-def _delete_study(url: str) -> None:
-    import optuna
+def _check_output(out: Path, overwrite: bool) -> None:
+    """OUT must be a search folder, or not exist yet under a folder this process can write."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise InputError(f"The output '{out}' is a file or a link; -o names the search's folder. "
+                         "Choose another -o path.")
+    if out.exists() and not _is_search_folder(out):
+        what = "--overwrite deletes only search folders" if overwrite else "a search writes " \
+            "only into its own folder"
+        raise InputError(f"The output '{out}' is a folder that holds no search (no "
+                         f"{' or '.join(SEARCH_FILES)}), and {what}. Choose another -o path, or "
+                         "an empty folder.")
+    for folder in (out.parent, out):  # OUT's lock file goes beside it, the search into it
+        probe = folder
+        while not probe.exists() and not probe.is_symlink():
+            probe = probe.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+            raise InputError(f"Cannot write the output '{out}': {probe} is not a writable "
+                             "folder. Choose an -o path in a folder you can write to.")
 
-    try:
-        optuna.delete_study(study_name=studies.STUDY_NAME, storage=studies.open_storage(url))
-    except KeyError:
-        pass
+
+def _input_paths(source, dataset, space_file) -> list[tuple[str, str]]:
+    """The local files and folders the search reads: the output must not touch them."""
+    paths = [("model folder", src.path) for src in (source, source.adapter)
+             if src is not None and src.kind in ("artifact", "folder", "embedded")]
+    if not dataset.info["source"].startswith(("bundled:", "hf:")):
+        paths.append(("data", dataset.info["source"]))
+    if space_file:
+        paths.append(("space file", str(space_file)))
+    return paths
 
 
-def work(job: dict, trials: int, timeout: float | None) -> None:
-    """One worker: load the model and data, then run trials until the study has enough."""
+def _check_classes(dataset, task: str) -> None:
+    """Classification needs two classes, and every search needs a validation split."""
+    if task.endswith("classification") and len(dataset.label_names or []) < 2:
+        raise InputError(f"{task} needs at least two classes in the data; '{dataset.name}' has "
+                         f"{len(dataset.label_names or [])} ({shown(dataset.label_names, 80)}). "
+                         "Pass --data with examples of two or more classes.")
+    if not dataset.split("validation").inputs:
+        raise InputError(f"The data '{dataset.name}' has too few examples to hold out a "
+                         "validation split, which the search scores trials on. Use more data.")
+
+
+def load_dataset(settings: dict):
+    """The search's data, as every worker loads it."""
     from ..core.data import load_data
+
+    return load_data(settings["data"], settings["task"], seed=settings["seed"],
+                     max_samples=settings["max_samples"], **settings.get("columns", {}))
+
+
+def load_base(settings: dict, loading: dict, dataset):
+    """The model every trial starts from; an adapter is merged into its base first."""
+    from ..adapters.merging import merge_adapter_
     from ..core.loading import load_model
 
-    s = job["settings"]
-    study = studies.open_study(job["storage"], s, [OBJECTIVES[o][0] for o in s["objectives"]],
-                               studies.make_sampler(s["sampler"], s["seed"], s["space"]))
-    dataset = load_data(s["data"], s["task"], seed=s["seed"], max_samples=s["max_samples"])
-    labels = dataset.label_names if s["task"].endswith("classification") and not \
-        s["task"].startswith("zero-shot") else None
-    base = load_model(s["model"], s["task"], labels, device=s["device"], seed=s["seed"])
-    objective = Trial(base, dataset, s["space"], s["objectives"], s["budget_ms"], s["device"],
-                      s["batch_size"], s["seq_len"], repeats=10, calib=s["data"])
-    studies.run(study, objective, trials, timeout, spaces.baseline(s["space"]))
+    task = settings["task"]
+    labels = dataset.label_names if task in ("text-classification", "image-classification") \
+        else None
+    loaded = load_model(settings["model"], task, labels, device=settings["device"],
+                        seed=settings["seed"], **loading)
+    return merge_adapter_(loaded, "search")
 
 
-def search(job: dict, trials: int, timeout: float | None, workers: int, export: str) -> dict:
-    """Run the search (with `workers` processes) and write its outputs."""
-    out = Path(job["out"])
-    (out / SETTINGS_FILE).write_text(json.dumps(job, indent=2))
-    start = time.perf_counter()
-    helpers = [subprocess.Popen([sys.executable, "-m", "mmkit.search.worker", str(out),
-                                 str(trials), str(timeout or 0)]) for _ in range(workers - 1)]
+def _check_options(budget, workers, device, sampler, space_file, knobs):
+    """The options that need no model: (budget in ms, device, space)."""
+    from ..core.loading import resolve_device
+    from . import study as studies
+
+    budget_ms = parse_duration_ms(budget)
+    check_workers(workers)
+    device = resolve_device(device)
+    if sampler not in studies.SAMPLERS:
+        raise InputError(f"Unknown sampler '{shown(sampler, 60)}'. Samplers: "
+                         f"{', '.join(studies.SAMPLERS)}.")
+    space = spaces.from_file(space_file) if space_file else spaces.from_knob_names(knobs)
+    spaces.check_baseline(space)
+    if "quant" in space and any(q in ("nf4", "int8") for q in space["quant"]) and device == "cpu":
+        log.info("bitsandbytes quantization on CPU is slower than fp32; the search will see it")
+    return budget_ms, device, space
+
+
+def _data_settings(source, task: str, data, seed) -> dict:
+    """data, seed (and columns) as the search uses them: by default, the model's own."""
+    from ..core.data import resolve_data
+
+    request = resolve_data(source, task, data, seed)
+    settings = {"data": request.pop("spec"), "seed": request.pop("seed")}
+    columns = {k: v for k, v in request.items() if v is not None}  # from the model's manifest
+    if columns:  # only then, so that studies of earlier versions resume
+        settings["columns"] = columns
+    return settings
+
+
+def _check_study(url: str, out: Path, outside: bool, settings: dict, overwrite: bool) -> None:
+    """An outside storage must open; a study of other settings is refused now rather than
+    after loading the model (in OUT only once search.json says the study is complete:
+    another search may be creating it)."""
+    from . import study as studies
+
+    if outside:
+        studies.open_storage(url)
+    if overwrite or not (outside or (out / SETTINGS_FILE).is_file()):
+        return
+    existing = studies.find_study(url)
+    if existing is not None:
+        studies.check_settings(existing, url, settings)
+
+
+def prepare(model: str, *, data=None, task=None, max_samples=None, seed=None, budget=None,
+            objectives="accuracy,latency,size", knobs=None, space_file=None, device="cpu",
+            sampler="tpe", batch_size=1, seq_len=64, workers=1, out, storage=None,
+            overwrite=False, allow_pickle=False, trust_remote_code=False) -> Prepared:
+    """Check every input (options, space, output, model, data; the model is loaded), and only
+    then create OUT, the study and search.json."""
+    from ..core.families import check_length
+    from ..core.loading import peek
+    from ..core.outputs import check_not_an_input, output_path
+    from . import study as studies
+
+    budget_ms, device, space = _check_options(budget, workers, device, sampler, space_file,
+                                              knobs)
+    out = output_path(out)
+    _check_output(out, overwrite)
+    source, config, kind, task = peek(model, task, trust_remote_code)
+    objectives = check_objectives([o.strip() for o in objectives.split(",") if o.strip()], task)
+    if kind in ("text-encoder", "causal-lm"):
+        check_length(config, seq_len, "--seq-len", model)
+    settings = {"model": model, "task": task, "max_samples": max_samples,
+                **_data_settings(source, task, data, seed), "space": space,
+                "objectives": objectives, "budget_ms": budget_ms, "device": device,
+                "batch_size": batch_size, "seq_len": seq_len, "sampler": sampler}
+    url = studies.storage_url(out, storage)
+    _check_study(url, out, bool(storage), settings, overwrite)
+    dataset = load_dataset(settings)
+    _check_classes(dataset, task)
+    check_not_an_input(out, _input_paths(source, dataset, space_file))
+    loading = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+    loaded = load_base(settings, loading, dataset)
+    job = {"settings": settings, "loading": loading, "storage": url, "out": str(out)}
+    return Prepared(job, _create(job, overwrite, bool(storage)), loaded, dataset)
+
+
+# ---------------------------------------------------------------- creating
+def _make_folder(out: Path) -> list[Path]:
+    """mkdir -p OUT, or a clear error; returns the folders it made, outermost first."""
+    made = []
+    probe = out
+    while not probe.exists():
+        made.append(probe)
+        probe = probe.parent
+    made.reverse()
     try:
-        work(job, trials, timeout)
-    finally:
+        for p in made:
+            p.mkdir(exist_ok=True)
+    except OSError as exc:
+        _remove_made(made)
+        raise InputError(f"Cannot create the output folder '{out}': {exc.strerror}. Choose an "
+                         "-o path in a folder you can write to.") from None
+    return made
+
+
+def _remove_made(made: list[Path]) -> None:
+    if made and made[0].exists():
+        shutil.rmtree(made[0], ignore_errors=True)
+
+
+def _clear(out: Path) -> None:
+    """Empty a search folder (--overwrite): it was checked to be one."""
+    for p in out.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write a JSON file in one step: a reader sees the old file or the new one, whole."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _create(job: dict, overwrite: bool, outside_storage: bool) -> int:
+    """Create OUT, the study (or open it to resume) and search.json, with OUT locked so that
+    two searches started together create them once; returns the run's number."""
+    from ..core.outputs import output_lock
+    from . import study as studies
+
+    out, s = Path(job["out"]), job["settings"]
+    made = _make_folder(out)
+    try:
+        with output_lock(out, LOCK_WAIT_S):
+            if overwrite:
+                _clear(out)
+                if outside_storage:
+                    studies.delete(job["storage"])
+            baseline = None if s["sampler"] == "grid" else spaces.baseline(s["space"])
+            _, run = studies.open_study(job["storage"], s, [OBJECTIVES[o][0]
+                                                            for o in s["objectives"]], baseline)
+            write_json(out / SETTINGS_FILE, job)
+    except BaseException:
+        _remove_made(made)
+        raise
+    return run
+
+
+# ---------------------------------------------------------------- running
+def work(job: dict, trials: int, timeout: float | None, worker: int = 0, run: int = 0,
+         loaded=None, dataset=None) -> None:
+    """One worker: run trials until the study has enough (the model and data are loaded
+    unless given)."""
+    from . import study as studies
+
+    s = job["settings"]
+    if loaded is None:
+        dataset = load_dataset(s)
+        loaded = load_base(s, job.get("loading", {}), dataset)
+    seed = studies.sampler_seed(s["seed"], worker, run)
+    study = studies.load(job["storage"], studies.make_sampler(s["sampler"], seed, s["space"]))
+    objective = Trial(loaded, dataset, s["space"], s["objectives"], s["budget_ms"], s["device"],
+                      s["batch_size"], s["seq_len"], repeats=10, calib=s["data"])
+    studies.run(study, objective, trials, timeout)
+
+
+def _start_worker(out: Path, trials: int, timeout: float | None, worker: int, run: int):
+    return subprocess.Popen([sys.executable, "-m", "mmkit.search.worker", str(out), str(trials),
+                             str(timeout or 0), str(worker), str(run)])
+
+
+def _stop_workers(helpers: list) -> None:
+    """Stop the helper workers (their running trials are marked failed) and reap them."""
+    running = [p for p in helpers if p.poll() is None]
+    if running:
+        log.info("stopping %d search worker(s)", len(running))
+    for p in running:
+        p.terminate()
+    for p in running:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def search(prep: Prepared, trials: int, timeout: float | None, workers: int,
+           export: str) -> dict:
+    """Run the search (with `workers` processes) and write its outputs."""
+    out = Path(prep.job["out"])
+    start = time.perf_counter()
+    helpers = []
+    try:
+        helpers += [_start_worker(out, trials, timeout, i, prep.run) for i in range(1, workers)]
+        work(prep.job, trials, timeout, 0, prep.run, prep.loaded, prep.dataset)
         for p in helpers:
             p.wait()
+    except BaseException:  # interrupted, or failed: the helpers must not run on alone
+        _stop_workers(helpers)
+        raise
     bad = [p.returncode for p in helpers if p.returncode]
     if bad:
         raise RuntimeFailure(f"{len(bad)} search worker(s) failed (exit {bad[0]}); the study in "
-                             f"{job['storage']} keeps every completed trial — run the command "
-                             "again to resume.")
-    return finish(job, time.perf_counter() - start, export)
+                             f"{prep.job['storage']} keeps every completed trial — run the "
+                             "command again to resume.")
+    return finish(prep.job, time.perf_counter() - start, export)
+
+
+# ---------------------------------------------------------------- results
+def _check_searched(study, rows: list[dict], settings: dict) -> None:
+    """Refuse to pass the unmodified model off as a search result when every other point
+    tried was invalid for this model."""
+    import optuna
+
+    space = settings["space"]
+    base = spaces.point_key(spaces.baseline(space), space)
+    invalid = [t for t in study.get_trials(deepcopy=False,
+                                           states=(optuna.trial.TrialState.PRUNED,))
+               if "invalid" in t.user_attrs]
+    if invalid and all(spaces.point_key(r["params"], space) == base for r in rows):
+        raise RuntimeFailure(
+            f"Every candidate the search tried on '{settings['model']}' was invalid "
+            f"({len(invalid)} trials; e.g. trial {invalid[0].number}: "
+            f"{shown(invalid[0].user_attrs['invalid'])}), so only the unmodified model was "
+            "measured and nothing was searched. Choose knobs and values that fit this model "
+            "(--knobs / --space).")
 
 
 def finish(job: dict, seconds: float, export: str) -> dict:
     """Front, files and exported model(s) from the study as it stands."""
+    from ..core.outputs import output_lock
+    from . import study as studies
+    from .objective import taken_points
+
     s, out = job["settings"], Path(job["out"])
-    study = studies.open_study(job["storage"], s, [OBJECTIVES[o][0] for o in s["objectives"]],
-                               None)
+    study = studies.load(job["storage"], None)
     rows = results.trial_rows(study, s["objectives"])
+    _check_searched(study, rows, s)
     front = results.pareto_front(rows, s["objectives"])
+    points = spaces.size(s["space"])
     stats = {"trials_completed": len(rows),
              "rejected_without_evaluation": sum(1 for r in rows if not r["evaluated"]),
+             "space_points": points,
+             "space_exhausted": len(taken_points(study, s["space"])[0]) >= points,
              "seconds_this_run": seconds,
-             "seconds_per_trial": (sum(r["seconds"] or 0 for r in rows) / len(rows)) if rows else None}
-    summary = results.write_outputs(out, study, rows, front, s, stats)
+             "seconds_per_trial": (sum(r["seconds"] or 0 for r in rows) / len(rows))
+             if rows else None}
+    with output_lock(out, LOCK_WAIT_S):  # another search on OUT may be writing them too
+        summary = results.write_outputs(out, study, rows, front, s, stats)
     best = results.best_under(rows, s["objectives"], s["budget_ms"])
     exported = []
     if best is None and rows:
         raise results.no_candidate(rows, s["budget_ms"])
+    loading = job.get("loading", {})
     if export == "best" and best is not None:
-        exported.append(results.export(best, s, out / "best", s["device"]))
+        exported.append(results.export(best, s, out / "best", loading))
     elif export == "pareto":
         for r in front:
             exported.append(results.export(r, s, out / "pareto" / f"trial-{r['trial']}",
-                                           s["device"]))
+                                           loading))
     return {"out": str(out), "storage": job["storage"], **stats, "best": best,
             "front": front, "exported": exported, "table": results.table(front, s["objectives"]),
             "objectives": summary["objectives"]}
@@ -166,14 +408,13 @@ def finish(job: dict, seconds: float, export: str) -> dict:
 
 def pick(out: str, budget: str, dest: str | None, overwrite: bool) -> dict:
     """Export the best evaluated point under a (new) budget from a finished search."""
-    out = Path(out).expanduser()
-    path = out / "pareto.json"
-    if not path.is_file():
-        raise InputError(f"{out} holds no search results (no pareto.json). Run `mmkit search "
-                         f"... -o {out}` first.")
-    summary = json.loads(path.read_text())
-    job = json.loads((out / SETTINGS_FILE).read_text())
     budget_ms = parse_duration_ms(budget)
+    out = Path(out).expanduser()
+    if not out.is_dir():
+        raise InputError(f"'{shown(out)}' is not a search folder (it does not exist or is a "
+                         "file). Pass the -o folder of a `mmkit search` run.")
+    job = results.read_search_file(out / SETTINGS_FILE, "search", results.check_job)
+    summary = results.read_search_file(out / "pareto.json", "pareto", results.check_summary)
     old = summary.get("latency_budget_ms")
     if old and budget_ms > old:
         log.warning("trials over the search's own %.3g ms budget were never evaluated, so they "
@@ -182,7 +423,7 @@ def pick(out: str, budget: str, dest: str | None, overwrite: bool) -> dict:
     if best is None:
         raise results.no_candidate(summary["evaluated"] or summary["front"], budget_ms)
     target = Path(dest) if dest else out / f"pick-{budget_ms:g}ms"
-    artifact = results.export(best, job["settings"], target, job["settings"]["device"],
+    artifact = results.export(best, job["settings"], target, job.get("loading", {}),
                               overwrite=overwrite)
     return {"artifact": artifact, "trial": best["trial"], "params": best["params"],
             "values": best["values"], "latency_ms": best["latency_ms"]}

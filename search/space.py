@@ -15,10 +15,18 @@ The first value of every knob should be "no change": trial 0 is always the unmod
 
 from __future__ import annotations
 
+import math
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.errors import InputError
+from ..core.errors import InputError, shown
+
+MAX_SPACE_BYTES = 1 << 20  # a space file is a few lines of YAML (as a recipe)
+ENUMERATE_LIMIT = 100_000  # spaces up to this many points are listed to find untried ones
+# how an error message shows a bad value: a YAML alias bomb's value would print as 300 MB
+ECHO = reprlib.Repr()
+ECHO.maxlevel, ECHO.maxlist, ECHO.maxdict, ECHO.maxstring, ECHO.maxother = 2, 4, 4, 40, 40
 
 
 @dataclass(frozen=True)
@@ -33,7 +41,8 @@ class Knob:
 
 
 def _fraction(v):
-    return None if isinstance(v, (int, float)) and 0 <= v < 1 else "a fraction in [0, 1)"
+    number = isinstance(v, (int, float)) and not isinstance(v, bool)
+    return None if number and 0 <= v < 1 else "a fraction in [0, 1)"
 
 
 def _count(v):
@@ -53,7 +62,8 @@ KNOBS = {k.name: k for k in (
     Knob("ffn", "fraction of FFN neurons removed per layer", (0.0, 0.25, 0.5), _fraction, 0.0),
     Knob("sparsity", "unstructured magnitude sparsity", (0.0, 0.5), _fraction, 0.0),
     Knob("quant", "weight quantization", ("none", "dynamic-int8", "rtn-8"),
-         lambda v: None if v in QUANT else f"one of {', '.join(QUANT)}", "none"),
+         lambda v: None if isinstance(v, str) and v in QUANT else f"one of {', '.join(QUANT)}",
+         "none"),
     Knob("recovery", "full fine-tuning steps after the cuts", (0, 50), _count, 0),
 )}
 DEFAULT_KNOBS = ("layers", "heads", "ffn", "quant")
@@ -64,7 +74,7 @@ def from_knob_names(names: str | None) -> dict[str, list]:
     chosen = [n.strip() for n in (names or ",".join(DEFAULT_KNOBS)).split(",") if n.strip()]
     unknown = [n for n in chosen if n not in KNOBS]
     if unknown:
-        raise InputError(f"Unknown knob '{unknown[0]}'. Knobs: {', '.join(KNOBS)}.")
+        raise InputError(f"Unknown knob '{shown(unknown[0], 60)}'. Knobs: {', '.join(KNOBS)}.")
     return {n: list(KNOBS[n].default) for n in chosen}
 
 
@@ -74,35 +84,54 @@ def _key_lines(text: str) -> dict:
 
     lines = {}
     root = yaml.compose(text, Loader=yaml.SafeLoader)
-    for key, value in getattr(root, "value", []) or []:
+    if not isinstance(root, yaml.MappingNode):
+        return lines
+    for key, value in root.value:
         if getattr(key, "value", None) == "knobs" and isinstance(value, yaml.MappingNode):
             for k, _ in value.value:
-                lines[k.value] = k.start_mark.line + 1
+                if isinstance(k, yaml.ScalarNode):
+                    lines[k.value] = k.start_mark.line + 1
     return lines
 
 
-def from_file(path: str) -> dict[str, list]:
-    """Read and check a space file."""
+def _read_yaml(path: Path):
+    """The file's YAML (safe-loaded), or a clear error for anything that is not a short
+    UTF-8 YAML text."""
     import yaml
 
-    path = Path(path)
     try:
-        text = path.read_text()
-        data = yaml.safe_load(text)
+        if path.stat().st_size > MAX_SPACE_BYTES:
+            raise InputError(f"{shown(path)} is {path.stat().st_size:,} bytes; a space file is a "
+                             f"short YAML file (at most {MAX_SPACE_BYTES:,} bytes). Pass the "
+                             "right file.")
+        text = path.read_text(encoding="utf-8")
+        return text, yaml.safe_load(text)
     except OSError as exc:
-        raise InputError(f"Cannot read the space file {path}: {exc}.") from None
+        raise InputError(f"Cannot read the space file {shown(path)}: {shown(exc)}.") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{shown(path)} is not UTF-8 text (byte {exc.start}); save the space "
+                         "file as UTF-8.") from None
+    except RecursionError:
+        raise InputError(f"{shown(path)} nests brackets or blocks too deeply to be a space "
+                         "file; fix the file.") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise InputError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}.") \
-            from None
+        raise InputError(f"{shown(path)} is not valid YAML{where}: "
+                         f"{shown(getattr(exc, 'problem', exc))}. Fix the file.") from None
+
+
+def from_file(path: str) -> dict[str, list]:
+    """Read and check a space file; repeated values of a knob count once."""
+    path = Path(path)
+    text, data = _read_yaml(path)
     if not isinstance(data, dict) or set(data) != {"knobs"} or not isinstance(data["knobs"], dict):
-        raise InputError(f"{path} must hold one mapping, `knobs:`, of knob names to lists of "
-                         f"values. Knobs: {', '.join(KNOBS)}.")
+        raise InputError(f"{shown(path)} must hold one mapping, `knobs:`, of knob names to lists "
+                         f"of values, e.g. `knobs: {{layers: [0, 1]}}`. Knobs: {', '.join(KNOBS)}.")
     lines = _key_lines(text)
     space = {}
     for name, values in data["knobs"].items():
-        at = f"{path}, line {lines.get(name, '?')}, knob '{name}'"
+        at = f"{shown(path)}, line {lines.get(name, '?')}, knob '{shown(name, 60)}'"
         if name not in KNOBS:
             raise InputError(f"{at}: unknown knob. Knobs: {', '.join(KNOBS)}.")
         if not isinstance(values, list) or not values:
@@ -111,8 +140,8 @@ def from_file(path: str) -> dict[str, list]:
         for v in values:
             problem = KNOBS[name].check(v)
             if problem:
-                raise InputError(f"{at}: value {v!r} is not {problem}.")
-        space[name] = values
+                raise InputError(f"{at}: value {ECHO.repr(v)} is not {problem}.")
+        space[name] = list(dict.fromkeys(values))
     return space
 
 
@@ -127,6 +156,41 @@ def check_baseline(space: dict) -> None:
         if KNOBS[name].identity not in values:
             raise InputError(f"Knob '{name}' must include {KNOBS[name].identity!r} (no change), "
                              "so that trial 0 is the unmodified model.")
+
+
+def size(space: dict) -> int:
+    """How many points the space holds."""
+    return math.prod(len(values) for values in space.values())
+
+
+def point_key(params: dict, space: dict) -> str | None:
+    """A point's canonical name ('layers=1 heads=0.25'; 0 and 0.0 are one value), or None when
+    `params` are not a whole point of `space` (a trial cut off before it chose every knob)."""
+    if set(params) != set(space):
+        return None
+    parts = []
+    for name, values in space.items():
+        try:
+            parts.append(f"{name}={values[values.index(params[name])]}")
+        except ValueError:
+            return None
+    return " ".join(parts)
+
+
+def untried_point(space: dict, taken: set[str], seed: int) -> dict | None:
+    """A point whose key is not in `taken`, chosen at random by `seed`; None when every point
+    is taken (or, in a space too large to list, when random draws find none)."""
+    import itertools
+    import random
+
+    rng = random.Random(seed)
+    names = list(space)
+    if size(space) <= ENUMERATE_LIMIT:
+        points = [dict(zip(names, values)) for values in itertools.product(*space.values())]
+        rng.shuffle(points)
+    else:
+        points = ({n: rng.choice(space[n]) for n in names} for _ in range(1000))
+    return next((p for p in points if point_key(p, space) not in taken), None)
 
 
 def steps_for(params: dict, n_layers: int, calib: str | None) -> list[dict]:

@@ -4,7 +4,8 @@ Storage is SQLite inside the output folder unless `--storage` names another Optu
 (any SQLAlchemy URL, e.g. PostgreSQL for workers on several machines, or `journal:PATH` for a
 journal file). RDB storages keep a heartbeat: a trial whose process died is marked failed once
 its heartbeat is stale and is retried with the same parameters. The search's settings are
-stored in the study; running the same command again resumes it, another command is refused.
+stored in the study; running the same command again resumes it, another command is refused
+(unless the study holds no finished or running trial, which nothing would lose).
 """
 
 from __future__ import annotations
@@ -12,15 +13,26 @@ from __future__ import annotations
 import json
 import logging
 import os
+from datetime import datetime, timedelta
 from pathlib import Path
 
-from ..core.errors import InputError
+import optuna
+import sqlalchemy.exc
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._rdb import models
+from optuna.storages._rdb.storage import _create_scoped_session
+from optuna.trial import TrialState
+from sqlalchemy.orm import selectinload
+
+from ..core.errors import InputError, shown
 
 log = logging.getLogger("mmkit")
 STUDY_NAME = "mmkit-search"
 HEARTBEAT_S = int(os.environ.get("MMKIT_SEARCH_HEARTBEAT", "2"))
 GRACE_S = int(os.environ.get("MMKIT_SEARCH_GRACE", "10"))
+NO_HEARTBEAT_GRACE_S = 60  # a RUNNING trial still without a heartbeat this long is stale
 SAMPLERS = ("tpe", "nsga2", "nsga3", "random", "grid", "qmc")
+RUNS_ATTR = "mmkit_runs"  # how many `mmkit search` runs have started on the study
 
 
 def storage_url(out: Path, storage: str | None) -> str:
@@ -29,48 +41,92 @@ def storage_url(out: Path, storage: str | None) -> str:
 
 
 def _quiet_optuna() -> None:
-    """Optuna's per-trial INFO lines and experimental-feature warnings: our log says enough."""
+    """Optuna's per-trial lines (with a traceback for a failed or interrupted trial) and its
+    experimental-feature warnings: our log and error messages say enough."""
     import warnings
 
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+class HeartbeatStorage(RDBStorage):
+    """An RDBStorage whose trials carry a heartbeat from the moment they run.
+
+    Optuna writes a trial's first heartbeat from a thread started after the trial turned
+    RUNNING, and never fails a RUNNING trial that has no heartbeat: a process killed in that
+    window left its trial RUNNING for ever, and it was never retried. Here the heartbeat is
+    written as the trial starts, and a RUNNING trial that still has none after
+    max(grace period, NO_HEARTBEAT_GRACE_S) counts as stale too.
+    """
+
+    def _create_new_trial(self, study_id, template_trial=None):
+        trial = super()._create_new_trial(study_id, template_trial)
+        if trial.state == TrialState.RUNNING:
+            self.record_heartbeat(trial._trial_id)
+        return trial
+
+    def set_trial_state_values(self, trial_id, state, values=None) -> bool:
+        changed = super().set_trial_state_values(trial_id, state, values)
+        if changed and state == TrialState.RUNNING:  # a queued trial starts
+            self.record_heartbeat(trial_id)
+        return changed
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = super()._get_stale_trial_ids(study_id)
+        wait = max(self.grace_period or 0, NO_HEARTBEAT_GRACE_S)
+        cutoff = datetime.now() - timedelta(seconds=wait)  # datetime_start is local time
+        with _create_scoped_session(self.scoped_session) as session:
+            running = (session.query(models.TrialModel)
+                       .options(selectinload(models.TrialModel.heartbeats))
+                       .filter(models.TrialModel.state == TrialState.RUNNING,
+                               models.TrialModel.study_id == study_id).all())
+            stale += [t.trial_id for t in running if not t.heartbeats
+                      and t.datetime_start is not None and t.datetime_start < cutoff]
+        return stale
+
+
+def _storage(url: str):
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = Path(url.split(":", 1)[1]).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    return HeartbeatStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
+                            grace_period=GRACE_S,
+                            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                                max_retry=2))
 
 
 def open_storage(url: str):
     """An Optuna storage for a URL, or a clear error."""
-    import optuna
-
     _quiet_optuna()
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    for attempt in (1, 2):
+        try:
+            return _storage(url)
+        except sqlalchemy.exc.IntegrityError as exc:
+            # two processes set up a new database at once: the other one's tables are there now
+            if attempt == 2:
+                raise InputError(f"--storage {shown(url)} cannot be opened: {shown(exc)}.") \
+                    from None
+        except (ImportError, ValueError, OSError, sqlalchemy.exc.SQLAlchemyError,
+                optuna.exceptions.StorageInternalError,
+                RuntimeError) as exc:  # RuntimeError: a schema of another optuna version
+            raise InputError(f"--storage {shown(url)} cannot be opened: {shown(exc)}. Use "
+                             "sqlite:///PATH, an SQLAlchemy URL such as "
+                             "postgresql://user@host/db (with its driver installed), or "
+                             "journal:PATH.") from None
 
-    try:
-        if url.startswith("journal:"):
-            from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-            path = Path(url.split(":", 1)[1]).expanduser()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return JournalStorage(JournalFileBackend(str(path)))
-        kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-        return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
-                          grace_period=GRACE_S,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                              max_retry=2))
-    except (ImportError, ValueError, OSError, optuna.exceptions.StorageInternalError) as exc:
-        raise InputError(f"--storage {url} cannot be opened: {exc}. Use sqlite:///PATH, an "
-                         "SQLAlchemy URL such as postgresql://user@host/db (with its driver "
-                         "installed), or journal:PATH.") from None
-    except Exception as exc:  # sqlalchemy's own errors (bad URL, unreachable server)
-        if type(exc).__module__.startswith("sqlalchemy"):
-            raise InputError(f"--storage {url} cannot be opened: {exc}.") from None
-        raise
+def sampler_seed(seed: int, worker: int, run: int) -> int:
+    """The sampler's seed for one worker of one run: a fresh single-process search keeps
+    --seed itself; other workers and later runs of the same study draw other points."""
+    return (seed + 1000 * worker + run) % 2**32
 
 
 def make_sampler(name: str, seed: int, space: dict):
     """An Optuna sampler that respects the latency constraint where it can."""
-    import optuna
-
     def constraints(trial):
         return trial.user_attrs.get("constraint", [0.0])
 
@@ -89,45 +145,105 @@ def make_sampler(name: str, seed: int, space: dict):
         return optuna.samplers.GridSampler(space, seed=seed)
     if name == "qmc":
         return optuna.samplers.QMCSampler(seed=seed)
-    raise InputError(f"Unknown sampler '{name}'. Samplers: {', '.join(SAMPLERS)}.")
+    raise InputError(f"Unknown sampler '{shown(name, 60)}'. Samplers: {', '.join(SAMPLERS)}.")
 
 
-def open_study(url: str, settings: dict, directions: list[str], sampler):
-    """Create the study, or resume it when it was made by the same settings."""
-    import optuna
+def _differences(stored: dict, settings: dict) -> list[str]:
+    plain = json.loads(json.dumps(settings))
+    return sorted(k for k in set(stored) | set(plain) if stored.get(k) != plain.get(k))
 
-    storage = open_storage(url)
-    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, directions=directions,
-                                sampler=sampler, load_if_exists=True)
+
+def _trial_counts(study) -> tuple[int, int]:
+    """(completed, running) trials of a study."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+    done = sum(1 for t in trials if t.state == TrialState.COMPLETE)
+    return done, len(trials) - done
+
+
+def _load(storage, sampler=None):
+    try:
+        return optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler)
+    except KeyError:
+        return None
+
+
+def find_study(url: str):
+    """The search's study in the storage, or None; creates nothing (not even the database
+    file of the default storage)."""
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        return None
+    return _load(open_storage(url))
+
+
+def check_settings(study, url: str, settings: dict) -> None:
+    """Refuse to resume a study made by other settings, unless it has no finished or running
+    trial (then its settings can be replaced: nothing would be lost)."""
     stored = study.user_attrs.get("settings")
-    if stored is None:
+    if not isinstance(stored, dict) or not _differences(stored, settings):
+        return
+    if _trial_counts(study) != (0, 0):
+        raise InputError(f"The storage {shown(url)} holds a search with other settings "
+                         f"({', '.join(_differences(stored, settings))} differ). Run the same "
+                         "command to resume it, use another -o / --storage, or pass --overwrite "
+                         "to start afresh.")
+
+
+def open_study(url: str, settings: dict, directions: list[str], baseline: dict | None):
+    """Create the study (trial 0 queued: `baseline`, the unmodified model), or resume it when
+    it was made by the same settings; count this run. Call it with OUT locked, so that two
+    searches started together do not both create it."""
+    storage = open_storage(url)
+    study = _load(storage)
+    if study is not None:
+        check_settings(study, url, settings)
+        stored = study.user_attrs.get("settings")
+        if stored is not None and _differences(stored, settings):
+            log.info("the study in %s had other settings (%s) and no finished trial: they are "
+                     "replaced by this command's", url, ", ".join(_differences(stored, settings)))
+            optuna.delete_study(study_name=STUDY_NAME, storage=storage)
+            study = None
+    if study is None:
+        study = optuna.create_study(study_name=STUDY_NAME, storage=storage,
+                                    directions=directions, load_if_exists=True)
         study.set_user_attr("settings", settings)
-    elif stored != json.loads(json.dumps(settings)):
-        changed = sorted(k for k in set(stored) | set(settings)
-                         if stored.get(k) != json.loads(json.dumps(settings)).get(k))
-        raise InputError(f"The storage {url} holds a search with other settings ({', '.join(changed)} "
-                         "differ). Run the same command to resume it, use another -o / "
-                         "--storage, or pass --overwrite to start afresh.")
+        if baseline is not None:
+            study.enqueue_trial(baseline)
+    run = study.user_attrs.get(RUNS_ATTR, 0)
+    study.set_user_attr(RUNS_ATTR, run + 1)
+    return study, run
+
+
+def load(url: str, sampler):
+    """The search's study, for a worker."""
+    study = _load(open_storage(url), sampler)
+    if study is None:
+        raise InputError(f"The storage {shown(url)} holds no search (it was deleted while this "
+                         "worker started); run the search again.")
     return study
+
+
+def delete(url: str) -> None:
+    """Delete the search's study from an outside storage (--overwrite)."""
+    try:
+        optuna.delete_study(study_name=STUDY_NAME, storage=open_storage(url))
+    except KeyError:
+        pass
 
 
 def completed(study) -> int:
     """Trials that finished (feasible or not)."""
-    import optuna
-
-    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
-def run(study, objective, trials: int, timeout: float | None, baseline: dict) -> None:
-    """Optimize until `trials` trials have completed in the study (all workers together)."""
-    import optuna
-
-    grid = isinstance(study.sampler, optuna.samplers.GridSampler)  # it visits every point
-    if not study.get_trials(deepcopy=False) and not grid:
-        study.enqueue_trial(baseline)  # trial 0: the unmodified model
+def run(study, objective, trials: int, timeout: float | None) -> None:
+    """Optimize until `trials` trials have completed in the study (all workers together), or
+    no point of the space is left to try."""
     if completed(study) >= trials:
         log.info("the study already has %d completed trials", completed(study))
         return
+    if objective.nothing_left(study):
+        log.info("every point of the space has been tried already")
+        return
     study.optimize(objective, timeout=timeout, catch=(),
                    callbacks=[optuna.study.MaxTrialsCallback(
-                       trials, states=(optuna.trial.TrialState.COMPLETE,))])
+                       trials, states=(TrialState.COMPLETE,))])

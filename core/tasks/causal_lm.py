@@ -40,8 +40,6 @@ def evaluate(loaded, split, batch_size: int = 8, max_length: int = DEFAULT_SEQ_L
     vocabulary) stay under LOGIT_BUDGET: a 49k-token vocabulary at 512 tokens is 100 MB a
     window, so a batch of 32 would otherwise hold 3 GB of logits and several copies.
     """
-    import torch
-
     model, device = loaded.model, model_device(loaded.model)
     seq_len = min(max_length, max_positions(model.config))
     wins = windows(token_stream(loaded, split.inputs), seq_len)
@@ -49,8 +47,7 @@ def evaluate(loaded, split, batch_size: int = 8, max_length: int = DEFAULT_SEQ_L
         from ..errors import InputError
 
         raise InputError("The corpus is too short to measure perplexity (fewer than 2 tokens).")
-    vocab = model.config.vocab_size
-    step = max(1, min(batch_size, LOGIT_BUDGET // (seq_len * vocab)))
+    step = windows_per_forward(batch_size, seq_len, model.config.vocab_size)
     nll, count = 0.0, 0
     for start in range(0, len(wins), step):
         ids, mask = _pad(wins[start:start + step])
@@ -59,6 +56,12 @@ def evaluate(loaded, split, batch_size: int = 8, max_length: int = DEFAULT_SEQ_L
         count += tokens
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count,
             "windows": len(wins), "seq_len": seq_len}
+
+
+def windows_per_forward(batch_size: int, seq_len: int, vocab: int) -> int:
+    """How many windows one forward pass takes: the batch size, or fewer if their logits
+    would pass LOGIT_BUDGET (never fewer than one)."""
+    return max(1, min(batch_size, LOGIT_BUDGET // (seq_len * vocab)))
 
 
 def _pad(group: list[list[int]]):
@@ -77,17 +80,18 @@ def _pad(group: list[list[int]]):
 def _window_nll(model, ids, mask) -> tuple[float, int]:
     """Summed next-token negative log-likelihood of a micro-batch, and its token count.
 
-    The targets are shifted rather than the logits, so no copy of the logits is made (the
-    last position's target is ignored)."""
+    The targets are laid out to match the logits rather than the logits sliced to match the
+    targets, so the logits are never copied (beyond a cast when they are not fp32)."""
     import torch
     import torch.nn.functional as F
 
     with torch.inference_mode():
         logits = model(input_ids=ids, attention_mask=mask).logits
-        logits = logits[:, -ids.size(1):]  # prompt tuning prepends virtual-token positions
-        target = torch.full_like(ids, -100)
-        target[:, :-1] = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1),
+        # prompt tuning prepends virtual-token positions; they and the last position get no target
+        offset = logits.size(1) - ids.size(1)
+        target = ids.new_full(logits.shape[:2], -100)
+        target[:, offset:-1] = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.view(-1),
                                ignore_index=-100, reduction="sum")
     return loss.item(), int((target != -100).sum())
 
