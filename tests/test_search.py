@@ -181,10 +181,11 @@ def test_resume_after_the_search_is_killed_mid_trial(tmp_path):
     out = tmp_path / "r"
     db = out / "study.db"
     proc = _search_process(out, "--trials", 100, "--export", "none")
-    try:  # kill it inside a trial that has started its heartbeat
+    try:  # kill it inside a trial that has started its heartbeat and chosen its point
         _wait_for(lambda: len(_trials_in(db, "COMPLETE")) >= 2 and _query(
             db, "select t.number from trials t join trial_heartbeats h using (trial_id) "
-                "where t.state = 'RUNNING'"), proc)
+                "where t.state = 'RUNNING' and (select count(*) from trial_params p "
+                "where p.trial_id = t.trial_id) = 4"), proc)
     finally:
         _stop(proc)
     before = {t.number: t.values for t in _study(out).trials if t.values}
