@@ -132,16 +132,22 @@ def _holder(lock_path: Path) -> str:
         return "another mmkit process"
 
 
-def _make_parents(path: Path) -> list[Path]:
-    """mkdir -p; returns the folders it created, outermost first."""
+def make_folders(path: Path) -> list[Path]:
+    """mkdir -p, or a clear error; returns the folders it made, outermost first."""
     missing = []
     probe = path
     while not probe.exists():
         missing.append(probe)
         probe = probe.parent
-    for p in reversed(missing):
-        p.mkdir(exist_ok=True)
-    return list(reversed(missing))
+    missing.reverse()
+    try:
+        for p in missing:
+            p.mkdir(exist_ok=True)
+    except OSError as exc:
+        _remove_empty(missing)
+        raise InputError(f"Cannot create the folder '{path}': {exc.strerror}. Choose an -o path "
+                         "in a folder you can write to.") from None
+    return missing
 
 
 @contextmanager
@@ -155,7 +161,7 @@ def output_lock(out: Path, wait_s: float = 0.0):
     if out in _HELD:
         yield out
         return
-    created = _make_parents(out.parent)
+    created = make_folders(out.parent)
     lock_path = out.parent / f".{out.name}.{LOCK}"
     deadline = time.monotonic() + wait_s
     fd = None

@@ -226,24 +226,6 @@ def prepare(model: str, *, data=None, task=None, max_samples=None, seed=None, bu
 
 
 # ---------------------------------------------------------------- creating
-def _make_folder(out: Path) -> list[Path]:
-    """mkdir -p OUT, or a clear error; returns the folders it made, outermost first."""
-    made = []
-    probe = out
-    while not probe.exists():
-        made.append(probe)
-        probe = probe.parent
-    made.reverse()
-    try:
-        for p in made:
-            p.mkdir(exist_ok=True)
-    except OSError as exc:
-        _remove_made(made)
-        raise InputError(f"Cannot create the output folder '{out}': {exc.strerror}. Choose an "
-                         "-o path in a folder you can write to.") from None
-    return made
-
-
 def _remove_made(made: list[Path]) -> None:
     if made and made[0].exists():
         shutil.rmtree(made[0], ignore_errors=True)
@@ -268,11 +250,11 @@ def write_json(path: Path, data: dict) -> None:
 def _create(job: dict, overwrite: bool, outside_storage: bool) -> int:
     """Create OUT, the study (or open it to resume) and search.json, with OUT locked so that
     two searches started together create them once; returns the run's number."""
-    from ..core.outputs import output_lock
+    from ..core.outputs import make_folders, output_lock
     from . import study as studies
 
     out, s = Path(job["out"]), job["settings"]
-    made = _make_folder(out)
+    made = make_folders(out)
     try:
         with output_lock(out, LOCK_WAIT_S):
             if overwrite:

@@ -437,7 +437,7 @@ def test_search_bad_input(adapters, tmp_path):
         "--overwrite another folder": (["tiny:bert", "--overwrite"], "deletes only search",
                                        tmp_path / "other"),
         "-o under a file": (["tiny:bert"], "not a writable folder", tmp_path / "a-file" / "s"),
-        "-o under /proc": (["tiny:bert"], "Cannot create the output folder",
+        "-o under /proc": (["tiny:bert"], "Cannot create the folder",
                            Path(f"/proc/mmkit-{os.getpid()}/s")),
         "-o inside the model": ([headed, "--data", tmp_path / "labels.csv"], "lies inside the "
                                 "model folder", headed / "search"),
