@@ -11,7 +11,7 @@ def _human(r: dict) -> str:
     if "perplexity" in r:
         score = f"perplexity {r['perplexity']:.3f} over {r['tokens']} tokens"
     else:
-        score = f"accuracy {r['accuracy']:.4f}  macro-F1 {r['macro_f1']:.4f}  ({r['examples']} examples)"
+        score = f"{options.score_line(r)}  ({r['examples']} examples)"
     return f"{r['model']}  {r['task']}  {r['data']}:{r['split']}  {score}  [{r['seconds']:.1f} s]"
 
 

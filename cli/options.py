@@ -192,16 +192,25 @@ def run_one_step(step: dict, *, model, task, data, text_column, image_column, la
               "label_column": label_column, "steps": [step],
               "eval": {"split": eval_split} if eval_split else None}
     recipe = {k: v for k, v in recipe.items() if v is not None}
-    return run_recipe(parse_recipe(recipe, where=step["step"]), out, overwrite=overwrite,
+    return run_recipe(parse_recipe(recipe, where=step["step"], cli=True), out,
+                      overwrite=overwrite,
                       device=device, allow_pickle=allow_pickle,
                       trust_remote_code=trust_remote_code, resume=resume)
 
 
 def metric_lines(result: dict) -> str:
     """The metrics of a result, one indented line per split."""
-    lines = []
-    for m in result["metrics"]:
-        score = (f"perplexity {m['perplexity']:.3f}" if "perplexity" in m
-                 else f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}")
-        lines.append(f"\n  {m['split']}: {score}")
-    return "".join(lines)
+    return "".join(f"\n  {m['split']}: {score_line(m)}" for m in result["metrics"])
+
+
+def score_line(m: dict) -> str:
+    """A metrics dict as one line; classification adds the majority-class floor."""
+    if "perplexity" in m:
+        return f"perplexity {m['perplexity']:.3f}"
+    line = f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}"
+    floor = m.get("majority")
+    if floor:
+        line += (f"  (always '{floor['class']}': accuracy {floor['accuracy']:.4f}, macro-F1 "
+                 f"{floor['macro_f1']:.4f}; gain {m['macro_f1'] - floor['macro_f1']:+.4f} "
+                 "macro-F1)")
+    return line

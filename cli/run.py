@@ -9,13 +9,7 @@ from . import options
 
 def _human(r: dict) -> str:
     steps = " -> ".join(f"{s['step']}:{s['method']}" for s in r["steps"]) or "no steps"
-    lines = [f"{r['artifact']}  from {r['model']}  ({steps})"]
-    for m in r["metrics"]:
-        if "perplexity" in m:
-            lines.append(f"  {m['split']}: perplexity {m['perplexity']:.3f}")
-        else:
-            lines.append(f"  {m['split']}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}")
-    return "\n".join(lines)
+    return f"{r['artifact']}  from {r['model']}  ({steps})" + options.metric_lines(r)
 
 
 @click.command("run", cls=options.Command)

@@ -42,6 +42,23 @@ def evaluate(loaded: LoadedModel, dataset: Dataset, split: str = "test", *,
     start = time.perf_counter()
     metrics = task.evaluate(loaded, part, **kwargs)
     seconds = time.perf_counter() - start
+    if part.labels is not None:
+        metrics["majority"] = majority_baseline(dataset, part)
     device = str(next(loaded.model.parameters()).device)
     return {"task": loaded.task, "data": dataset.name, "split": split, **metrics,
             "seconds": round(seconds, 3), "device": device, "environment": environment(device)}
+
+
+def majority_baseline(dataset: Dataset, part) -> dict:
+    """What always answering the training split's most common class scores on `part`: the
+    floor a trained classifier must clear."""
+    from collections import Counter
+
+    from .tasks.common import classification_metrics
+
+    train = dataset.splits.get("train")
+    pool = train.labels if train is not None and train.labels else part.labels
+    top = Counter(pool).most_common(1)[0][0]
+    scores = classification_metrics(part.labels, [top] * len(part.labels))
+    return {"class": dataset.label_names[top], "accuracy": scores["accuracy"],
+            "macro_f1": scores["macro_f1"]}

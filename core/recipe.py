@@ -104,7 +104,7 @@ def load_recipe(path: str | Path) -> dict:
     return data
 
 
-def parse_recipe(data: dict, where: str = "recipe") -> Recipe:
+def parse_recipe(data: dict, where: str = "recipe", cli: bool = False) -> Recipe:
     """Validate a recipe mapping and every step's method and parameters (before any work)."""
     from .registry import build_config, get_method
 
@@ -128,7 +128,7 @@ def parse_recipe(data: dict, where: str = "recipe") -> Recipe:
                              "merge, extract, cast) and its parameters.")
         params = {k: v for k, v in step.items() if k not in ("step", "method")}
         method = get_method(step["step"], step.get("method"))
-        build_config(method, params, at)
+        build_config(method, params, where if cli else at, cli)
     return recipe
 
 
@@ -157,6 +157,55 @@ def _input_paths(source, dataset, steps) -> list[tuple[str, str]]:
         if calib and Path(calib).expanduser().exists():
             paths.append(("calibration data", str(Path(calib).expanduser())))
     return paths
+
+
+UNMERGEABLE = ("prompt", "prefix", "adaptformer", "vpt")  # adapters that are not weight changes
+
+
+def _start_state(source, config) -> dict:
+    """What the recipe's model is before its first step: an adapter (which, QLoRA or not)
+    and whether its weights are quantized."""
+    manifest = (source.adapter or source).manifest
+    adapter = qlora = None
+    if source.adapter is not None:
+        made = [s for s in manifest.get("steps") or [] if s.get("step") == "finetune"]
+        adapter = made[-1].get("method") if made else "an"
+        qlora = bool(made and (made[-1].get("params") or {}).get("bits"))
+    quantized = manifest.get("format") in ("mmkit-quantized", "mmkit-ptq") or getattr(
+        config, "quantization_config", None) is not None
+    return {"adapter": adapter, "qlora": qlora, "quantized": quantized, "by": "the input model"}
+
+
+def _check_chain(source, config, steps) -> None:
+    """Check, before any step runs, that each step can take what the steps before it (and
+    the model itself) leave: no compression of an adapter that cannot be merged, no adapter
+    on an adapter, no pruning or training of quantized weights, no quantizing twice."""
+    state = _start_state(source, config)
+    for i, (method, cfg, _) in enumerate(steps, 1):
+        at = f"step {i} ({method.step} {method.name})"
+        if method.step == "finetune":
+            if state["adapter"]:
+                raise InputError(f"{at} would train a second adapter on the {state['adapter']} "
+                                 f"adapter left by {state['by']}; merge that one first "
+                                 "(`merge: true` on its step, --merge on the command line).")
+            if state["quantized"] and not getattr(cfg, "bits", None):
+                raise InputError(f"{at} cannot train weights that are quantized already (by "
+                                 f"{state['by']}); fine-tune before quantizing.")
+            merged = cfg.merge or method.name == "full"
+            state.update(adapter=None if merged else method.name, qlora=bool(
+                getattr(cfg, "bits", None)), by=f"step {i}")
+        elif method.step in ("prune", "quantize"):
+            adapter = state["adapter"]
+            if adapter and (adapter in UNMERGEABLE or state["qlora"]):
+                why = "is on a 4/8-bit base" if state["qlora"] else "is not a weight change"
+                raise InputError(f"{at} needs plain weights, but the {adapter} adapter left by "
+                                 f"{state['by']} {why} and cannot be merged. Use a mergeable "
+                                 "method (lora, svfit, ...) with `merge: true` / --merge.")
+            if state["quantized"]:
+                raise InputError(f"{at} would {method.step} weights that are quantized already "
+                                 f"(by {state['by']}); {method.step} the floating-point model, "
+                                 "and quantize last.")
+            state.update(adapter=None, quantized=method.step == "quantize", by=f"step {i}")
 
 
 @dataclass
@@ -215,6 +264,7 @@ def plan_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False,
             raise InputError(f"{method.step} {method.name} does not apply to '{recipe.model}', a "
                              f"{kind} model; it applies to {', '.join(method.kinds)}. "
                              f"{method.hint}".strip())
+    _check_chain(source, config, steps)
     load_options = {}
     for i, (method, cfg, _) in enumerate(steps):
         wanted = method.load_options(cfg) if method.load_options else {}

@@ -100,19 +100,37 @@ def methods_for(kind: str) -> list[Method]:
     return [m for m in all_methods() if kind in m.kinds]
 
 
-def build_config(method: Method, params: dict, where: str) -> MethodConfig:
-    """Validate a step's parameters, turning pydantic's errors into one clear paragraph."""
+def build_config(method: Method, params: dict, where: str, cli: bool = False) -> MethodConfig:
+    """Validate a step's parameters, turning pydantic's errors into one clear paragraph that
+    names what the user typed: command-line flags (`cli`) or recipe keys."""
     try:
         return method.config(**params)
     except ValidationError as exc:
-        allowed = ", ".join(method.config.model_fields) or "none"
+        fields = list(method.config.model_fields)
+        name = (lambda key: "--" + key.replace("_", "-")) if cli else (lambda key: key)
         problems = []
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
+            msg = _in_terms(err["msg"].removeprefix("Value error, "), fields, cli)
             if err["type"] == "extra_forbidden":
-                problems.append(f"unknown key '{key}'")
+                problems.append(f"unknown {'option' if cli else 'key'} '{name(key)}'")
             else:
-                problems.append(f"'{key}': {msg}" if key else msg)
-        raise InputError(f"{where}: {'; '.join(problems)}. Keys that {method.step} "
-                         f"{method.name} takes: {allowed}.") from None
+                problems.append(f"'{name(key)}': {msg}" if key else msg)
+        what = "Options" if cli else "Keys"
+        raise InputError(f"{where}: {'; '.join(problems)}. {what} that {method.step} "
+                         f"{method.name} takes: {', '.join(map(name, fields)) or 'none'}.") \
+            from None
+
+
+def _in_terms(message: str, fields: list[str], cli: bool) -> str:
+    """A validator's message, which names flags (--calib), in recipe keys (calib) when the
+    parameters came from a recipe."""
+    import re
+
+    if cli:
+        return message
+    message = re.sub(r"pass --([a-z][a-z0-9-]*) ", lambda m: f"set {m.group(1).replace('-', '_')}: ",
+                     message)
+    return re.sub(r"--([a-z][a-z0-9-]*)",
+                  lambda m: m.group(1).replace("-", "_")
+                  if m.group(1).replace("-", "_") in fields else m.group(0), message)

@@ -277,8 +277,10 @@ def train(loaded, model, cfg: TrainingConfig, ctx, default_lr: float, masks=None
     trainer.add_callback(_log_callback())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
-    log.info("training %s of %s parameters (%.2f%%), %d examples, %s epochs%s", f"{trainable:,}",
-             f"{total_params:,}", 100 * trainable / total_params, len(train_items), cfg.epochs,
+    length = (f"{total} steps ({total / steps_per_epoch:.2f} epochs)" if cfg.max_steps
+              else f"{cfg.epochs:g} epochs ({total} steps)")
+    log.info("training %s of %s parameters (%.2f%%), %d examples, %s%s", f"{trainable:,}",
+             f"{total_params:,}", 100 * trainable / total_params, len(train_items), length,
              f", resuming from {resume_from}" if resume_from else "")
     result = trainer.train(resume_from_checkpoint=resume_from)
     history = [h for h in trainer.state.log_history if "eval_loss" in h]

@@ -77,3 +77,57 @@ def test_shipped_recipes_run_on_a_tiny_model(path, tmp_path):
     assert [s["step"] for s in manifest["steps"]] == [s["step"] for s in recipe["steps"]]
     if recipe.get("eval") is not None:
         assert manifest["metrics"]
+
+
+CHAINS = {
+    "compressing an adapter that cannot be merged": (
+        [{"step": "finetune", "method": "prompt", "max_steps": 1, "max_length": 64},
+         {"step": "quantize", "method": "rtn", "bits": 8}], "is not a weight change"),
+    "pruning quantized weights": (
+        [{"step": "quantize", "method": "rtn", "bits": 8}, {"step": "prune"}], "quantize last"),
+    "quantizing twice": (
+        [{"step": "quantize", "method": "rtn", "bits": 8},
+         {"step": "quantize", "method": "rtn", "bits": 4}], "quantized already"),
+    "an adapter on an adapter": (
+        [{"step": "finetune", "method": "lora", "max_steps": 1},
+         {"step": "finetune", "method": "ia3", "max_steps": 1}], "merge: true"),
+}
+
+
+@pytest.mark.parametrize("name", CHAINS)
+def test_a_chain_that_cannot_work_is_refused_before_the_first_step(name, tmp_path, monkeypatch):
+    from mmkit.core import registry
+
+    steps, needle = CHAINS[name]
+    ran = []
+    registry.all_methods()
+    for key, method in list(registry._REGISTRY.items()):  # record any step that runs
+        monkeypatch.setitem(registry._REGISTRY, key, registry.Method(
+            method.step, method.name, method.config,
+            lambda loaded, cfg, ctx, m=method: ran.append(m.name) or m.apply(loaded, cfg, ctx),
+            method.summary, method.kinds, method.needs_data, method.hint, method.load_options))
+    with pytest.raises(InputError, match=needle):
+        run_recipe({"model": "tiny:bert", "max_samples": 16, "steps": steps}, tmp_path / "o")
+    assert ran == [] and not (tmp_path / "o").exists()
+
+
+def test_a_lora_then_quantize_chain_merges_and_runs(tmp_path):
+    result = run_recipe({"model": "tiny:bert", "max_samples": 16, "steps": [
+        {"step": "finetune", "method": "lora", "max_steps": 1},
+        {"step": "quantize", "method": "rtn", "bits": 8}]}, tmp_path / "o")
+    assert result["steps"][1]["report"]["merged_adapter_first"]
+
+
+def test_errors_name_recipe_keys_in_recipes_and_flags_on_the_command_line(tmp_path):
+    from click.testing import CliRunner
+
+    from mmkit.cli.main import cli
+
+    recipe = _write(tmp_path, "model: tiny:bert\nsteps:\n  - {step: prune, method: wanda}\n")
+    from_file = CliRunner().invoke(cli, ["run", str(recipe), "-o", str(tmp_path / "a")])
+    assert from_file.exit_code == 2 and "set calib:" in from_file.stderr
+    assert "calib_samples" in from_file.stderr and "--calib" not in from_file.stderr
+    typed = CliRunner().invoke(cli, ["prune", "tiny:bert", "--method", "wanda", "-o",
+                                     str(tmp_path / "b")])
+    assert typed.exit_code == 2 and "pass --calib" in typed.stderr
+    assert "--calib-samples" in typed.stderr and "calib_samples" not in typed.stderr
