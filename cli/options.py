@@ -40,10 +40,24 @@ def _set_debug(ctx, _param, value):
     return value
 
 
+def _set_quiet(ctx, _param, value):
+    import logging
+
+    from ..core import progress
+
+    progress.set_quiet(value)
+    if value:
+        logging.getLogger("mmkit").setLevel(logging.WARNING)
+    return value
+
+
 def common(func):
-    """--json and --debug, on every command."""
+    """--json, --quiet and --debug, on every command."""
     func = click.option("--json", "as_json", is_flag=True,
                         help="Print one JSON object per result on stdout.")(func)
+    func = click.option("--quiet", "-q", is_flag=True, expose_value=False, callback=_set_quiet,
+                        help="No progress bars and no log lines on stderr (warnings and errors "
+                             "still show). Bars show only when stderr is a terminal.")(func)
     func = click.option("--debug", is_flag=True, expose_value=False, is_eager=True,
                         callback=_set_debug, help="Show tracebacks on errors.")(func)
     return func

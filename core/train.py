@@ -224,7 +224,10 @@ def train(loaded, model, cfg: TrainingConfig, ctx, default_lr: float, masks=None
     `masks` are the zeros of the base model's pruned layers (`zero_masks` taken before any
     adapter was added); with `keep_sparsity` they are re-applied after every step.
     """
-    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+    from transformers import (PrinterCallback, ProgressCallback, Trainer, TrainingArguments,
+                              set_seed)
+
+    from . import progress
 
     from .checkpoints import prepare_step
 
@@ -262,7 +265,7 @@ def train(loaded, model, cfg: TrainingConfig, ctx, default_lr: float, masks=None
         metric_for_best_model="accuracy" if classify else "loss", greater_is_better=classify,
         train_sampling_strategy="group_by_length" if has_ids else "random",
         seed=ctx.seed, data_seed=ctx.seed, report_to="none", logging_strategy="epoch",
-        disable_tqdm=True, remove_unused_columns=False, use_cpu=ctx.device == "cpu",
+        disable_tqdm=not progress.enabled(), remove_unused_columns=False, use_cpu=ctx.device == "cpu",
         dataloader_num_workers=0, label_names=["labels"],
     )
     trainer = Trainer(model=raw_checkpoints(model), args=args, train_dataset=train_items, eval_dataset=eval_items,
@@ -274,6 +277,9 @@ def train(loaded, model, cfg: TrainingConfig, ctx, default_lr: float, masks=None
         trainer.add_callback(keep_sparsity_callback(masks))
         log.info("keeping the zeros of %d sparse layers", len(masks))
     trainer.remove_callback(PrinterCallback)  # it prints to stdout, which carries results only
+    trainer.remove_callback(ProgressCallback)  # so does its bar's log lines: ours does not
+    if progress.enabled():
+        trainer.add_callback(progress.trainer_callback())
     trainer.add_callback(_log_callback())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())

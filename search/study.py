@@ -244,6 +244,30 @@ def run(study, objective, trials: int, timeout: float | None) -> None:
     if objective.nothing_left(study):
         log.info("every point of the space has been tried already")
         return
-    study.optimize(objective, timeout=timeout, catch=(),
-                   callbacks=[optuna.study.MaxTrialsCallback(
-                       trials, states=(TrialState.COMPLETE,))])
+    from ..core import progress
+
+    with progress.bar(total=trials, desc="search", unit="trial") as shown_bar:
+        study.optimize(objective, timeout=timeout, catch=(),
+                       callbacks=[optuna.study.MaxTrialsCallback(
+                           trials, states=(TrialState.COMPLETE,)),
+                           _show_progress(shown_bar, objective.objectives)])
+
+
+def _show_progress(shown_bar, objectives: list[str]):
+    """An Optuna callback that moves the bar: trials completed, best so far, rejected."""
+    from .objective import OBJECTIVES, QUALITY
+
+    quality = next(n for n in objectives if n in QUALITY)
+    better = max if OBJECTIVES[quality][0] == "maximize" else min
+
+    def show(study, trial):
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        scores = [t.user_attrs["metrics"][quality] for t in done
+                  if t.user_attrs.get("evaluated") and quality in t.user_attrs.get("metrics", {})]
+        rejected = sum(1 for t in done if t.user_attrs.get("evaluated") is False)
+        shown_bar.n = len(done)
+        best = f"best {quality} {better(scores):.4g}, " if scores else ""
+        shown_bar.set_postfix_str(f"{best}{rejected} over the budget")
+        shown_bar.refresh()
+
+    return show

@@ -204,3 +204,20 @@ def test_interrupt_exits_130_and_leaves_nothing(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slow.yaml"]
+
+
+def test_progress_goes_to_stderr_only_and_quiet_silences_it(tmp_path):
+    env = {**ENV, "MMKIT_PROGRESS": "1"}  # as on a terminal
+    args = ["mmkit", "finetune", "tiny:bert", "--max-samples", "16", "--max-steps", "3",
+            "--batch-size", "4", "--json", "-o"]
+    shown = subprocess.run([*args, tmp_path / "a"], capture_output=True, text=True, env=env)
+    assert shown.returncode == 0, shown.stderr
+    json.loads(shown.stdout)  # stdout: the result alone
+    assert "3/3" in shown.stderr and "evaluating" in shown.stderr  # training and scoring bars
+    quiet = subprocess.run([*args, tmp_path / "b", "--quiet"], capture_output=True, text=True,
+                           env=env)
+    assert quiet.returncode == 0, quiet.stderr
+    json.loads(quiet.stdout)
+    assert "3/3" not in quiet.stderr and "loading" not in quiet.stderr
+    piped = subprocess.run([*args, tmp_path / "c"], capture_output=True, text=True, env=ENV)
+    assert "3/3" not in piped.stderr  # stderr is not a terminal: no bars

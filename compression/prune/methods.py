@@ -157,7 +157,7 @@ def _wanda_pass(loaded, cfg, ctx, names, make_mask):
 
     for _, blocks in calibrate.block_stacks(model):
         calibrate.run_blocks(blocks, calibrate.capture_inputs(model, blocks, batches, device),
-                             prune_block)
+                             prune_block, desc="wanda")
     rest = [n for n in names if n not in done]  # outside every block (e.g. BERT's pooler)
     if rest:
         norms = un.input_norms(model, rest, batches)

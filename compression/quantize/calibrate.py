@@ -12,6 +12,8 @@ import logging
 
 import torch
 
+from ...core import progress
+
 log = logging.getLogger("mmkit")
 
 
@@ -71,7 +73,7 @@ def capture_inputs(model, blocks, batches, device) -> list:
     handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
-            for batch in batches:
+            for batch in progress.bar(batches, desc="calibration inputs", unit="batch"):
                 try:
                     _forward(model, batch, device)
                 except _Stop:
@@ -81,7 +83,7 @@ def capture_inputs(model, blocks, batches, device) -> list:
     return captured
 
 
-def run_blocks(blocks, inputs, quantize_block) -> None:
+def run_blocks(blocks, inputs, quantize_block, desc: str = "blocks") -> None:
     """For each block: `quantize_block(block, run)` where run() feeds it every calibration
     input; then the (quantized) block's outputs become the next block's inputs."""
     def run(block):
@@ -92,7 +94,7 @@ def run_blocks(blocks, inputs, quantize_block) -> None:
                 outs.append(out[0] if isinstance(out, tuple) else out)
         return outs
 
-    for i, block in enumerate(blocks):
+    for i, block in enumerate(progress.bar(blocks, desc=desc, unit="block")):
         quantize_block(block, lambda b=block: run(b))
         outs = run(block)
         inputs = [((out, *args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": out})
@@ -105,7 +107,7 @@ def run_batches(model, batches, hooks=()) -> None:
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            for batch in batches:
+            for batch in progress.bar(batches, desc="calibration", unit="batch"):
                 _forward(model, batch, device)
     finally:
         for h in hooks:

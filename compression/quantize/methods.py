@@ -255,7 +255,7 @@ def gptq_(loaded, cfg: GPTQConfig, ctx):
 
     for stack_name, blocks in calibrate.block_stacks(model):
         inputs = calibrate.capture_inputs(model, blocks, batches, device)
-        calibrate.run_blocks(blocks, inputs, quantize_block)
+        calibrate.run_blocks(blocks, inputs, quantize_block, desc=f"gptq {stack_name}")
     for name in [n for n in plan if n not in how]:  # outside every block (e.g. BERT's pooler)
         layer, errors[name] = _quantize_layer(model.get_submodule(name), plan[name],
                                               cfg.group_size, cfg.symmetric)

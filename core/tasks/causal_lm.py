@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from .. import progress
 from .common import model_device
 
 DEFAULT_SEQ_LEN = 512
@@ -49,7 +50,7 @@ def evaluate(loaded, split, batch_size: int = 8, max_length: int = DEFAULT_SEQ_L
         raise InputError("The corpus is too short to measure perplexity (fewer than 2 tokens).")
     step = windows_per_forward(batch_size, seq_len, model.config.vocab_size)
     nll, count = 0.0, 0
-    for start in range(0, len(wins), step):
+    for start in progress.bar(range(0, len(wins), step), desc="perplexity", unit="batch"):
         ids, mask = _pad(wins[start:start + step])
         loss, tokens = _window_nll(model, ids.to(device), mask.to(device))
         nll += loss

@@ -6,9 +6,12 @@ import numpy as np
 
 
 def batches(n: int, batch_size: int, lengths: list[int] | None = None):
-    """Index lists of at most batch_size; sorted by length when given (less padding)."""
+    """Index lists of at most batch_size; sorted by length when given (less padding). A
+    progress bar shows on a terminal."""
+    from .. import progress
+
     order = sorted(range(n), key=lambda i: -lengths[i]) if lengths else list(range(n))
-    for start in range(0, n, batch_size):
+    for start in progress.bar(range(0, n, batch_size), desc="evaluating", unit="batch"):
         yield order[start:start + batch_size]
 
 
