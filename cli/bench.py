@@ -8,12 +8,14 @@ from . import options
 
 
 def _human(r: dict) -> str:
-    lat = r["latency_ms"]
+    lat, env = r["latency_ms"], r["environment"]
     disk = f"  disk {r['disk_mb']:.1f} MB" if r.get("disk_mb") is not None else ""
+    steady = "" if r["stable"] else "  UNSTEADY (machine busy?)"
     return (f"{r['model']}  {r['device']}  batch {r['batch_size']} x {r['seq_len']}  "
             f"median {lat['median']:.2f} ms  p90 {lat['p90']:.2f} ms  "
             f"{r['throughput_per_s']:.1f}/s  params {r['parameters'] / 1e6:.2f}M  "
-            f"weights {r['weights_mb']:.1f} MB{disk}  peak {r['peak_memory_mb']:.0f} MB")
+            f"weights {r['weights_mb']:.1f} MB{disk}  peak {r['peak_memory_mb']:.0f} MB  "
+            f"[{env['threads']} threads, load {env['load_per_cpu']} per CPU]{steady}")
 
 
 @click.command("bench", cls=options.Command)
@@ -21,12 +23,9 @@ def _human(r: dict) -> str:
 @options.task_option
 @click.option("--batch-size", type=click.IntRange(min=1), multiple=True, default=(1,),
               show_default=True, help="Batch size; repeat the option to measure several.")
-@click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True,
-              help="Tokens per input for text models (images use the model's size).")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads for torch (default: torch's choice).")
+@options.measuring
 @options.device()
 @options.loading
 @options.common

@@ -153,6 +153,20 @@ def _path_of(line: str) -> str:
     return line.split("  ", 1)[0]
 
 
+SEQ_LEN = 128  # tokens per input when latency is measured (bench and search alike)
+
+
+def measuring(func):
+    """--threads and --seq-len, for every command that measures latency."""
+    func = click.option("--seq-len", type=click.IntRange(min=1), default=SEQ_LEN,
+                        show_default=True,
+                        help="Tokens per input when measuring latency (text models).")(func)
+    func = click.option("--threads", type=click.IntRange(min=1), default=None,
+                        help="CPU threads torch uses (default: torch's choice, one per core). "
+                             "Recorded with every figure.")(func)
+    return func
+
+
 def task_option(func):
     """--task for commands that only need to pick the head."""
     return click.option("--task", type=click.Choice(TASKS), default=None,

@@ -24,6 +24,14 @@ def _human(r: dict) -> str:
         lines.append(f"every one of the {r['space_points']} points of the space has been tried")
     if r["exported"]:
         lines.append("exported: " + ", ".join(r["exported"]))
+    again = r.get("best_remeasured")
+    if again:
+        budget = r["best"]["latency_ms"]
+        lines.append(f"best (trial {r['best']['trial']}): {budget:.2f} ms in the search, "
+                     f"{again['median_ms']:.2f} ms measured again alone (p90 "
+                     f"{again['p90_ms']:.2f} ms, {again['threads']} threads, load "
+                     f"{again['load_per_cpu']} per CPU)"
+                     + ("" if again["steady"] else "; unsteady: the machine is busy"))
     return "\n".join(lines)
 
 
@@ -36,7 +44,7 @@ def search_group():
 @search_group.command("run", cls=options.Command)
 @options.model_argument
 @options.data
-@click.option("--latency-budget", help="Fastest acceptable median latency, e.g. 20ms or 0.5s. "
+@click.option("--latency-budget", help="Slowest acceptable median latency, e.g. 20ms or 0.5s. "
                                        "Slower candidates are not evaluated.")
 @click.option("--objectives", default="accuracy,latency,size", show_default=True,
               help="Comma-separated: accuracy | macro_f1 | perplexity, latency, size.")
@@ -55,8 +63,7 @@ def search_group():
               help="Processes running trials on the same storage.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Batch size the latency is measured at.")
-@click.option("--seq-len", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Tokens per input when measuring latency (text models).")
+@options.measuring
 @click.option("--export", type=click.Choice(["best", "pareto", "none"]), default="best",
               show_default=True, help="Which models to write under OUT.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(),
@@ -67,8 +74,8 @@ def search_group():
 @options.common
 def search_run(model, task, data, text_column, image_column, label_column, max_samples, seed,
                latency_budget, objectives, knobs, space_file, trials, timeout, sampler, storage,
-               workers, batch_size, seq_len, export, out, overwrite, device, allow_pickle,
-               trust_remote_code, as_json):
+               workers, batch_size, seq_len, threads, export, out, overwrite, device,
+               allow_pickle, trust_remote_code, as_json):
     """Search MODEL's compressed variants (structural cuts, sparsity, quantization) for the
     best accuracy / latency / size trade-offs on the target device, and export the most
     accurate one under --latency-budget."""
@@ -84,7 +91,8 @@ def search_run(model, task, data, text_column, image_column, label_column, max_s
     prepared = prepare(model, data=data, task=task, max_samples=max_samples, seed=seed,
                        budget=latency_budget, objectives=objectives, knobs=knobs,
                        space_file=space_file, device=device, sampler=sampler,
-                       batch_size=batch_size, seq_len=seq_len, workers=workers, out=out,
+                       batch_size=batch_size, seq_len=seq_len, threads=threads,
+                       workers=workers, out=out,
                        storage=storage, overwrite=overwrite, allow_pickle=allow_pickle,
                        trust_remote_code=trust_remote_code)
     options.emit(search(prepared, trials, timeout_s, workers, export), as_json, _human)
@@ -102,6 +110,9 @@ def search_pick(out, latency_budget, dest, overwrite, as_json):
     without searching again."""
     from ..search.run import pick
 
+    from ..search.results import point_text
+
     options.emit(pick(out, latency_budget, dest, overwrite), as_json,
-                 lambda r: f"{r['artifact']}  trial {r['trial']} {r['params']}: "
-                           f"{r['values']}, {r['latency_ms']:.2f} ms")
+                 lambda r: f"{r['artifact']}  trial {r['trial']} ({point_text(r['params'])}): "
+                           + ", ".join(f"{k} {v:.4g}" for k, v in r["values"].items())
+                           + f"; median latency {r['latency_ms']:.2f} ms")

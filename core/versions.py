@@ -37,8 +37,15 @@ def device_name(device: str) -> str:
 
 
 def environment(device: str) -> dict:
-    """Device name, thread count and library versions."""
+    """Device name, torch's thread count, the machine's load (1-minute load average over
+    its CPU count: above 1, other work competed) and library versions."""
+    import os
+
     import torch
 
+    try:
+        load = round(os.getloadavg()[0] / (os.cpu_count() or 1), 2)
+    except OSError:
+        load = None
     return {"device_name": device_name(device), "threads": torch.get_num_threads(),
-            "versions": _versions()}
+            "cpus": os.cpu_count(), "load_per_cpu": load, "versions": _versions()}

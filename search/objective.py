@@ -108,6 +108,9 @@ class Trial:
         over = latency - self.budget_ms if self.budget_ms else 0.0
         trial.set_user_attr("latency_ms", latency)
         trial.set_user_attr("latency_p90_ms", prof["latency_ms"]["p90"])
+        trial.set_user_attr("latency_steady", prof["stable"])
+        trial.set_user_attr("threads", prof["environment"]["threads"])
+        trial.set_user_attr("load_per_cpu", prof["environment"]["load_per_cpu"])
         trial.set_user_attr("size_mb", size)
         trial.set_user_attr("constraint", [over])
         measured = {"latency": latency, "size": size}
@@ -120,9 +123,9 @@ class Trial:
             measured.update({k: metrics[k] for k in QUALITY if k in metrics})
             trial.set_user_attr("evaluated", True)
             trial.set_user_attr("metrics", {k: metrics[k] for k in QUALITY if k in metrics})
-            log.info("trial %d: %s, %.1f ms, %.1f MB", trial.number,
-                     {k: round(v, 4) for k, v in trial.user_attrs["metrics"].items()}, latency,
-                     size)
+            log.info("trial %d (%s): %s, %.1f ms, %.1f MB", trial.number, key,
+                     ", ".join(f"{k} {v:.4f}" for k, v in trial.user_attrs["metrics"].items()),
+                     latency, size)
         trial.set_user_attr("seconds", time.perf_counter() - start)
         self._stop_when_all_tried(trial, {key, *settled})
         return tuple(measured.get(n, OBJECTIVES[n][1]) for n in self.objectives)

@@ -27,8 +27,24 @@ def trial_rows(study, objectives: list[str]) -> list[dict]:
                      "latency_ms": a.get("latency_ms"), "latency_p90_ms": a.get("latency_p90_ms"),
                      "size_mb": a.get("size_mb"), "evaluated": a.get("evaluated", False),
                      "feasible": a.get("constraint", [0.0])[0] <= 0, "metrics": a.get("metrics"),
-                     "steps": a.get("steps", []), "seconds": a.get("seconds")})
+                     "steps": a.get("steps", []), "seconds": a.get("seconds"),
+                     "latency_steady": a.get("latency_steady"), "threads": a.get("threads"),
+                     "load_per_cpu": a.get("load_per_cpu")})
     return rows
+
+
+def remeasure(artifact: str, settings: dict, loading: dict) -> dict:
+    """The exported model's latency measured again, on its own, as `mmkit bench` would: the
+    figure the search's own (taken between other trials) is checked against."""
+    from ..core.loading import load_model
+    from ..core.profile import profile
+
+    loaded = load_model(artifact, settings["task"], device=settings["device"], **loading)
+    prof = profile(loaded, settings["device"], batch_size=settings["batch_size"],
+                   seq_len=settings["seq_len"], threads=settings.get("threads"))
+    return {"median_ms": prof["latency_ms"]["median"], "p90_ms": prof["latency_ms"]["p90"],
+            "steady": prof["stable"], "threads": prof["environment"]["threads"],
+            "load_per_cpu": prof["environment"]["load_per_cpu"]}
 
 
 def dominates(a: dict, b: dict, objectives: list[str]) -> bool:
@@ -68,41 +84,69 @@ def write_outputs(out: Path, study, rows, front, settings, stats) -> dict:
     summary = {"objectives": objectives,
                "directions": [OBJECTIVES[n][0] for n in objectives],
                "latency_budget_ms": settings["budget_ms"], "device": settings["device"],
-               "model": settings["model"], "data": settings["data"], **stats,
-               "front": front, "evaluated": [r for r in rows if r["evaluated"]]}
+               "model": settings["model"], "data": settings["data"],
+               "measured_at": {"batch_size": settings["batch_size"],
+                               "seq_len": settings["seq_len"],
+                               "threads": sorted({r["threads"] for r in rows
+                                                  if r.get("threads")}),
+                               "unsteady_trials": [r["trial"] for r in rows
+                                                   if r.get("latency_steady") is False]},
+               **stats, "front": front, "evaluated": [r for r in rows if r["evaluated"]]}
     tmp = out / f".pareto.json.tmp-{os.getpid()}"  # `search pick` may read it meanwhile
     tmp.write_text(json.dumps(summary, indent=2, default=str))
     os.replace(tmp, out / "pareto.json")
-    with open(out / "pareto.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        knobs = sorted({k for r in front for k in r["params"]})
-        writer.writerow(["trial", *knobs, *objectives, "latency_p90_ms", "steps"])
-        for r in front:
-            writer.writerow([r["trial"], *[r["params"].get(k) for k in knobs],
-                             *[r["values"][n] for n in objectives], r["latency_p90_ms"],
-                             json.dumps(r["steps"])])
+    _csv(out / "pareto.csv", rows, front, objectives)
     _plots(out, study, rows, front, objectives, settings["budget_ms"])
     return summary
 
 
+def _csv(path: Path, rows, front, objectives) -> None:
+    """Every completed trial, one row each, marked on the front or not."""
+    on_front = {r["trial"] for r in front}
+    knobs = sorted({k for r in rows for k in r["params"]})
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["trial", *knobs, *objectives, "latency_p90_ms", "evaluated",
+                         "within_budget", "on_front", "steps"])
+        for r in rows:
+            writer.writerow([r["trial"], *[r["params"].get(k) for k in knobs],
+                             *[_rounded(r["values"][n]) for n in objectives],
+                             _rounded(r["latency_p90_ms"]), r["evaluated"], r["feasible"],
+                             r["trial"] in on_front, json.dumps(r["steps"])])
+
+
+def _rounded(value):
+    return round(value, 4) if isinstance(value, float) else value
+
+
 def _plots(out, study, rows, front, objectives, budget_ms) -> None:
+    """pareto.png: one panel per pair of objectives (quality against each cost), every
+    evaluated trial, the front, the unmodified model (trial 0) and the budget; pareto.html:
+    optuna's interactive plot with plotly embedded (it opens offline)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     quality = next(n for n in objectives if n in QUALITY)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    costs = [n for n in objectives if n not in QUALITY]
     evaluated = [r for r in rows if r["evaluated"]]
-    ax.scatter([r["latency_ms"] for r in evaluated], [r["values"][quality] for r in evaluated],
-               c="#9ab", label="evaluated")
-    ax.plot([r["latency_ms"] for r in front], [r["values"][quality] for r in front], "o-",
-            c="#c33", label="Pareto front")
-    if budget_ms:
-        ax.axvline(budget_ms, ls="--", c="k", lw=1, label="latency budget")
-    ax.set_xlabel("latency (ms, median)")
-    ax.set_ylabel(quality)
-    ax.legend()
+    base = next((r for r in rows if r["trial"] == 0 and r["evaluated"]), None)
+    fig, axes = plt.subplots(1, max(len(costs), 1), figsize=(5.5 * max(len(costs), 1), 4),
+                             squeeze=False)
+    for ax, cost in zip(axes[0], costs or ["latency"]):
+        ax.scatter([r["values"][cost] for r in evaluated],
+                   [r["values"][quality] for r in evaluated], c="#9ab", label="evaluated")
+        ax.scatter([r["values"][cost] for r in front], [r["values"][quality] for r in front],
+                   c="#c33", label=f"Pareto front ({', '.join(objectives)})", zorder=3)
+        if base is not None:
+            ax.scatter([base["values"][cost]], [base["values"][quality]], marker="*", s=160,
+                       c="k", label="unmodified model", zorder=4)
+        if budget_ms and cost == "latency":
+            ax.axvline(budget_ms, ls="--", c="k", lw=1, label="latency budget")
+        ax.set_xlabel({"latency": "latency (ms, median)", "size": "size (MB)"}.get(cost, cost))
+        ax.set_ylabel(quality)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "pareto.png", dpi=120)
     plt.close(fig)
@@ -112,16 +156,21 @@ def _plots(out, study, rows, front, objectives, budget_ms) -> None:
         figure = optuna.visualization.plot_pareto_front(
             study, target_names=objectives,
             constraints_func=lambda t: t.user_attrs.get("constraint", [0.0]))
-        figure.write_html(str(out / "pareto.html"), include_plotlyjs="cdn")
+        figure.write_html(str(out / "pareto.html"), include_plotlyjs=True)
 
 
 def table(front: list[dict], objectives: list[str]) -> str:
     """A short text table of the front."""
-    lines = [f"{'trial':>5}  " + "  ".join(f"{n:>10}" for n in objectives) + "  params"]
+    lines = [f"{'trial':>5}  " + "  ".join(f"{n:>10}" for n in objectives) + "  point"]
     for r in front:
         vals = "  ".join(f"{r['values'][n]:>10.4g}" for n in objectives)
-        lines.append(f"{r['trial']:>5}  {vals}  {r['params']}")
+        lines.append(f"{r['trial']:>5}  {vals}  {point_text(r['params'])}")
     return "\n".join(lines)
+
+
+def point_text(params: dict) -> str:
+    """A point as `layers=1 heads=0.25 quant=none`."""
+    return " ".join(f"{k}={v}" for k, v in params.items())
 
 
 def export(row: dict, settings: dict, dest: Path, loading: dict, overwrite: bool = True) -> str:

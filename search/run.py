@@ -193,7 +193,8 @@ def _check_study(url: str, out: Path, outside: bool, settings: dict, overwrite: 
 
 def prepare(model: str, *, data=None, task=None, max_samples=None, seed=None, budget=None,
             objectives="accuracy,latency,size", knobs=None, space_file=None, device="cpu",
-            sampler="tpe", batch_size=1, seq_len=64, workers=1, out, storage=None,
+            sampler="tpe", batch_size=1, seq_len=128, threads=None, workers=1, out,
+            storage=None,
             overwrite=False, allow_pickle=False, trust_remote_code=False) -> Prepared:
     """Check every input (options, space, output, model, data; the model is loaded), and only
     then create OUT, the study and search.json."""
@@ -214,6 +215,8 @@ def prepare(model: str, *, data=None, task=None, max_samples=None, seed=None, bu
                 **_data_settings(source, task, data, seed), "space": space,
                 "objectives": objectives, "budget_ms": budget_ms, "device": device,
                 "batch_size": batch_size, "seq_len": seq_len, "sampler": sampler}
+    if threads:  # only when given, so that studies of earlier versions still resume
+        settings["threads"] = threads
     url = studies.storage_url(out, storage)
     _check_study(url, out, bool(storage), settings, overwrite)
     dataset = load_dataset(settings)
@@ -278,7 +281,11 @@ def work(job: dict, trials: int, timeout: float | None, worker: int = 0, run: in
     unless given)."""
     from . import study as studies
 
+    import torch
+
     s = job["settings"]
+    if s.get("threads"):  # every latency this worker measures runs on this many threads
+        torch.set_num_threads(s["threads"])
     if loaded is None:
         dataset = load_dataset(s)
         loaded = load_base(s, job.get("loading", {}), dataset)
@@ -377,15 +384,17 @@ def finish(job: dict, seconds: float, export: str) -> dict:
     if best is None and rows:
         raise results.no_candidate(rows, s["budget_ms"])
     loading = job.get("loading", {})
+    remeasured = None
     if export == "best" and best is not None:
         exported.append(results.export(best, s, out / "best", loading))
+        remeasured = results.remeasure(exported[-1], s, loading)
     elif export == "pareto":
         for r in front:
             exported.append(results.export(r, s, out / "pareto" / f"trial-{r['trial']}",
                                            loading))
     return {"out": str(out), "storage": job["storage"], **stats, "best": best,
-            "front": front, "exported": exported, "table": results.table(front, s["objectives"]),
-            "objectives": summary["objectives"]}
+            "best_remeasured": remeasured, "front": front, "exported": exported,
+            "table": results.table(front, s["objectives"]), "objectives": summary["objectives"]}
 
 
 def pick(out: str, budget: str, dest: str | None, overwrite: bool) -> dict:

@@ -182,10 +182,13 @@ def check_settings(study, url: str, settings: dict) -> None:
     if not isinstance(stored, dict) or not _differences(stored, settings):
         return
     if _trial_counts(study) != (0, 0):
+        changed = _differences(stored, settings)
+        pick = (" To export the best point under a new budget without searching again, use "
+                "`mmkit search pick OUT --latency-budget ...`." if "budget_ms" in changed else "")
         raise InputError(f"The storage {shown(url)} holds a search with other settings "
-                         f"({', '.join(_differences(stored, settings))} differ). Run the same "
-                         "command to resume it, use another -o / --storage, or pass --overwrite "
-                         "to start afresh.")
+                         f"({', '.join(changed)} differ). Run the same command to resume it, "
+                         "use another -o / --storage, or pass --overwrite to start afresh."
+                         f"{pick}")
 
 
 def open_study(url: str, settings: dict, directions: list[str], baseline: dict | None):

@@ -134,3 +134,23 @@ def test_smollm2_perplexity_on_bbc_text():
     r = evaluate(loaded, ds, "test", max_length=128, batch_size=4)
     # a real pretrained LM: far better than uniform over its 49,152-token vocabulary
     assert 1 < r["perplexity"] < 200
+
+
+def test_unsteady_timings_are_measured_again_and_flagged(monkeypatch, caplog):
+    from mmkit.core import profile as prof
+    from mmkit.core.loading import load_model
+
+    loaded = load_model("tiny:gpt2")
+    busy, calm = [0.01] * 8 + [0.5, 0.5], [0.01] * 10  # p90 50x the median, then steady
+    answers = [busy, calm]
+    monkeypatch.setattr(prof, "_time_calls", lambda *a: answers.pop(0))
+    steadied = prof.profile(loaded, "cpu", 1, 8, repeats=10)
+    assert steadied["stable"] and steadied["measurements"] == 2
+    assert steadied["latency_ms"]["p90"] == pytest.approx(10.0)
+    monkeypatch.setattr(prof, "_time_calls", lambda *a: list(busy))
+    with caplog.at_level("WARNING", logger="mmkit"):
+        flagged = prof.profile(loaded, "cpu", 1, 8, repeats=10)
+    assert not flagged["stable"] and flagged["measurements"] == prof.ATTEMPTS
+    assert "unsteady" in caplog.text
+    env = flagged["environment"]
+    assert env["threads"] >= 1 and "load_per_cpu" in env

@@ -2,6 +2,7 @@
 searches sharing one study without repeating a point, interruption, the Pareto front against
 brute force, determinism, adapters, pick, and bad input (nothing written)."""
 
+import csv
 import json
 import os
 import signal
@@ -84,8 +85,15 @@ def test_search_end_to_end_respects_the_budget_and_exports(tmp_path):
     assert all(r["latency_ms"] <= 1000 for r in summary["front"])
     for name in ("pareto.csv", "pareto.png", "pareto.html"):
         assert (out / name).stat().st_size > 0
+    html = (out / "pareto.html").read_text()
+    assert "<script src=\"https://cdn.plot.ly" not in html and len(html) > 1_000_000  # embedded
+    with open(out / "pareto.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 5  # every completed trial, not the front only
+    assert summary["measured_at"]["seq_len"] == 16 and summary["measured_at"]["threads"]
     best = json.loads((out / "best" / "mmkit.json").read_text())
     assert [s["method"] for s in best["steps"]] == [s["method"] for s in row["best"]["steps"]]
+    again = row["best_remeasured"]  # the exported model, measured again on its own
+    assert again["median_ms"] > 0 and again["threads"] >= 1
     # a budget no candidate meets: exit 1, naming the fastest point, without evaluations
     tight = _cli(*BASE, "--trials", "3", "--sampler", "random", "--latency-budget", "0.001ms",
                  "-o", tmp_path / "t")
