@@ -114,6 +114,8 @@ def _peft_config(method: str, cfg, loaded, ctx):
     import peft
 
     common = {"task_type": _task_type(loaded)}
+    if loaded.family == "gpt2":  # its Conv1D layers store weights transposed
+        common["fan_in_fan_out"] = True
     if method in ("lora", "dora"):
         check_targets(loaded.model, cfg.target_modules, method)
         return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha or 2 * cfg.r,
@@ -145,7 +147,7 @@ def _peft_config(method: str, cfg, loaded, ctx):
                              f"need token inputs); this is a {loaded.kind} model. For ViT use "
                              "--vpt (visual prompt tuning).")
         cls = peft.PromptTuningConfig if method == "prompt" else peft.PrefixTuningConfig
-        return cls(num_virtual_tokens=cfg.virtual_tokens, **common)
+        return cls(num_virtual_tokens=cfg.virtual_tokens, task_type=common["task_type"])
     raise ValueError(method)
 
 

@@ -361,9 +361,13 @@ def _requantize(cls, model, quant: dict):
     """Quantize an in-memory model (a tiny one) by a save / from_pretrained round trip."""
     import tempfile
 
+    origin = model.config._name_or_path  # adapters record it as their base: not the temp dir
     with tempfile.TemporaryDirectory(prefix="mmkit-q-") as tmp:
         model.save_pretrained(tmp)
-        return cls.from_pretrained(tmp, config=model.config, **quant)
+        quantized = cls.from_pretrained(tmp, config=model.config, **quant)
+    quantized.config._name_or_path = origin
+    quantized.name_or_path = origin
+    return quantized
 
 
 def _from_pretrained(cls, source, config, dtype, allow_pickle, trust_remote_code,
