@@ -255,7 +255,7 @@ def test_cli_quantize_bad_input(tmp_path):
         "rtn at 9 bits": (["tiny:llama", "--bits", "9", "--method", "rtn"], "takes bits 2, 3"),
         "gptq without calib": (["tiny:llama", "--bits", "4", "--method", "gptq"],
                                "needs calibration data"),
-        "already quantized": ([quantized, "--bits", "4"], "already quantized"),
+        "already quantized": ([quantized, "--bits", "4"], "quantized already"),
         "pattern matches nothing": (["tiny:llama", "--bits", mapping], "nothing_like_this"),
         "option for another method": (["tiny:llama", "--bits", "4", "--method", "rtn",
                                        "--act-order"], "--act-order does not apply"),
