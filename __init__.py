@@ -6,7 +6,12 @@ first use, so `import mmkit` stays fast.
 
 __version__ = "0.1.0"
 
+from .core import plugins as _plugins  # noqa: E402
 from .core.errors import InputError, MmkitError, RuntimeFailure  # noqa: E402
+
+# Methods and formats register from their own packages; core loads them by this name on first
+# use (core never imports the packages above it).
+_plugins.MODULES.append(__name__ + ".registrations")
 
 __all__ = [
     "InputError", "MmkitError", "RuntimeFailure", "load_model", "load_data", "evaluate",

@@ -28,19 +28,19 @@ def _human(r: dict) -> str:
 @options.loading
 @options.common
 @options.with_models
-def eval_command(ref, task, data, text_column, image_column, label_column, max_samples, seed,
-                 split, batch_size, max_length, device, allow_pickle, trust_remote_code, as_json):
+def eval_command(ref, data_spec, split, batch_size, max_length, device, allow_pickle,
+                 trust_remote_code, as_json):
     """Score MODEL on a split of a dataset (accuracy and macro-F1, or perplexity)."""
     from ..core.data import load_data, resolve_data
     from ..core.evaluate import evaluate
     from ..core.families import check_length
     from ..core.loading import load_model, peek
 
-    source, config, kind, task = peek(ref, task, trust_remote_code)
+    source, config, kind, task = peek(ref, data_spec.task, trust_remote_code)
     if kind in ("text-encoder", "causal-lm"):
         check_length(config, max_length, "--max-length", ref)
-    request = resolve_data(source, task, data, seed, text_column, image_column, label_column)
-    dataset = load_data(request.pop("spec"), task, max_samples=max_samples, **request)
+    request = resolve_data(source, task, data_spec.data, data_spec.seed, **data_spec.columns)
+    dataset = load_data(request.pop("spec"), task, max_samples=data_spec.max_samples, **request)
     labels = dataset.label_names if task != "zero-shot-image-classification" else None
     loaded = load_model(source, task, labels, device=device, seed=dataset.info["seed"],
                         allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)

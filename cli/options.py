@@ -83,8 +83,20 @@ def device(default: str = "cpu"):
                         help="Where to run: cpu, cuda, cuda:N or auto.")
 
 
+DATA_KEYS = ("task", "data", "text_column", "image_column", "label_column", "max_samples",
+             "seed")
+
+
 def data(func):
-    """Task and data selection, shared by every command that reads data."""
+    """Task and data selection, shared by every command that reads data; the command gets
+    them as one `data_spec` (core.data.DataSpec)."""
+    from ..core.data import DataSpec
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        kwargs["data_spec"] = DataSpec(**{key: kwargs.pop(key) for key in DATA_KEYS})
+        return func(*args, **kwargs)
+
     options = [
         click.option("--task", type=click.Choice(TASKS), default=None,
                      help="What to score (default: the model's own task)."),
@@ -101,8 +113,8 @@ def data(func):
                           "model was made with, else 0]"),
     ]
     for option in reversed(options):
-        func = option(func)
-    return func
+        wrapper = option(wrapper)
+    return wrapper
 
 
 def output(func):
@@ -192,38 +204,25 @@ def with_models(func):
     return wrapper
 
 
-def method_params(settings: dict, fields, names: dict, method_flag: str) -> dict:
-    """The options a user set, as step parameters; one the method does not take is an error
-    naming the options it does take."""
-    from ..core.errors import InputError
-
-    params = {}
-    for key, value in settings.items():
-        if value is None or value == ():
-            continue
-        if key not in fields:
-            usable = ", ".join(names[k] for k in fields if k in names) or "none"
-            raise InputError(f"{names[key]} does not apply to {method_flag}. Options it "
-                             f"takes: {usable}.")
-        params[key] = list(value) if isinstance(value, tuple) else value
-    return params
-
-
-def run_one_step(step: dict, *, model, task, data, text_column, image_column, label_column,
-                 max_samples, seed, eval_split, out, overwrite, device, allow_pickle,
-                 trust_remote_code, resume: bool = False) -> dict:
-    """Build the one-step recipe of a command and run it."""
+def run_one_step(step: dict, *, model: str, data_spec, out, run, eval_split: str | None = None,
+                 resume: bool = False) -> dict:
+    """Build the one-step recipe of a command and run it (`run`: core.recipe.RunOptions)."""
     from ..core.recipe import parse_recipe, run_recipe
 
-    recipe = {"model": model, "task": task, "data": data, "seed": seed, "max_samples": max_samples,
-              "text_column": text_column, "image_column": image_column,
-              "label_column": label_column, "steps": [step],
-              "eval": {"split": eval_split} if eval_split else None}
-    recipe = {k: v for k, v in recipe.items() if v is not None}
+    recipe = {"model": model, **data_spec.recipe_keys(), "steps": [step]}
+    if eval_split:
+        recipe["eval"] = {"split": eval_split}
     return run_recipe(parse_recipe(recipe, where=step["step"], cli=True), out,
-                      overwrite=overwrite,
-                      device=device, allow_pickle=allow_pickle,
-                      trust_remote_code=trust_remote_code, resume=resume)
+                      overwrite=run.overwrite, device=run.device, allow_pickle=run.allow_pickle,
+                      trust_remote_code=run.trust_remote_code, resume=resume)
+
+
+def run_options(device: str, allow_pickle: bool, trust_remote_code: bool,
+                overwrite: bool = False):
+    """The shared loading / writing flags as core.recipe.RunOptions."""
+    from ..core.recipe import RunOptions
+
+    return RunOptions(device, trust_remote_code, allow_pickle, overwrite)
 
 
 def metric_lines(result: dict) -> str:

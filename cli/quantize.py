@@ -8,15 +8,9 @@ from pathlib import Path
 import click
 
 from ..core.errors import InputError
-from . import options
+from . import method_options as generated, options
 
 log = logging.getLogger("mmkit")
-METHODS = ("rtn", "gptq", "dynamic-int8", "ptq", "nf4", "fp4", "int8")
-# CLI option -> config key, for options only some methods take
-METHOD_OPTIONS = {"group_size": "--group-size", "symmetric": "--symmetric", "calib": "--calib",
-                  "calib_samples": "--calib-samples", "calib_length": "--calib-length",
-                  "act_order": "--act-order", "double_quant": "--no-double-quant",
-                  "a_bits": "--a-bits", "softmax_bits": "--softmax-bits", "skip": "--skip"}
 
 
 def parse_bits(value: str):
@@ -74,58 +68,26 @@ def _human(r: dict) -> str:
 @options.model_argument
 @click.option("--bits", required=True, help="4, 8 (2-8 for rtn / gptq), or per-layer: "
               "'PATTERN=BITS,...,default=BITS' or a YAML / JSON file (16 keeps a layer float).")
-@click.option("--method", type=click.Choice(METHODS), help="Default: picked for the device and "
-              "bits (CUDA: nf4 / int8; CPU: dynamic-int8 at 8 bits, rtn for causal LMs; gptq "
-              "with --calib, else rtn).")
-@click.option("--group-size", type=click.IntRange(min=0),
-              help="Columns sharing a scale (rtn, gptq); 0 = one per output channel. [default: 128]")
-@click.option("--symmetric", is_flag=True, default=None, help="Symmetric grid (rtn, gptq).")
-@click.option("--act-order/--no-act-order", default=None,
-              help="GPTQ: quantize columns by decreasing Hessian diagonal. [default: on]")
-@click.option("--calib", help="Calibration data for gptq / ptq (any --data reference).")
-@click.option("--calib-samples", type=click.IntRange(min=1), help="[default: 128]")
-@click.option("--calib-length", type=click.IntRange(min=8), help="Tokens per calibration sample. "
-                                                                 "[default: 256]")
-@click.option("--a-bits", type=click.IntRange(4, 8), help="ptq: activation bits. [default: 8]")
-@click.option("--softmax-bits", type=click.IntRange(0, 8),
-              help="ptq: log2 bits of attention probabilities, 0 = float. [default: 4]")
-@click.option("--no-double-quant", "double_quant", flag_value=False, default=None,
-              help="nf4 / fp4: do not quantize the scales again.")
-@click.option("--skip", multiple=True, help="Leave layers matching this pattern in floating "
-                                            "point (repeatable; task heads always are).")
+@click.option("--method", type=click.Choice(generated.method_choice("quantize")),
+              default="auto", show_default=True,
+              help="auto picks for the device and bits (CUDA: nf4 / int8; CPU: dynamic-int8 at "
+                   "8 bits, rtn for causal LMs; gptq with --calib, else rtn).")
+@generated.method_options("quantize", skip=("bits",))
 @click.option("--eval", "do_eval", is_flag=True, help="Score the result on the test split.")
 @options.data
 @options.output
 @options.device()
 @options.loading
 @options.common
-def quantize_command(model, bits, method, skip, do_eval, task, data, text_column,
-                     image_column, label_column, max_samples, seed, out, overwrite, device,
+def quantize_command(model, bits, method, do_eval, data_spec, out, overwrite, device,
                      allow_pickle, trust_remote_code, as_json, **settings):
     """Quantize MODEL's Linear weights and write OUT (task heads stay in floating point)."""
-    from ..core.loading import resolve_device
-    from ..core.registry import get_method
-
     bits = parse_bits(bits)
     if model == "-":
         model = options.models_from(model)[0]
-    if method is None:
-        from ..compression.quantize.methods import pick_method
-        from ..core.loading import peek
-
-        kind = peek(model, task, trust_remote_code)[2]
-        method, why = pick_method(bits, resolve_device(device), settings.get("calib"), kind)
-        log.info("quantize: using %s (%s); choose with --method", method, why)
-    fields = get_method("quantize", method).config.model_fields
-    params = {"bits": bits, **options.method_params(
-        {**settings, "skip": skip}, fields, METHOD_OPTIONS, f"--method {method}")}
-    for key in ("group_size", "softmax_bits"):  # 0 means none
-        if key in params:
-            params[key] = params[key] or None
+    params = generated.step_params("quantize", method, settings, f"--method {method}")
     result = options.run_one_step(
-        {"step": "quantize", "method": method, **params}, model=model, task=task, data=data,
-        text_column=text_column, image_column=image_column, label_column=label_column,
-        max_samples=max_samples, seed=seed, eval_split="test" if do_eval else None, out=out,
-        overwrite=overwrite, device=device, allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code)
+        {"step": "quantize", "method": method, "bits": bits, **params}, model=model,
+        data_spec=data_spec, out=out, eval_split="test" if do_eval else None,
+        run=options.run_options(device, allow_pickle, trust_remote_code, overwrite))
     options.emit(result, as_json, _human)

@@ -56,26 +56,11 @@ def _weights_sha(folder: Path) -> str | None:
 
 
 def save_model_files(loaded, folder: Path) -> None:
-    """Write the model's HF files (safetensors), or an mmkit adapter's, and its tokenizer /
+    """Write the model in the format it carries (`core.formats`), and its tokenizer /
     processor."""
-    if loaded.extra.get("format") == "mmkit-adapter":
-        from ..adapters.own import save_adapter
+    from .formats import save
 
-        save_adapter(loaded, folder)
-    elif loaded.extra.get("format") == "mmkit-quantized":
-        from ..compression.quantize.storage import save_quantized
-
-        save_quantized(loaded.model, folder)
-    elif loaded.extra.get("format") == "mmkit-ptq":
-        from ..compression.quantize.ptq import save_ptq
-
-        save_ptq(loaded, folder)
-    elif loaded.extra.get("format") == "mmkit-pruned":
-        from ..compression.prune.storage import save_pruned
-
-        save_pruned(loaded, folder)
-    else:
-        loaded.model.save_pretrained(folder)
+    save(loaded, folder)
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(folder)
     if loaded.image_processor is not None:

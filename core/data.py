@@ -4,6 +4,7 @@ that ship inside PyPI packages, and deterministic train / validation / test spli
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -300,6 +301,31 @@ def _split_indices(n: int, seed: int, fractions) -> dict[str, list[int]]:
     n_train = n - n_val - n_test
     return {"train": order[:n_train], "validation": order[n_train:n_train + n_val],
             "test": order[n_train + n_val:]}
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What data a command or recipe reads: a dataset reference, its columns, a cap on each
+    split and the split seed (None: the model's own, else the task's defaults)."""
+
+    task: str | None = None
+    data: str | None = None
+    text_column: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    max_samples: int | None = None
+    seed: int | None = None
+
+    @property
+    def columns(self) -> dict:
+        """The column names given, by load_data's keyword."""
+        return {k: v for k, v in (("text_column", self.text_column),
+                                  ("image_column", self.image_column),
+                                  ("label_column", self.label_column)) if v is not None}
+
+    def recipe_keys(self) -> dict:
+        """The recipe keys this spec sets (the ones given)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 def resolve_data(source, task: str, data: str | None = None, seed: int | None = None,

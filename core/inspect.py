@@ -73,14 +73,12 @@ def applicable_methods(loaded: LoadedModel) -> list[str]:
     """The registered methods mmkit's commands accept for this model as it is now: by its
     kind, and by its state (an adapter is merged only when it is a weight change; a
     quantized model is not pruned or quantized again)."""
-    from ..adapters.merging import MERGEABLE_PEFT
-    from .registry import methods_for
+    from .registry import is_mergeable, methods_for
 
     adapter = _adapter(loaded)
     quantized = loaded.extra.get("format") in ("mmkit-quantized", "mmkit-ptq") or \
         getattr(loaded.model, "is_quantized", False)
-    mergeable = adapter is None or adapter["method"].upper() in MERGEABLE_PEFT or \
-        adapter["method"] == "svfit"
+    mergeable = adapter is None or is_mergeable(adapter["method"])
     out = []
     for m in methods_for(loaded.kind):
         if m.step == "finetune" and adapter is not None:

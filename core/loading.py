@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .errors import InputError, RuntimeFailure
 from .families import DEFAULT_TASK, head_task, model_kind
+from . import formats
 from .refs import ModelSource, resolve
 
 log = logging.getLogger("mmkit")
@@ -112,7 +113,8 @@ def check_weights(source: ModelSource, allow_pickle: bool) -> None:
                              "artifact (or delete mmkit.json to load it as plain files).")
 
 
-def _auto_class(task: str):
+def auto_class(task: str):
+    """The transformers Auto class that builds a model for a task."""
     import transformers as tf
 
     return {
@@ -212,17 +214,9 @@ def peek(ref: str | ModelSource, task: str | None = None, trust_remote_code: boo
 
 def _adapter_base(adapter: ModelSource) -> ModelSource:
     """For an adapter folder: the base model it was trained on (from the manifest, else from
-    the adapter's own config), carrying the adapter's manifest so task and labels follow it."""
-    import json
-
-    from ..adapters.own import read_spec
-
-    parent = (adapter.manifest.get("parent") or {}).get("ref")
-    if not parent and Path(adapter.path, "adapter_config.json").is_file():
-        cfg = json.loads(Path(adapter.path, "adapter_config.json").read_text())
-        parent = cfg.get("base_model_name_or_path")
-    elif not parent:
-        parent = read_spec(adapter.path).get("base_model")
+    the adapter's own files), carrying the adapter's manifest so task and labels follow it."""
+    fmt = formats.detect(adapter.path, adapter=True)
+    parent = (adapter.manifest.get("parent") or {}).get("ref") or fmt.base(Path(adapter.path))
     if not parent:
         raise InputError(f"'{adapter.ref}' is an adapter folder that does not say which base "
                          "model it belongs to; load it with `PeftModel.from_pretrained(base, "
@@ -235,19 +229,43 @@ def _adapter_base(adapter: ModelSource) -> ModelSource:
     return base
 
 
-def _attach_adapter(model, adapter: ModelSource, extra: dict):
-    """Put a peft adapter, or one of mmkit's own, onto its freshly loaded base."""
-    if Path(adapter.path, "mmkit_adapter.json").is_file():
-        from ..adapters.own import attach_adapter, read_spec
+@dataclass
+class LoadOptions:
+    """How a model's files are read: what mmkit passes to from_pretrained."""
 
-        extra.update({"format": "mmkit-adapter", "adapter": read_spec(adapter.path)})
-        return attach_adapter(model, adapter.path)
-    from peft import PeftModel
+    dtype: object = None
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    new_head: bool = False  # the task head is created, so its tensors are not in the files
+    quant: dict = field(default_factory=dict)  # bitsandbytes kwargs (a QLoRA base)
 
-    try:
-        return PeftModel.from_pretrained(model, adapter.path)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise InputError(f"Cannot load the adapter '{adapter.ref}' onto its base: {exc}") from None
+
+@dataclass
+class _Head:
+    """What the task head will be: loaded, created for the data's labels, carried by an
+    adapter (`trained`), or absent (`bare`: the backbone alone, for inspecting it)."""
+
+    labels: list[str] | None
+    has_head: bool
+    bare: bool
+    trained: list[str] | None
+
+    @property
+    def fresh(self) -> bool:
+        """True when a new, untrained head is created."""
+        return not (self.has_head or self.bare or self.trained) and self.labels is not None
+
+
+def _plan_head(source, config, task, labels, task_head: bool) -> _Head:
+    trained = None
+    made = (source.adapter.manifest.get("task") or {}) if source.adapter is not None else {}
+    if made.get("name") == task and made.get("labels"):
+        trained = [str(lab) for lab in made["labels"]]  # the base grows the adapter's head
+    has_head = head_task(config) == task and task.endswith("classification")
+    bare = not task_head and not has_head and not trained and task.endswith("classification")
+    names = None if bare else _head_labels(config, labels, task, has_head,
+                                           (source.adapter or source).ref, trained)
+    return _Head(names, has_head, bare, trained)
 
 
 def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str] | None = None,
@@ -264,80 +282,68 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
 
     The task defaults to the artifact's, then the checkpoint head's, then the kind's default.
     For classification, `labels` (class names from the data) create a new head when the
-    checkpoint has none, and are checked against the head when it has one.
+    checkpoint has none, and are checked against the head when it has one. The files are read
+    by the registered format they match (`core.formats`), an adapter on top of its base.
     """
     import torch
 
-    from ..compression.prune.storage import is_pruned_folder, load_pruned
-    from ..compression.quantize.ptq import attach_ptq, is_ptq_folder
-    from ..compression.quantize.storage import is_quantized_folder, load_quantized
-
     source, config, kind, task = peek(ref, task, trust_remote_code)
-    trained = None
-    if source.adapter is not None:
-        # the base grows the head the adapter was trained with (the adapter restores it)
-        made = source.adapter.manifest.get("task") or {}
-        if made.get("name") == task and made.get("labels"):
-            trained = [str(lab) for lab in made["labels"]]
-        seed = (source.adapter.manifest.get("parent") or {}).get("seed", seed)
-        steps = source.adapter.manifest.get("steps") or [{}]
-        bits = bits or (steps[0].get("params") or {}).get("bits")  # a QLoRA adapter's base
-    has_head = head_task(config) == task and task.endswith("classification")
-    bare = not task_head and not has_head and not trained and task.endswith("classification")
-    head_labels = None if bare else _head_labels(config, labels, task, has_head,
-                                                 (source.adapter or source).ref, trained)
+    adapter = source.adapter
+    if adapter is not None:  # the seed and the QLoRA bits the adapter was made with
+        seed = (adapter.manifest.get("parent") or {}).get("seed", seed)
+        bits = bits or ((adapter.manifest.get("steps") or [{}])[0].get("params") or {}).get("bits")
+    head = _plan_head(source, config, task, labels, task_head)
     device = resolve_device(device)
     torch.manual_seed(seed)  # a new head is the same for the same seed
-    cls = _auto_class("zero-shot-image-classification" if bare else task)  # AutoModel if bare
-    quant = _bnb_config(bits, device) if bits else {}
-    extra = {}
-    if source.kind == "tiny":
-        model = cls.from_config(config)
-        if quant:
-            model = _requantize(cls, model, quant)
-    else:
-        if source.kind != "hub":
-            check_weights(source, allow_pickle)
-        # mmkit's own formats: the loaded model remembers its format, so a later save keeps it
-        if is_quantized_folder(source.path):  # RTN / GPTQ / dynamic-int8
-            model = load_quantized(cls, source.path, config)
-            extra = {"format": "mmkit-quantized"}
-        elif is_pruned_folder(source.path):  # head counts its config cannot state
-            model, layout = load_pruned(cls, source.path, config)
-            extra = {"format": "mmkit-pruned", "pruned": {"attention": layout}}
-        else:
-            new_head = task.endswith("classification") and not has_head
-            model = _from_pretrained(cls, source, config, dtype, allow_pickle, trust_remote_code,
-                                     new_head, **quant)
-            if is_ptq_folder(source.path):  # simulated activation quantization on top
-                extra = {"format": "mmkit-ptq", "ptq": attach_ptq(model, source.path)}
-    if getattr(model, "is_quantized", False):  # bitsandbytes: a kernel for every CPU
-        from ..compression.quantize.bnb_cpu import fit_cpu_kernels_
-
-        fit_cpu_kernels_(model)
-    adapter = source.adapter
+    cls = auto_class("zero-shot-image-classification" if head.bare else task)  # AutoModel if bare
+    opts = LoadOptions(dtype, allow_pickle, trust_remote_code,
+                       task.endswith("classification") and not head.has_head,
+                       _bnb_config(bits, device) if bits else {})
+    model, extra = _load_weights(cls, source, config, opts)
     if adapter is not None:
         check_weights(adapter, allow_pickle)
-        model = _attach_adapter(model, adapter, extra)
+        model, more = formats.detect(adapter.path, adapter=True).load(model, adapter)
+        extra.update(more)
         source = adapter
     model.eval()
-    if device != "cpu" and not quant:  # bitsandbytes placed a quantized model already
+    if device != "cpu" and not opts.quant:  # bitsandbytes placed a quantized model already
         model.to(device)
     tokenizer, image_processor = _load_processors(source, kind, config, trust_remote_code)
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    fresh = (task.endswith("classification") and not has_head and not bare and not trained
-             and task != "zero-shot-image-classification")
+    fresh = head.fresh and task != "zero-shot-image-classification"
     if fresh:
         log.warning("'%s' has no trained %s head: a new one was created for %d classes "
                     "(its accuracy is chance until the model is fine-tuned).",
-                    source.ref, task, len(head_labels))
+                    source.ref, task, len(head.labels))
     return LoadedModel(model=model, source=source, kind=kind, task=task, tokenizer=tokenizer,
-                       image_processor=image_processor, labels=head_labels, fresh_head=fresh,
+                       image_processor=image_processor, labels=head.labels, fresh_head=fresh,
                        config_kind=config.model_type, extra=extra)
 
 
-HEAD_MODULES = ["classifier", "score", "lm_head"]  # kept in full precision when quantizing
+def _load_weights(cls, source: ModelSource, config, opts: LoadOptions):
+    """The base model of a reference, built by the format its folder holds: (model, extra)."""
+    if source.kind == "tiny":
+        model = cls.from_config(config)
+        extra = {}
+        if opts.quant:
+            model = requantize(cls, model, opts.quant)
+    else:
+        if source.kind != "hub":
+            check_weights(source, opts.allow_pickle)
+        fmt = formats.detect(source.path) if source.kind != "hub" else None
+        fmt = fmt or formats.get_format(formats.PLAIN)
+        model, extra = fmt.load(cls, source, config, opts)
+        if fmt.name != formats.PLAIN:  # the loaded model keeps its format: a save writes it
+            extra = {"format": fmt.name, **extra}
+    if getattr(model, "is_quantized", False):  # bitsandbytes: a kernel for every CPU
+        from .bnb_cpu import fit_cpu_kernels_
+
+        fit_cpu_kernels_(model)
+    return model, extra
+
+
+_BNB_SKIP = ("classifier", "score", "lm_head")  # TODO(layers): core.layers.TASK_HEADS
 
 
 def _bnb_config(bits: int, device: str) -> dict:
@@ -351,13 +357,13 @@ def _bnb_config(bits: int, device: str) -> dict:
     if bits == 4:
         qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                 bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute,
-                                llm_int8_skip_modules=HEAD_MODULES)
+                                llm_int8_skip_modules=list(_BNB_SKIP))
     else:
-        qc = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=HEAD_MODULES)
+        qc = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(_BNB_SKIP))
     return {"quantization_config": qc, "device_map": {"": device}}
 
 
-def _requantize(cls, model, quant: dict):
+def requantize(cls, model, quant: dict):
     """Quantize an in-memory model (a tiny one) by a save / from_pretrained round trip."""
     import tempfile
 
@@ -370,13 +376,15 @@ def _requantize(cls, model, quant: dict):
     return quantized
 
 
-def _from_pretrained(cls, source, config, dtype, allow_pickle, trust_remote_code,
-                     new_head=False, **extra):
+def from_pretrained(cls, source: ModelSource, config, opts: LoadOptions):
+    """`cls.from_pretrained` of a folder or hub id, safetensors only unless pickle is allowed,
+    refusing weights that leave part of the model random."""
     import transformers
 
-    kwargs = dict(config=config, trust_remote_code=trust_remote_code, dtype=dtype or "auto",
-                  output_loading_info=True, ignore_mismatched_sizes=True, **extra)
-    if not allow_pickle:
+    kwargs = dict(config=config, trust_remote_code=opts.trust_remote_code,
+                  dtype=opts.dtype or "auto", output_loading_info=True,
+                  ignore_mismatched_sizes=True, **opts.quant)
+    if not opts.allow_pickle:
         kwargs["use_safetensors"] = True
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # we report a new head ourselves
@@ -388,8 +396,18 @@ def _from_pretrained(cls, source, config, dtype, allow_pickle, trust_remote_code
         raise RuntimeFailure(f"Loading '{source.ref}' failed: {exc}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
-    _check_loaded(source.ref, info, new_head)
+    _check_loaded(source.ref, info, opts.new_head)
     return model
+
+
+def _save_plain(loaded, folder: Path) -> None:
+    loaded.model.save_pretrained(folder)
+
+
+formats.register_format(formats.Format(
+    formats.PLAIN, detect=lambda folder: True, save=_save_plain,
+    load=lambda cls, source, config, opts: (from_pretrained(cls, source, config, opts), {}),
+    summary="Hugging Face save_pretrained files (also a peft adapter on top)"))
 
 
 NEW_HEAD_PARTS = {"classifier", "score", "pooler"}  # created, not loaded, for a new head

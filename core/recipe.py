@@ -17,12 +17,11 @@ Every command that produces a model builds a one-step recipe and calls `run_reci
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from .errors import InputError, shown
 
@@ -56,6 +55,9 @@ class Recipe(BaseModel):
     label_column: str | None = None
     steps: list[dict] = Field(default_factory=list)
     eval: EvalSpec | None = None
+    # where the recipe came from, for messages: ("recipe.yaml", False), or ("quantize", True)
+    # for a command's one-step recipe (errors then name its flags)
+    _origin: tuple = PrivateAttr(default=("recipe", False))
 
 
 class _LineDict(dict):
@@ -106,10 +108,9 @@ def load_recipe(path: str | Path) -> dict:
 
 def parse_recipe(data: dict, where: str = "recipe", cli: bool = False) -> Recipe:
     """Validate a recipe mapping and every step's method and parameters (before any work)."""
-    from .registry import build_config, get_method
+    from .steps import check_steps
 
     raw_steps = data.get("steps") if isinstance(data.get("steps"), list) else []
-    lines = [getattr(step, "line", None) for step in raw_steps]  # before pydantic copies them
     try:
         recipe = Recipe(**data)
     except ValidationError as exc:
@@ -120,46 +121,25 @@ def parse_recipe(data: dict, where: str = "recipe", cli: bool = False) -> Recipe
         else:
             msg = f"'{key}': {err['msg']}"
         raise InputError(f"{where}: {msg}.") from None
-    for i, step in enumerate(recipe.steps, 1):
-        line = lines[i - 1] if i - 1 < len(lines) else None
-        at = f"{where}, step {i}" + (f" (line {line})" if line else "")
-        if not isinstance(step, dict) or "step" not in step:
-            raise InputError(f"{at}: each step needs a 'step' key (finetune, prune, quantize, "
-                             "merge, extract, cast) and its parameters.")
-        params = {k: v for k, v in step.items() if k not in ("step", "method")}
-        method = get_method(step["step"], step.get("method"))
-        build_config(method, params, where if cli else at, cli)
+    recipe.steps = list(raw_steps)  # pydantic copies the mappings; keep their YAML lines
+    recipe._origin = (where, cli)
+    check_steps(recipe.steps, where, cli)
     return recipe
 
 
-def resolved_steps(recipe: Recipe) -> list[tuple]:
-    """(method, config, raw step) for each step, parameters validated."""
-    from .registry import build_config, get_method
-
-    out = []
-    for i, step in enumerate(recipe.steps, 1):
-        params = {k: v for k, v in step.items() if k not in ("step", "method")}
-        method = get_method(step["step"], step.get("method"))
-        out.append((method, build_config(method, params, f"step {i}"), step))
-    return out
-
-
-def _input_paths(source, dataset, steps) -> list[tuple[str, str]]:
+def _input_paths(source, dataset, steps, others) -> list[tuple[str, str]]:
     """The local files and folders a run reads: the output must not touch them."""
     paths = []
-    for src in (source, source.adapter):
+    for src in (source, source.adapter, *others.values()):
         if src is not None and src.kind in ("artifact", "folder", "embedded"):
             paths.append(("model folder", src.path))
     if dataset is not None and not dataset.info["source"].startswith(("bundled:", "hf:")):
         paths.append(("data", dataset.info["source"]))
-    for method, cfg, _ in steps:
-        calib = getattr(cfg, "calib", None)
+    for step in steps:
+        calib = getattr(step.config, "calib", None)
         if calib and Path(calib).expanduser().exists():
             paths.append(("calibration data", str(Path(calib).expanduser())))
     return paths
-
-
-UNMERGEABLE = ("prompt", "prefix", "adaptformer", "vpt")  # adapters that are not weight changes
 
 
 def _start_state(source, config) -> dict:
@@ -180,6 +160,8 @@ def _check_chain(source, config, steps) -> None:
     """Check, before any step runs, that each step can take what the steps before it (and
     the model itself) leave: no compression of an adapter that cannot be merged, no adapter
     on an adapter, no pruning or training of quantized weights, no quantizing twice."""
+    from .registry import is_mergeable
+
     state = _start_state(source, config)
     for i, (method, cfg, _) in enumerate(steps, 1):
         at = f"step {i} ({method.step} {method.name})"
@@ -196,7 +178,7 @@ def _check_chain(source, config, steps) -> None:
                 getattr(cfg, "bits", None)), by=f"step {i}")
         elif method.step in ("prune", "quantize"):
             adapter = state["adapter"]
-            if adapter and (adapter in UNMERGEABLE or state["qlora"]):
+            if adapter and (not (adapter == "an" or is_mergeable(adapter)) or state["qlora"]):
                 why = "is on a 4/8-bit base" if state["qlora"] else "is not a weight change"
                 raise InputError(f"{at} needs plain weights, but the {adapter} adapter left by "
                                  f"{state['by']} {why} and cannot be merged. Use a mergeable "
@@ -216,18 +198,19 @@ class Plan:
     out: Path
     source: object  # ModelSource
     task: str
-    steps: list  # (method, config, raw step)
+    steps: list  # core.steps.Step, resolved for the model and device
     dataset: object = None  # Dataset, when the task or a step needs data
     seed: int = 0
     load_options: dict = field(default_factory=dict)
     resolved: dict = field(default_factory=dict)  # the recipe as recipe.yaml records it
     inputs: list = field(default_factory=list)  # (what, path) the output must not touch
     fingerprint: str = ""  # names the run, so --resume refuses another run's checkpoints
+    models: dict = field(default_factory=dict)  # further models the steps name: ref -> source
 
     @property
     def trains(self) -> bool:
         """True when a step trains (and so owns `<OUT>.checkpoints`)."""
-        return any(m.step == "finetune" for m, _, _ in self.steps)
+        return any(step.method.step == "finetune" for step in self.steps)
 
     @property
     def labels(self) -> list[str] | None:
@@ -237,60 +220,99 @@ class Plan:
         return self.dataset.label_names
 
 
-def plan_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False,
+def plan_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False, device: str = "cpu",
                 trust_remote_code: bool = False) -> Plan:
     """Check everything that can be checked without loading the model: the recipe, each
-    step's parameters and model kinds, the task, the data, and the output path."""
-    from .data import load_data, resolve_data
-    from .families import check_length
+    step's parameters and model kinds, the models steps name, the task, the data, and the
+    output path."""
     from .loading import peek
     from .outputs import check_output, output_path
+    from .steps import check_kinds, check_steps, resolve_steps
     from .train import run_fingerprint
 
     if isinstance(recipe, dict):
         recipe = parse_recipe(recipe)
+    where, cli = recipe._origin
     out = output_path(out)
-    steps = resolved_steps(recipe)
     source, config, kind, task = peek(recipe.model, recipe.task, trust_remote_code)
-    if kind in ("text-encoder", "causal-lm"):  # sequence lengths the model can take
-        for method, cfg, _ in steps:
-            reserved = cfg.virtual_tokens if method.name == "prompt" else 0
-            check_length(config, getattr(cfg, "max_length", None), "--max-length",
-                         recipe.model, reserved)
-        check_length(config, recipe.eval.max_length if recipe.eval else None, "--max-length",
-                     recipe.model)
-    for method, _, _ in steps:
-        if kind not in method.kinds:
-            raise InputError(f"{method.step} {method.name} does not apply to '{recipe.model}', a "
-                             f"{kind} model; it applies to {', '.join(method.kinds)}. "
-                             f"{method.hint}".strip())
+    steps = resolve_steps(check_steps(recipe.steps, where, cli), kind, device, where, cli)
+    check_kinds(steps, kind, recipe.model)
+    _check_lengths(recipe, steps, config, kind)
     _check_chain(source, config, steps)
-    load_options = {}
+    models = _other_models(steps, task, trust_remote_code)
+    plan = Plan(recipe, out, source, task, steps, load_options=_load_options(steps),
+                models=models)
+    _plan_data(plan)
+    plan.inputs = _input_paths(source, plan.dataset, steps, models)
+    check_output(out, overwrite, plan.inputs)
+    plan.fingerprint = run_fingerprint(plan.resolved)
+    return plan
+
+
+def _check_lengths(recipe: Recipe, steps, config, kind: str) -> None:
+    """Sequence lengths the model can take (prompt tuning's virtual tokens reserved)."""
+    from .families import check_length
+
+    if kind not in ("text-encoder", "causal-lm"):
+        return
+    for method, cfg, _ in steps:
+        reserved = cfg.virtual_tokens if method.name == "prompt" else 0
+        check_length(config, getattr(cfg, "max_length", None), "--max-length", recipe.model,
+                     reserved)
+    check_length(config, recipe.eval.max_length if recipe.eval else None, "--max-length",
+                 recipe.model)
+
+
+def _load_options(steps) -> dict:
+    """How the base model is loaded (a QLoRA step's 4/8-bit base): the first step's say."""
+    options = {}
     for i, (method, cfg, _) in enumerate(steps):
         wanted = method.load_options(cfg) if method.load_options else {}
         if wanted and i > 0:
             raise InputError(f"step {i + 1} ({method.step} {method.name}) changes how the base "
                              "model is loaded (a 4/8-bit QLoRA base); it must be the first step.")
-        load_options.update(wanted)
-    request = resolve_data(source, task, recipe.data, recipe.seed, recipe.text_column,
+        options.update(wanted)
+    return options
+
+
+def _other_models(steps, task: str, trust_remote_code: bool) -> dict:
+    """The further models steps name (a teacher, models to merge): each resolved and its
+    config read now, so a wrong reference fails before anything loads."""
+    from .loading import peek
+
+    found = {}
+    for i, (method, cfg, _) in enumerate(steps, 1):
+        for key in method.models:
+            value = getattr(cfg, key, None)
+            for ref in [value] if isinstance(value, str) else list(value or []):
+                try:
+                    found[ref] = peek(ref, task, trust_remote_code)[0]
+                except InputError as exc:
+                    raise InputError(f"step {i} ({method.step} {method.name}), {key}: "
+                                     f"{exc}") from None
+    return found
+
+
+def _plan_data(plan: Plan) -> None:
+    """Resolve and load the data the task, the steps or the evaluation need; record the
+    recipe as it will run (data, columns and seed filled in)."""
+    from .data import load_data, resolve_data
+
+    recipe, task = plan.recipe, plan.task
+    request = resolve_data(plan.source, task, recipe.data, recipe.seed, recipe.text_column,
                            recipe.image_column, recipe.label_column)
-    needs_data = (recipe.eval is not None or task.endswith("classification")
-                  or any(m.needs_data for m, _, _ in steps))
-    dataset = None
-    resolved = recipe.model_dump(mode="json", exclude_none=True)
-    resolved.update({"task": task, "seed": request["seed"]})
-    if needs_data:
+    plan.seed = request["seed"]
+    plan.resolved = recipe.model_dump(mode="json", exclude_none=True)
+    plan.resolved.update({"task": task, "seed": plan.seed})
+    if (recipe.eval is not None or task.endswith("classification")
+            or any(step.method.needs_data for step in plan.steps)):
         spec = request.pop("spec")
-        dataset = load_data(spec, task, max_samples=recipe.max_samples, **request)
-        resolved.update({"data": spec, **{k: v for k, v in request.items() if v is not None}})
-    for method, cfg, _ in steps:  # calibration data: readable and of the right kind, now
-        if getattr(cfg, "calib", None):
-            load_data(cfg.calib, task, max_samples=1)
-    plan = Plan(recipe, out, source, task, steps, dataset, request["seed"], load_options,
-                resolved, _input_paths(source, dataset, steps))
-    check_output(out, overwrite, plan.inputs)
-    plan.fingerprint = run_fingerprint(resolved)
-    return plan
+        plan.dataset = load_data(spec, task, max_samples=recipe.max_samples, **request)
+        plan.resolved.update({"data": spec, **{k: v for k, v in request.items()
+                                               if v is not None}})
+    for step in plan.steps:  # calibration data: readable and of the right kind, now
+        if getattr(step.config, "calib", None):
+            load_data(step.config.calib, task, max_samples=1)
 
 
 def run_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False, device: str = "cpu",
@@ -308,21 +330,22 @@ def run_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False, device: s
     from .loading import resolve_device
     from .outputs import check_output, output_lock
 
-    plan = plan_recipe(recipe, out, overwrite=overwrite, trust_remote_code=trust_remote_code)
     device = resolve_device(device)
+    plan = plan_recipe(recipe, out, overwrite=overwrite, device=device,
+                       trust_remote_code=trust_remote_code)
     if resume and not plan.trains:
         raise InputError("--resume continues an interrupted training run; this recipe has no "
                          "training step. Run it without --resume.")
+    run = RunOptions(device, trust_remote_code, allow_pickle, overwrite)
     fingerprint, workdir = plan.fingerprint, checkpoints.checkpoint_dir(plan.out)
     with output_lock(plan.out, lock_wait):
         check_output(plan.out, overwrite, plan.inputs)  # again: another writer may have finished
         if not plan.trains:
-            return _execute(plan, device, trust_remote_code, allow_pickle, overwrite)
+            return _execute(plan, run)
         checkpoints.claim(workdir, fingerprint, resume, overwrite)
         try:
-            training = {"workdir": workdir, "fingerprint": fingerprint, "resume": resume,
-                        "callbacks": list(callbacks or [])}
-            result = _execute(plan, device, trust_remote_code, allow_pickle, overwrite, training)
+            result = _execute(plan, run, {"workdir": workdir, "fingerprint": fingerprint,
+                                          "resume": resume, "callbacks": list(callbacks or [])})
         except BaseException:
             checkpoints.release(workdir, fingerprint, finished=False)  # keep what can resume
             raise
@@ -330,34 +353,32 @@ def run_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False, device: s
         return result
 
 
-def _execute(plan: Plan, device: str, trust_remote_code: bool, allow_pickle: bool,
-             overwrite: bool, training: dict | None = None) -> dict:
+@dataclass(frozen=True)
+class RunOptions:
+    """How a planned recipe runs: where, what it may trust, and whether OUT may be replaced."""
+
+    device: str = "cpu"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    overwrite: bool = False
+
+
+def _execute(plan: Plan, run: RunOptions, training: dict | None = None) -> dict:
     """Load the model, apply the steps, evaluate, write the artifact (with OUT locked)."""
     from .artifacts import write_artifact
     from .evaluate import evaluate
     from .loading import load_model
     from .registry import Context
+    from .steps import apply_steps
 
     recipe = plan.recipe
     log.info("loading %s for %s", recipe.model, plan.task)
-    loaded = load_model(plan.source, plan.task, plan.labels, device=device, seed=plan.seed,
-                        trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+    loaded = load_model(plan.source, plan.task, plan.labels, device=run.device, seed=plan.seed,
+                        trust_remote_code=run.trust_remote_code, allow_pickle=run.allow_pickle,
                         **plan.load_options)
-    ctx = Context(device=device, seed=plan.seed, dataset=plan.dataset, **(training or {}))
-    workdir = ctx.workdir
-    done = []
-    for i, (method, cfg, _) in enumerate(plan.steps, 1):
-        ctx.report = {}
-        if workdir is not None:
-            ctx.workdir = workdir / f"step-{i}"  # each training step keeps its own checkpoints
-        log.info("step %s:%s", method.step, method.name)
-        start = time.perf_counter()
-        loaded = method.apply(loaded, cfg, ctx)
-        if loaded.extra.pop("merged_adapter", None):  # a prune / quantize step merged it first
-            ctx.report["merged_adapter_first"] = True
-        done.append({"step": method.step, "method": method.name,
-                     "params": cfg.model_dump(mode="json"),
-                     "seconds": round(time.perf_counter() - start, 3), "report": ctx.report})
+    ctx = Context(device=run.device, seed=plan.seed, dataset=plan.dataset, models=plan.models,
+                  **(training or {}))
+    loaded, done = apply_steps(loaded, plan.steps, ctx)
     metrics = []
     if recipe.eval is not None:
         log.info("evaluating on the %s split", recipe.eval.split)
@@ -369,6 +390,6 @@ def _execute(plan: Plan, device: str, trust_remote_code: bool, allow_pickle: boo
     log.info("writing %s", plan.out)
     path = write_artifact(loaded, plan.out, recipe=plan.resolved, steps=done, metrics=metrics,
                           data_info=plan.dataset.info if plan.dataset is not None else None,
-                          overwrite=overwrite, fmt=loaded.extra.get("format", "hf-model"))
+                          overwrite=run.overwrite, fmt=loaded.extra.get("format", "hf-model"))
     return {"artifact": str(path), "model": recipe.model, "task": plan.task, "steps": done,
             "metrics": metrics}

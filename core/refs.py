@@ -14,7 +14,6 @@ from .errors import InputError, shown
 from .tiny import TINY_FAMILIES
 
 MANIFEST = "mmkit.json"
-ADAPTER_FILES = ("adapter_config.json", "mmkit_adapter.json")  # peft's, mmkit's own
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
@@ -35,8 +34,11 @@ class ModelSource:
 
     @property
     def is_adapter(self) -> bool:
-        """True when the folder holds an adapter (peft's or mmkit's) rather than full weights."""
-        return self.path is not None and any(Path(self.path, f).is_file() for f in ADAPTER_FILES)
+        """True when the folder holds an adapter (any registered adapter format) rather than
+        full weights."""
+        from .formats import detect
+
+        return self.kind != "hub" and detect(self.path, adapter=True) is not None
 
 
 def _aliases_hint() -> str:
@@ -77,8 +79,9 @@ def _local_folder(ref: str, path: Path) -> ModelSource:
     if not path.is_dir():
         raise InputError(f"Model '{ref}' is a file, not a folder. Pass the folder that holds "
                          "config.json and the weights.")
-    has_config = any((path / f).is_file() for f in ("config.json", *ADAPTER_FILES))
-    if not has_config:
+    from .formats import detect
+
+    if not (path / "config.json").is_file() and detect(path, adapter=True) is None:
         raise InputError(f"The folder '{ref}' has no config.json (nor an adapter's config), so "
                          "it is not a Hugging Face model folder. Pass the folder that "
                          "save_pretrained wrote, or an mmkit artifact.")

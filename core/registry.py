@@ -1,7 +1,10 @@
 """The method registry: every technique is registered by an explicit call under its step.
 
 A method is `apply(loaded, config, ctx) -> loaded` with a typed config that rejects unknown
-keys and bad values. The list of registrations lives in `core/methods.py`.
+keys and bad values. Methods register from their own packages (`adapters/__init__.py`,
+`compression/quantize/__init__.py`, ...); `mmkit.registrations` imports them all, and the
+registry imports that module by name on first lookup (`core.plugins`), so core never imports
+the packages above it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from . import plugins
 from .errors import InputError
 
 STEPS = ("finetune", "prune", "quantize", "merge", "extract", "cast")
@@ -36,6 +40,28 @@ class Method:
     needs_data: bool = False
     hint: str = ""  # what to use instead on the kinds it does not apply to
     load_options: Callable | None = None  # config -> load_model kwargs (QLoRA's 4/8-bit base)
+    mergeable: bool = False  # finetune: the result is a weight change that merges into the base
+    models: tuple[str, ...] = ()  # config fields that name further models (a teacher, ...)
+    # a chooser ("quantize auto"): (params, kind, device) -> (method name, why); the plan
+    # replaces the step by the method it picks, checked with that method's config
+    pick: Callable | None = None
+
+
+def lazy(target: str) -> Callable:
+    """An apply function named "module:function", imported on first call: registering a
+    method costs no torch import, so `mmkit --help` stays fast."""
+    cache = []
+
+    def apply(*args, **kwargs):
+        if not cache:
+            import importlib
+
+            module, name = target.split(":")
+            cache.append(getattr(importlib.import_module(module), name))
+        return cache[0](*args, **kwargs)
+
+    apply.target = target
+    return apply
 
 
 @dataclass
@@ -49,6 +75,7 @@ class Context:
     fingerprint: str = ""  # identifies the run, so --resume refuses another run's checkpoints
     resume: bool = False
     callbacks: list = field(default_factory=list)  # extra HF TrainerCallbacks
+    models: dict = field(default_factory=dict)  # further models the step names: ref -> source
     report: dict = field(default_factory=dict)
 
 
@@ -70,8 +97,7 @@ def register(method: Method, default: bool = False) -> Method:
 
 
 def _loaded():
-    from . import methods  # noqa: F401  (its import runs the registrations)
-
+    plugins.load()
     return _REGISTRY
 
 
@@ -98,6 +124,19 @@ def get_method(step: str, name: str | None = None) -> Method:
 def methods_for(kind: str) -> list[Method]:
     """Methods that apply to a model kind (text-encoder, vision, clip, causal-lm)."""
     return [m for m in all_methods() if kind in m.kinds]
+
+
+def default_method(step: str) -> str:
+    """The method a step uses when none is named."""
+    _loaded()
+    return _DEFAULT[step]
+
+
+def is_mergeable(name: str) -> bool:
+    """True when a finetune method's adapter is a weight change that can be merged (prompt
+    and bottleneck adapters add tokens or branches instead)."""
+    method = _loaded().get(("finetune", name))
+    return bool(method and method.mergeable)
 
 
 def build_config(method: Method, params: dict, where: str, cli: bool = False) -> MethodConfig:
