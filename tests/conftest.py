@@ -1,4 +1,6 @@
-"""Shared fixtures: offline hub, a private mmkit cache, tiny models and small data files."""
+"""Shared fixtures: offline hub, a private mmkit cache, tiny models and small data files; and
+the helpers test files share (`from conftest import ...`): model logits, the CLI runner, and
+the check that a test matrix has one row per registered method."""
 
 import json
 import os
@@ -12,6 +14,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TINY = ["tiny:bert", "tiny:vit", "tiny:clip", "tiny:llama", "tiny:gpt2"]
 TINY_DATA = {"tiny:bert": "tweets-sentiment", "tiny:vit": "digits", "tiny:clip": "digits",
              "tiny:llama": "bbc-text", "tiny:gpt2": "bbc-text"}
+# calibration data per tiny family (CLIP calibrates on captioned images)
+CALIB = {"tiny:bert": "tweets-sentiment", "tiny:vit": "digits", "tiny:clip": "textile",
+         "tiny:llama": "bbc-text", "tiny:gpt2": "bbc-text"}
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +62,54 @@ def tiny_artifacts(tmp_path_factory) -> dict:
 def read_manifest(path) -> dict:
     """The mmkit.json of an artifact."""
     return json.loads((Path(path) / "mmkit.json").read_text())
+
+
+def logits(loaded, batch=None):
+    """A loaded model's logits on `batch` (default: the task's dummy batch, 2 x 12), without
+    gradients; CLIP's `logits_per_image` where the output has no `logits`."""
+    import torch
+
+    from mmkit.core.tasks import get_task
+
+    batch = batch or get_task(loaded.task).dummy_batch(loaded, 2, 12)
+    with torch.no_grad():
+        out = loaded.model(**batch)
+    return out.logits if getattr(out, "logits", None) is not None else out.logits_per_image
+
+
+def run_cli(*args):
+    """`mmkit ARGS...` through click's CliRunner (paths and numbers are turned into strings)."""
+    from click.testing import CliRunner
+
+    from mmkit.cli.main import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+# ---------------------------------------------------------------- test matrices from the registry
+def registered(step: str) -> list:
+    """The registered methods of one step, in registration order."""
+    from mmkit.core.registry import all_methods
+
+    return [m for m in all_methods() if m.step == step]
+
+
+def with_rows(step: str, table: dict) -> list:
+    """(method, row) for every registered method of `step` that has a row in `table` (keyed by
+    (step, name)). A method without a row is left out here, so collection still works, and
+    named by `row_problems`' test instead."""
+    return [(m, table[(step, m.name)]) for m in registered(step) if (step, m.name) in table]
+
+
+def row_problems(step: str, table: dict, where: str) -> list[str]:
+    """What keeps `table` from having exactly one row per registered method of `step`: methods
+    without a row and rows naming no registered method, each a sentence naming it."""
+    names = {(step, m.name) for m in registered(step)}
+    missing = [f"{s} method '{n}' is registered but has no row in {where}: add one"
+               for s, n in sorted(names - set(table))]
+    stale = [f"{where} has a row for {s} method '{n}', which is not registered: remove it"
+             for s, n in sorted(set(table) - names)]
+    return missing + stale
 
 
 def _emulated_fused_gemv(real):

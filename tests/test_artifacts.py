@@ -7,20 +7,13 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY, read_manifest
+from conftest import TINY, logits, read_manifest
 from mmkit.core.artifacts import check_output, file_hashes
 from mmkit.core.data import load_data
 from mmkit.core.errors import InputError
 from mmkit.core.loading import load_model
 from mmkit.core.recipe import run_recipe
 from mmkit.core.tasks import get_task
-
-
-def _outputs(loaded):
-    batch = get_task(loaded.task).dummy_batch(loaded, 2, 12)
-    with torch.no_grad():
-        out = loaded.model(**batch)
-    return out.logits if hasattr(out, "logits") and out.logits is not None else out.logits_per_image
 
 
 @pytest.mark.parametrize("ref", TINY)
@@ -33,7 +26,7 @@ def test_artifact_reloads_to_the_same_outputs(ref, tiny_artifacts):
     reloaded = load_model(str(path))
     assert reloaded.source.kind == "artifact" and reloaded.task == task
     assert reloaded.labels == labels and not reloaded.fresh_head
-    assert torch.allclose(_outputs(original), _outputs(reloaded), atol=1e-6)
+    assert torch.allclose(logits(original), logits(reloaded), atol=1e-6)
 
 
 @pytest.mark.parametrize("ref", TINY)
@@ -171,5 +164,5 @@ def test_minilm_artifact_round_trip(tmp_path):
     result = run_recipe({"model": "minilm", "max_samples": 8, "steps": []}, tmp_path / "m")
     original = load_model("minilm", labels=["negative", "positive"], seed=0)
     reloaded = load_model(result["artifact"])
-    assert torch.equal(_outputs(original), _outputs(reloaded))
+    assert torch.equal(logits(original), logits(reloaded))
     assert read_manifest(result["artifact"])["parent"]["weights_sha256"]

@@ -8,17 +8,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import logits
 from mmkit.adapters import adaptformer, own, svfit, vpt
 from mmkit.cli.main import cli
 from mmkit.core.loading import load_model
 from mmkit.core.recipe import run_recipe
 from mmkit.core.tasks import get_task
-
-
-def _logits(loaded, batch=None):
-    batch = batch or get_task(loaded.task).dummy_batch(loaded, 2, 12)
-    with torch.no_grad():
-        return loaded.model(**batch).logits
 
 
 def _randomize(model, mark):
@@ -39,9 +34,9 @@ def test_adaptformer_adds_the_branch_beside_the_mlp(ref):
     x = torch.randn(2, 5, adaptformer._input_width(mlp))
     with torch.no_grad():
         plain = mlp(x)
-        before = _logits(loaded)
+        before = logits(loaded)
         adaptformer.inject(loaded.model, {"bottleneck": 4, "scale": 0.3, "dropout": 0.0})
-        assert torch.allclose(_logits(loaded), before)  # up starts at zero: same model
+        assert torch.allclose(logits(loaded), before)  # up starts at zero: same model
         _randomize(loaded.model, "mmkit_adaptformer")
         branch = mlp.mmkit_adaptformer
         by_hand = plain + 0.3 * branch.up(torch.relu(branch.down(x)))
@@ -80,7 +75,7 @@ def test_vpt_prompts_enter_every_layer_they_should(deep):
     for layer in loaded.model.vit.layers:
         layer.register_forward_pre_hook(lambda m, a, k: seen.append(a[0] if a else k["hidden_states"]),
                                         with_kwargs=True)
-    _logits(loaded)
+    logits(loaded)
     patches = (loaded.model.config.image_size // loaded.model.config.patch_size) ** 2
     assert all(h.shape[1] == 1 + 3 + patches for h in seen)
     assert torch.equal(seen[0][:, 1:4], prompts[0].expand(2, -1, -1))
@@ -117,10 +112,10 @@ def test_svfit_on_gpt2_conv1d_merges_to_the_same_outputs():
     loaded = load_model("tiny:gpt2")
     svfit.inject(loaded.model, {"r": 4, "target_modules": "all-linear"})
     _randomize(loaded.model, "delta")
-    unmerged = _logits(loaded)
+    unmerged = logits(loaded)
     svfit.merge(loaded.model)
     assert not any("mmkit_" in n for n in loaded.model.state_dict())
-    assert torch.allclose(_logits(loaded), unmerged, atol=1e-4)
+    assert torch.allclose(logits(loaded), unmerged, atol=1e-4)
 
 
 def test_svfit_merge_writes_a_plain_model_with_the_same_outputs(tmp_path):
@@ -134,7 +129,7 @@ def test_svfit_merge_writes_a_plain_model_with_the_same_outputs(tmp_path):
     plain = AutoModelForSequenceClassification.from_pretrained(merged["artifact"]).eval()
     ours = load_model(adapter["artifact"])
     batch = get_task("text-classification").dummy_batch(ours, 2, 10)
-    assert torch.allclose(_logits(ours, batch), plain(**batch).logits.detach(), atol=1e-4)
+    assert torch.allclose(logits(ours, batch), plain(**batch).logits.detach(), atol=1e-4)
 
 
 # ---------------------------------------------------------------- format
@@ -188,7 +183,7 @@ def test_resume_restores_vit_checkpoints(method, ref, tmp_path):
     resumed = run_recipe(recipe, tmp_path / "cut", resume=True)
     assert resumed["steps"][0]["report"]["resumed_from"]
     a, b = load_model(straight["artifact"]), load_model(resumed["artifact"])
-    assert torch.allclose(_logits(a), _logits(b), atol=1e-5)
+    assert torch.allclose(logits(a), logits(b), atol=1e-5)
 
 
 # ---------------------------------------------------------------- CLI

@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from mmkit.cli.main import cli
+from conftest import CALIB, logits, row_problems, run_cli, with_rows
 from mmkit.compression.prune import structured as st
 from mmkit.compression.prune import unstructured as un
 from mmkit.core.loading import load_model
@@ -16,15 +15,30 @@ from mmkit.core.recipe import run_recipe
 from mmkit.core.registry import Context, build_config, get_method
 from mmkit.core.tasks import get_task
 
-CALIB = {"tiny:bert": "tweets-sentiment", "tiny:vit": "digits", "tiny:clip": "textile",
-         "tiny:llama": "bbc-text", "tiny:gpt2": "bbc-text"}
+# One row per registered prune method; a method without one fails
+# test_every_registered_prune_method_has_a_row.
+#   reload: the tiny families the save / load matrix prunes (sparsity 0.5, calibration data),
+#           each with whether the artifact is plain (the config states the new sizes, so plain
+#           transformers opens it; no mmkit_prune.json). Empty where the method takes other
+#           options than that step's; the comment names the tests that cover it instead.
+PRUNE = {
+    # saved and reloaded by test_sparsity_survives_a_lora_merge_and_keep_sparsity_finetuning
+    ("prune", "magnitude"): {"reload": {}},
+    ("prune", "wanda"): {"reload": {"tiny:llama": True}},
+    # saved and scored by test_cli_prune; its pattern: test_nm_pattern_holds_in_every_group
+    ("prune", "nm"): {"reload": {}},
+    ("prune", "heads"): {"reload": {"tiny:bert": False, "tiny:clip": False, "tiny:vit": True,
+                                    "tiny:llama": True}},
+    ("prune", "neurons"): {"reload": {"tiny:bert": True}},
+    ("prune", "layers"): {"reload": {"tiny:llama": True}},
+}
+RELOAD = [(ref, m.name, plain) for m, row in with_rows("prune", PRUNE)
+          for ref, plain in row["reload"].items()]
 
 
-def _logits(loaded, batch=None):
-    batch = batch or get_task(loaded.task).dummy_batch(loaded, 2, 12)
-    with torch.no_grad():
-        out = loaded.model(**batch)
-    return out.logits if getattr(out, "logits", None) is not None else out.logits_per_image
+def test_every_registered_prune_method_has_a_row():
+    problems = row_problems("prune", PRUNE, "PRUNE in tests/test_prune.py")
+    assert not problems, "\n".join(problems)
 
 
 def _load(ref):
@@ -118,7 +132,7 @@ def test_head_pruning_equals_masking_those_heads(ref):
     pruned, report = _prune(loaded, "heads", sparsity=0.5, importance="weights")
     assert sum(p.numel() for p in pruned.model.parameters()) < \
         sum(p.numel() for p in masked.model.parameters())
-    assert torch.allclose(_logits(pruned), _logits(masked), atol=1e-5)
+    assert torch.allclose(logits(pruned), logits(masked), atol=1e-5)
 
 
 @pytest.mark.parametrize("ref", ["tiny:bert", "tiny:vit", "tiny:clip", "tiny:llama"])
@@ -133,7 +147,7 @@ def test_neuron_pruning_equals_masking_those_neurons(ref):
             with torch.no_grad():
                 mblock.get_submodule(parts["ffn_out"]).weight[:, drop] = 0
     pruned, report = _prune(loaded, "neurons", sparsity=0.5, importance="weights")
-    assert torch.allclose(_logits(pruned), _logits(masked), atol=1e-5)
+    assert torch.allclose(logits(pruned), logits(masked), atol=1e-5)
 
 
 @pytest.mark.parametrize("ref", ["tiny:bert", "tiny:llama"])
@@ -147,13 +161,10 @@ def test_layer_pruning_equals_skipping_those_layers(ref):
         blocks[i].register_forward_hook(
             lambda m, a, k, o: (a[0] if a else k["hidden_states"]) if not isinstance(o, tuple)
             else ((a[0] if a else k["hidden_states"]),) + o[1:], with_kwargs=True)
-    assert torch.allclose(_logits(pruned), _logits(skipped), atol=1e-5)
+    assert torch.allclose(logits(pruned), logits(skipped), atol=1e-5)
 
 
-@pytest.mark.parametrize("ref,method,plain", [
-    ("tiny:bert", "heads", False), ("tiny:clip", "heads", False), ("tiny:vit", "heads", True),
-    ("tiny:llama", "heads", True), ("tiny:bert", "neurons", True), ("tiny:llama", "layers", True),
-    ("tiny:llama", "wanda", True)])
+@pytest.mark.parametrize("ref,method,plain", RELOAD)
 def test_pruned_artifacts_reload_to_the_same_outputs(ref, method, plain, tmp_path):
     import transformers
 
@@ -161,7 +172,7 @@ def test_pruned_artifacts_reload_to_the_same_outputs(ref, method, plain, tmp_pat
             "calib_samples": 8}
     result = run_recipe({"model": ref, "max_samples": 16, "steps": [step]}, tmp_path / "p")
     first, again = load_model(result["artifact"]), load_model(result["artifact"])
-    assert torch.equal(_logits(first), _logits(again))
+    assert torch.equal(logits(first), logits(again))
     assert (tmp_path / "p" / "mmkit_prune.json").is_file() != plain
     if plain:  # the config states the new sizes: plain transformers opens it
         cls = {"tiny:bert": transformers.AutoModelForSequenceClassification,
@@ -170,7 +181,7 @@ def test_pruned_artifacts_reload_to_the_same_outputs(ref, method, plain, tmp_pat
         model = cls.from_pretrained(result["artifact"]).eval()
         batch = get_task(first.task).dummy_batch(first, 2, 12)
         with torch.no_grad():
-            assert torch.allclose(model(**batch).logits, _logits(first, batch), atol=1e-5)
+            assert torch.allclose(model(**batch).logits, logits(first, batch), atol=1e-5)
 
 
 # ---------------------------------------------------------------- sparsity survives
@@ -200,13 +211,9 @@ def test_sparsity_survives_a_lora_merge_and_keep_sparsity_finetuning(tmp_path):
 
 
 # ---------------------------------------------------------------- CLI
-def _cli(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
 def test_cli_prune(tmp_path):
-    result = _cli("prune", "tiny:llama", "--method", "nm", "--nm", "2:4", "--eval",
-                  "--max-samples", "8", "-o", tmp_path / "n", "--json")
+    result = run_cli("prune", "tiny:llama", "--method", "nm", "--nm", "2:4", "--eval",
+                     "--max-samples", "8", "-o", tmp_path / "n", "--json")
     assert result.exit_code == 0, result.stderr
     row = json.loads(result.stdout)
     assert row["steps"][0]["report"]["sparsity"] == pytest.approx(0.5)
@@ -229,7 +236,7 @@ def test_cli_prune_bad_input(tmp_path):
                                       "--nm does not apply"),
     }
     for name, (args, needle) in cases.items():
-        result = _cli("prune", *args, "-o", tmp_path / "out")
+        result = run_cli("prune", *args, "-o", tmp_path / "out")
         assert result.exit_code == 2, f"{name}: {result.exit_code} {result.stderr}"
         assert needle in result.stderr, f"{name}: {result.stderr}"
         assert not (tmp_path / "out").exists()
@@ -244,4 +251,4 @@ def test_a_head_pruned_bert_stays_loadable_after_fine_tuning(tmp_path):
     a, b = load_model(pruned), load_model(tuned)
     assert sum(p.numel() for p in a.model.parameters()) == \
         sum(p.numel() for p in b.model.parameters())
-    _logits(b)
+    logits(b)

@@ -6,22 +6,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from mmkit.cli.main import cli
+from conftest import CALIB, TINY, logits, row_problems, run_cli, with_rows
 from mmkit.compression.quantize import grid
 from mmkit.compression.quantize.gptq import HessianCollector, gptq_quantize
 from mmkit.compression.quantize.qlinear import QuantLinear
 from mmkit.core.loading import load_model
 from mmkit.core.recipe import run_recipe
 from mmkit.core.tasks import get_task
-
-
-def _logits(loaded):
-    batch = get_task(loaded.task).dummy_batch(loaded, 2, 12)
-    with torch.no_grad():
-        out = loaded.model(**batch)
-    return out.logits if getattr(out, "logits", None) is not None else out.logits_per_image
 
 
 # ---------------------------------------------------------------- grid and packing
@@ -127,17 +119,31 @@ def test_gptq_beats_rtn_on_real_minilm_activations(bits, group, act_order):
 
 
 # ---------------------------------------------------------------- methods on models
-STEPS = {
-    "rtn": {"method": "rtn", "bits": 4, "group_size": 16},
-    "gptq": {"method": "gptq", "bits": 4, "group_size": 16, "act_order": True, "calib_samples": 8},
-    "dynamic-int8": {"method": "dynamic-int8"},
-    "nf4": {"method": "nf4"},
-    "int8": {"method": "int8"},
+# One row per registered quantize method; a method without one fails
+# test_every_registered_quantize_method_has_a_row.
+#   params: the recipe step's parameters besides step and method (gptq also gets --calib)
+#   refs: the tiny families the save / load matrix quantizes (none: tested on its own below)
+TEXT_AND_LM = ("tiny:bert", "tiny:llama")
+QUANTIZE = {
+    # a chooser, not a quantizer: test_cli_quantize_picks_a_method_and_says_so,
+    # test_auto_pick_avoids_dynamic_activations_on_causal_lms
+    ("quantize", "auto"): {"params": None, "refs": ()},
+    ("quantize", "rtn"): {"params": {"bits": 4, "group_size": 16}, "refs": TINY},
+    ("quantize", "gptq"): {"params": {"bits": 4, "group_size": 16, "act_order": True,
+                                      "calib_samples": 8}, "refs": TEXT_AND_LM},
+    ("quantize", "dynamic-int8"): {"params": {}, "refs": TINY},
+    # simulated activation PTQ keeps float weights: test_ptq_w8a8_stays_close_and_reloads
+    ("quantize", "ptq"): {"params": None, "refs": ()},
+    ("quantize", "nf4"): {"params": {}, "refs": TEXT_AND_LM},
+    ("quantize", "fp4"): {"params": {}, "refs": TEXT_AND_LM},
+    ("quantize", "int8"): {"params": {}, "refs": TEXT_AND_LM},
 }
-CALIB = {"tiny:bert": "tweets-sentiment", "tiny:vit": "digits", "tiny:clip": "textile",
-         "tiny:llama": "bbc-text", "tiny:gpt2": "bbc-text"}
-CASES = [(m, r) for m in STEPS for r in CALIB
-         if m in ("rtn", "dynamic-int8") or r in ("tiny:bert", "tiny:llama")]
+CASES = [(m.name, ref) for m, row in with_rows("quantize", QUANTIZE) for ref in row["refs"]]
+
+
+def test_every_registered_quantize_method_has_a_row():
+    problems = row_problems("quantize", QUANTIZE, "QUANTIZE in tests/test_quantize.py")
+    assert not problems, "\n".join(problems)
 
 
 # bitsandbytes' 4-bit layers run on both of its CPU paths, whatever this CPU has
@@ -149,7 +155,7 @@ PATHS = [(m, r, p) for m, r in CASES
                          ids=[f"{m}-{r[5:]}" + (f"-{p}" if p else "") for m, r, p in PATHS])
 def test_quantized_model_saves_and_loads_to_the_same_outputs(method, ref, bnb_cpu_path,
                                                              tmp_path):
-    step = {"step": "quantize", **STEPS[method]}
+    step = {"step": "quantize", "method": method, **QUANTIZE[("quantize", method)]["params"]}
     if method == "gptq":
         step["calib"] = CALIB[ref]
     result = run_recipe({"model": ref, "max_samples": 16, "steps": [step]}, tmp_path / "q")
@@ -157,10 +163,10 @@ def test_quantized_model_saves_and_loads_to_the_same_outputs(method, ref, bnb_cp
     assert report["layers_quantized"] > 0
     assert report["weights_mb_after"] < report["weights_mb_before"]
     reloaded = load_model(result["artifact"])
-    assert torch.allclose(_logits(reloaded), _logits(load_model(result["artifact"])))
+    assert torch.allclose(logits(reloaded), logits(load_model(result["artifact"])))
     # close to the float model (same seed, so the same new head): changed, but not wildly
     original = load_model(ref, labels=reloaded.labels)
-    ref_out, q_out = _logits(original), _logits(reloaded)
+    ref_out, q_out = logits(original), logits(reloaded)
     rel = float((q_out - ref_out).norm() / ref_out.norm())
     assert 0 < rel < (0.05 if "8" in method else 0.5), rel
     if method in ("rtn", "gptq"):
@@ -174,17 +180,17 @@ def test_save_load_equals_the_in_memory_model(tmp_path):
 
     loaded = load_model("tiny:llama")
     loaded = rtn_(loaded, RTNConfig(bits=3, group_size=8), Context())
-    expected = _logits(loaded)
+    expected = logits(loaded)
     out = write_artifact(loaded, tmp_path / "a", recipe={"model": "tiny:llama"}, steps=[],
                          metrics=[], fmt="mmkit-quantized")
-    assert torch.equal(_logits(load_model(str(out))), expected)
+    assert torch.equal(logits(load_model(str(out))), expected)
 
 
 def test_dynamic_int8_runs_integer_matmuls(tmp_path):
     result = run_recipe({"model": "tiny:bert", "max_samples": 8, "steps": [
         {"step": "quantize", "method": "dynamic-int8"}]}, tmp_path / "d")
     loaded = load_model(result["artifact"])
-    _logits(loaded)
+    logits(loaded)
     layer = loaded.model.bert.encoder.layer[0].attention.self.query
     assert type(layer._int8).__module__.startswith("torch.ao.nn.quantized.dynamic")
     x = torch.randn(3, layer.in_features)
@@ -195,7 +201,7 @@ def test_dynamic_int8_runs_integer_matmuls(tmp_path):
 def test_bitsandbytes_artifact_opens_with_plain_transformers(tmp_path, bnb_cpu_path):
     from transformers import AutoModelForCausalLM
 
-    from mmkit.compression.quantize.bnb_cpu import fit_cpu_kernels_
+    from mmkit.core.bnb_cpu import fit_cpu_kernels_
 
     result = run_recipe({"model": "tiny:llama", "steps": [
         {"step": "quantize", "method": "nf4"}]}, tmp_path / "n")
@@ -226,19 +232,15 @@ def test_mixed_bits_follow_the_mapping(tmp_path):
 
 
 # ---------------------------------------------------------------- CLI
-def _cli(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
 def test_cli_quantize_picks_a_method_and_says_so(tmp_path):
-    result = _cli("quantize", "tiny:bert", "--bits", "8", "--max-samples", "8", "--eval",
-                  "-o", tmp_path / "q", "--json")
+    result = run_cli("quantize", "tiny:bert", "--bits", "8", "--max-samples", "8", "--eval",
+                     "-o", tmp_path / "q", "--json")
     assert result.exit_code == 0, result.stderr
     assert "using dynamic-int8" in result.stderr
     row = json.loads(result.stdout)
     assert row["steps"][0]["method"] == "dynamic-int8" and row["metrics"][0]["split"] == "test"
-    result = _cli("quantize", "tiny:llama", "--bits", "4", "--calib", "bbc-text",
-                  "--calib-samples", "4", "--group-size", "0", "-o", tmp_path / "g", "--json")
+    result = run_cli("quantize", "tiny:llama", "--bits", "4", "--calib", "bbc-text",
+                     "--calib-samples", "4", "--group-size", "0", "-o", tmp_path / "g", "--json")
     assert result.exit_code == 0, result.stderr
     assert "using gptq" in result.stderr
     assert json.loads(result.stdout)["steps"][0]["params"]["group_size"] is None
@@ -246,8 +248,8 @@ def test_cli_quantize_picks_a_method_and_says_so(tmp_path):
 
 def test_cli_quantize_bad_input(tmp_path):
     quantized = tmp_path / "already"
-    assert _cli("quantize", "tiny:bert", "--bits", "4", "--max-samples", "8",
-                "-o", quantized).exit_code == 0
+    assert run_cli("quantize", "tiny:bert", "--bits", "4", "--max-samples", "8",
+                   "-o", quantized).exit_code == 0
     mapping = tmp_path / "bits.yaml"
     mapping.write_text("nothing_like_this: 4\ndefault: 4\n")
     cases = {
@@ -263,7 +265,7 @@ def test_cli_quantize_bad_input(tmp_path):
         "skip matches nothing": (["tiny:llama", "--bits", "4", "--skip", "nope"], "--skip nope"),
     }
     for name, (args, needle) in cases.items():
-        result = _cli("quantize", *args, "-o", tmp_path / "out")
+        result = run_cli("quantize", *args, "-o", tmp_path / "out")
         assert result.exit_code == 2, f"{name}: {result.exit_code} {result.stderr}"
         assert needle in result.stderr, f"{name}: {result.stderr}"
         assert not (tmp_path / "out").exists()
@@ -362,8 +364,8 @@ def test_ptq_w8a8_stays_close_and_reloads(ref, tmp_path):
 
 
 def test_ptq_refuses_other_families(tmp_path):
-    result = _cli("quantize", "tiny:llama", "--bits", "8", "--method", "ptq", "--calib",
-                  "bbc-text", "-o", tmp_path / "x")
+    result = run_cli("quantize", "tiny:llama", "--bits", "8", "--method", "ptq", "--calib",
+                     "bbc-text", "-o", tmp_path / "x")
     assert result.exit_code == 2 and "rtn, gptq or dynamic-int8" in result.stderr
 
 
