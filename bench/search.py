@@ -39,13 +39,18 @@ def hypervolume(points, budget_ms: float) -> float:
 def run(sampler: str, trials: int, model: str, budget_ms: float, samples: int, out: Path,
         export: str) -> dict:
     """One search through mmkit's own entry points."""
+    from mmkit.core.data import DataSpec
+    from mmkit.core.recipe import RunOptions
     from mmkit.search.run import prepare, search
+    from mmkit.search.settings import SearchRequest
 
     space = out.parent / "space.yaml"
     space.write_text(SPACE)
-    job = prepare(model, data="tweets-sentiment", max_samples=samples, seed=0,
-                  budget=f"{budget_ms}ms", objectives="accuracy,latency,size",
-                  space_file=str(space), sampler=sampler, out=out, overwrite=True)
+    request = SearchRequest(model=model, data=DataSpec(data="tweets-sentiment",
+                                                       max_samples=samples, seed=0),
+                            budget=f"{budget_ms}ms", objectives="accuracy,latency,size",
+                            space_file=str(space), sampler=sampler, out=out)
+    job = prepare(request, RunOptions(overwrite=True))
     result = search(job, trials, None, 1, export)
     points = [(r["values"]["accuracy"], r["latency_ms"]) for r in result["front"]]
     evaluated = [(r["values"]["accuracy"], r["latency_ms"])

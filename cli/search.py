@@ -72,29 +72,28 @@ def search_group():
 @options.device()
 @options.loading
 @options.common
-def search_run(model, task, data, text_column, image_column, label_column, max_samples, seed,
-               latency_budget, objectives, knobs, space_file, trials, timeout, sampler, storage,
-               workers, batch_size, seq_len, threads, export, out, overwrite, device,
-               allow_pickle, trust_remote_code, as_json):
+def search_run(model, data_spec, latency_budget, objectives, knobs, space_file, trials,
+               timeout, sampler, storage, workers, batch_size, seq_len, threads, export, out,
+               overwrite, device, allow_pickle, trust_remote_code, as_json):
     """Search MODEL's compressed variants (structural cuts, sparsity, quantization) for the
     best accuracy / latency / size trade-offs on the target device, and export the most
     accurate one under --latency-budget."""
     from ..core.errors import InputError
     from ..search.run import parse_seconds, prepare, search
+    from ..search.settings import SearchRequest
 
-    if any(c is not None for c in (text_column, image_column, label_column)):
+    if data_spec.columns:
         raise InputError("search reads data by its default columns; convert the file or use "
                          "a bundled dataset.")
     if knobs and space_file:
         raise InputError("Pass either --knobs or --space, not both.")
     timeout_s = parse_seconds(timeout)
-    prepared = prepare(model, data=data, task=task, max_samples=max_samples, seed=seed,
-                       budget=latency_budget, objectives=objectives, knobs=knobs,
-                       space_file=space_file, device=device, sampler=sampler,
-                       batch_size=batch_size, seq_len=seq_len, threads=threads,
-                       workers=workers, out=out,
-                       storage=storage, overwrite=overwrite, allow_pickle=allow_pickle,
-                       trust_remote_code=trust_remote_code)
+    request = SearchRequest(model=model, data=data_spec, budget=latency_budget,
+                            objectives=objectives, knobs=knobs, space_file=space_file,
+                            sampler=sampler, batch_size=batch_size, seq_len=seq_len,
+                            threads=threads, workers=workers, out=out, storage=storage)
+    prepared = prepare(request, options.run_options(device, allow_pickle, trust_remote_code,
+                                                    overwrite))
     options.emit(search(prepared, trials, timeout_s, workers, export), as_json, _human)
 
 

@@ -50,12 +50,14 @@ def n_layers(model) -> int:
 class Trial:
     """Evaluates points of the space on one pristine copy of the model."""
 
-    def __init__(self, base, dataset, space, objectives, budget_ms, device, batch_size,
-                 seq_len, repeats, calib):
-        self.base, self.dataset, self.space = base, dataset, space
-        self.objectives, self.budget_ms, self.device = objectives, budget_ms, device
-        self.batch_size, self.seq_len = batch_size, seq_len
-        self.repeats, self.calib = repeats, calib
+    def __init__(self, settings, base, dataset, repeats: int = 10):
+        """`settings`: the search's SearchSettings; `base`: the loaded model every trial
+        copies; `dataset`: the data it is evaluated (and calibrated) on."""
+        self.settings, self.base, self.dataset, self.repeats = settings, base, dataset, repeats
+        self.space, self.objectives = settings.space, settings.objectives
+        self.budget_ms, self.device = settings.budget_ms, settings.device
+        self.batch_size, self.seq_len = settings.batch_size, settings.seq_len
+        self.calib = settings.data  # structured cuts and GPTQ calibrate on the search's data
         self.depth = n_layers(base.model)
 
     def build(self, steps: list[dict]):

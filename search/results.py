@@ -9,8 +9,11 @@ import os
 from numbers import Real
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from ..core.errors import InputError, RuntimeFailure, shown
 from .objective import OBJECTIVES, QUALITY
+from .settings import SearchJob, SearchSettings
 
 EXPORT_LOCK_WAIT_S = 600.0  # two searches on one study may finish together: wait, not fail
 
@@ -33,15 +36,16 @@ def trial_rows(study, objectives: list[str]) -> list[dict]:
     return rows
 
 
-def remeasure(artifact: str, settings: dict, loading: dict) -> dict:
+def remeasure(artifact: str, job: SearchJob) -> dict:
     """The exported model's latency measured again, on its own, as `mmkit bench` would: the
     figure the search's own (taken between other trials) is checked against."""
     from ..core.loading import load_model
     from ..core.profile import profile
 
-    loaded = load_model(artifact, settings["task"], device=settings["device"], **loading)
-    prof = profile(loaded, settings["device"], batch_size=settings["batch_size"],
-                   seq_len=settings["seq_len"], threads=settings.get("threads"))
+    s = job.settings
+    loaded = load_model(artifact, s.task, device=s.device, **job.loading.model_dump())
+    prof = profile(loaded, s.device, batch_size=s.batch_size, seq_len=s.seq_len,
+                   threads=s.threads)
     return {"median_ms": prof["latency_ms"]["median"], "p90_ms": prof["latency_ms"]["p90"],
             "steady": prof["stable"], "threads": prof["environment"]["threads"],
             "load_per_cpu": prof["environment"]["load_per_cpu"]}
@@ -78,15 +82,15 @@ def best_under(rows: list[dict], objectives: list[str], budget_ms: float | None)
     return max(pool, key=lambda r: (sign * r["values"][quality], -r["latency_ms"]))
 
 
-def write_outputs(out: Path, study, rows, front, settings, stats) -> dict:
+def write_outputs(out: Path, study, rows, front, settings: SearchSettings, stats) -> dict:
     """pareto.json, pareto.csv, pareto.png, pareto.html; returns the JSON's content."""
-    objectives = settings["objectives"]
+    objectives = settings.objectives
     summary = {"objectives": objectives,
                "directions": [OBJECTIVES[n][0] for n in objectives],
-               "latency_budget_ms": settings["budget_ms"], "device": settings["device"],
-               "model": settings["model"], "data": settings["data"],
-               "measured_at": {"batch_size": settings["batch_size"],
-                               "seq_len": settings["seq_len"],
+               "latency_budget_ms": settings.budget_ms, "device": settings.device,
+               "model": settings.model, "data": settings.data,
+               "measured_at": {"batch_size": settings.batch_size,
+                               "seq_len": settings.seq_len,
                                "threads": sorted({r["threads"] for r in rows
                                                   if r.get("threads")}),
                                "unsteady_trials": [r["trial"] for r in rows
@@ -96,7 +100,7 @@ def write_outputs(out: Path, study, rows, front, settings, stats) -> dict:
     tmp.write_text(json.dumps(summary, indent=2, default=str))
     os.replace(tmp, out / "pareto.json")
     _csv(out / "pareto.csv", rows, front, objectives)
-    _plots(out, study, rows, front, objectives, settings["budget_ms"])
+    _plots(out, study, rows, front, objectives, settings.budget_ms)
     return summary
 
 
@@ -173,17 +177,18 @@ def point_text(params: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in params.items())
 
 
-def export(row: dict, settings: dict, dest: Path, loading: dict, overwrite: bool = True) -> str:
+def export(row: dict, job: SearchJob, dest: Path, overwrite: bool = True) -> str:
     """Write one trial's model as an artifact by running its recipe (a prune / quantize step
     merges an adapter first)."""
     from ..core.recipe import run_recipe
 
-    recipe = {"model": settings["model"], "task": settings["task"], "data": settings["data"],
-              "seed": settings["seed"], "max_samples": settings["max_samples"],
-              **settings.get("columns", {}), "steps": row["steps"], "eval": {"split": "test"}}
+    s = job.settings
+    recipe = {"model": s.model, "task": s.task, "data": s.data, "seed": s.seed,
+              "max_samples": s.max_samples, **s.columns, "steps": row["steps"],
+              "eval": {"split": "test"}}
     recipe = {k: v for k, v in recipe.items() if v is not None}
-    return run_recipe(recipe, dest, overwrite=overwrite, device=settings["device"],
-                      lock_wait=EXPORT_LOCK_WAIT_S, **loading)["artifact"]
+    return run_recipe(recipe, dest, overwrite=overwrite, device=s.device,
+                      lock_wait=EXPORT_LOCK_WAIT_S, **job.loading.model_dump())["artifact"]
 
 
 def no_candidate(rows: list[dict], budget_ms: float) -> RuntimeFailure:
@@ -218,6 +223,12 @@ def check_job(job) -> str | None:
             k in ("allow_pickle", "trust_remote_code") and isinstance(v, bool)
             for k, v in loading.items()):
         return "'loading' is not an object of allow_pickle / trust_remote_code flags"
+    try:  # the rest of its shape, as the search reads it back
+        SearchJob.model_validate(job)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        return f"{shown(where, 80)}: {error['msg'][:1].lower()}{error['msg'][1:]}"
     return None
 
 

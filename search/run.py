@@ -18,6 +18,7 @@ from pathlib import Path
 from ..core.errors import InputError, RuntimeFailure, shown
 from . import results, space as spaces
 from .objective import OBJECTIVES, Trial, check_objectives
+from .settings import LoadingFlags, SearchJob, SearchRequest, SearchSettings
 
 log = logging.getLogger("mmkit")
 SETTINGS_FILE = "search.json"
@@ -31,7 +32,7 @@ class Prepared:
     """A checked search: what search.json holds (`job`), plus the model and data this process
     loaded while checking them, which its own worker reuses."""
 
-    job: dict  # settings, loading options, storage, out
+    job: SearchJob  # settings, loading flags, storage, out
     run: int  # how many runs started on the study before this one
     loaded: object
     dataset: object
@@ -125,58 +126,59 @@ def _check_classes(dataset, task: str) -> None:
                          "validation split, which the search scores trials on. Use more data.")
 
 
-def load_dataset(settings: dict):
+def load_dataset(settings: SearchSettings):
     """The search's data, as every worker loads it."""
     from ..core.data import load_data
 
-    return load_data(settings["data"], settings["task"], seed=settings["seed"],
-                     max_samples=settings["max_samples"], **settings.get("columns", {}))
+    return load_data(settings.data, settings.task, seed=settings.seed,
+                     max_samples=settings.max_samples, **settings.columns)
 
 
-def load_base(settings: dict, loading: dict, dataset):
+def load_base(job: SearchJob, dataset):
     """The model every trial starts from; an adapter is merged into its base first."""
     from ..adapters.merging import merge_adapter_
     from ..core.loading import load_model
 
-    task = settings["task"]
-    labels = dataset.label_names if task in ("text-classification", "image-classification") \
+    s = job.settings
+    labels = dataset.label_names if s.task in ("text-classification", "image-classification") \
         else None
-    loaded = load_model(settings["model"], task, labels, device=settings["device"],
-                        seed=settings["seed"], **loading)
+    loaded = load_model(s.model, s.task, labels, device=s.device, seed=s.seed,
+                        **job.loading.model_dump())
     return merge_adapter_(loaded, "search")
 
 
-def _check_options(budget, workers, device, sampler, space_file, knobs):
+def _check_options(request: SearchRequest, device: str):
     """The options that need no model: (budget in ms, device, space)."""
     from ..core.loading import resolve_device
     from . import study as studies
 
-    budget_ms = parse_duration_ms(budget)
-    check_workers(workers)
+    budget_ms = parse_duration_ms(request.budget)
+    check_workers(request.workers)
     device = resolve_device(device)
-    if sampler not in studies.SAMPLERS:
-        raise InputError(f"Unknown sampler '{shown(sampler, 60)}'. Samplers: "
+    if request.sampler not in studies.SAMPLERS:
+        raise InputError(f"Unknown sampler '{shown(request.sampler, 60)}'. Samplers: "
                          f"{', '.join(studies.SAMPLERS)}.")
-    space = spaces.from_file(space_file) if space_file else spaces.from_knob_names(knobs)
+    space = spaces.from_file(request.space_file) if request.space_file \
+        else spaces.from_knob_names(request.knobs)
     spaces.check_baseline(space)
     if "quant" in space and any(q in ("nf4", "int8") for q in space["quant"]) and device == "cpu":
         log.info("bitsandbytes quantization on CPU is slower than fp32; the search will see it")
     return budget_ms, device, space
 
 
-def _data_settings(source, task: str, data, seed) -> dict:
-    """data, seed (and columns) as the search uses them: by default, the model's own."""
+def _data_settings(source, task: str, spec) -> dict:
+    """data, seed and columns (core.data.DataSpec) as the search uses them: by default, the
+    model's own. Columns are stored only when set (SearchSettings), so that studies of
+    earlier versions resume."""
     from ..core.data import resolve_data
 
-    request = resolve_data(source, task, data, seed)
-    settings = {"data": request.pop("spec"), "seed": request.pop("seed")}
-    columns = {k: v for k, v in request.items() if v is not None}  # from the model's manifest
-    if columns:  # only then, so that studies of earlier versions resume
-        settings["columns"] = columns
-    return settings
+    request = resolve_data(source, task, spec.data, spec.seed, **spec.columns)
+    return {"data": request.pop("spec"), "seed": request.pop("seed"),
+            "columns": {k: v for k, v in request.items() if v is not None}}
 
 
-def _check_study(url: str, out: Path, outside: bool, settings: dict, overwrite: bool) -> None:
+def _check_study(url: str, out: Path, outside: bool, settings: SearchSettings,
+                 overwrite: bool) -> None:
     """An outside storage must open; a study of other settings is refused now rather than
     after loading the model (in OUT only once search.json says the study is complete:
     another search may be creating it)."""
@@ -191,41 +193,40 @@ def _check_study(url: str, out: Path, outside: bool, settings: dict, overwrite: 
         studies.check_settings(existing, url, settings)
 
 
-def prepare(model: str, *, data=None, task=None, max_samples=None, seed=None, budget=None,
-            objectives="accuracy,latency,size", knobs=None, space_file=None, device="cpu",
-            sampler="tpe", batch_size=1, seq_len=128, threads=None, workers=1, out,
-            storage=None,
-            overwrite=False, allow_pickle=False, trust_remote_code=False) -> Prepared:
-    """Check every input (options, space, output, model, data; the model is loaded), and only
-    then create OUT, the study and search.json."""
+def prepare(request: SearchRequest, run) -> Prepared:
+    """Check every input of `request` (options, space, output, model, data; the model is
+    loaded with `run`, a core.recipe.RunOptions), and only then create OUT, the study and
+    search.json."""
     from ..core.families import check_length
     from ..core.loading import peek
     from ..core.outputs import check_not_an_input, output_path
     from . import study as studies
 
-    budget_ms, device, space = _check_options(budget, workers, device, sampler, space_file,
-                                              knobs)
-    out = output_path(out)
-    _check_output(out, overwrite)
-    source, config, kind, task = peek(model, task, trust_remote_code)
-    objectives = check_objectives([o.strip() for o in objectives.split(",") if o.strip()], task)
+    budget_ms, device, space = _check_options(request, run.device)
+    out = output_path(request.out)
+    _check_output(out, run.overwrite)
+    model, spec = request.model, request.data
+    source, config, kind, task = peek(model, spec.task, run.trust_remote_code)
+    objectives = check_objectives([o.strip() for o in request.objectives.split(",")
+                                   if o.strip()], task)
     if kind in ("text-encoder", "causal-lm"):
-        check_length(config, seq_len, "--seq-len", model)
-    settings = {"model": model, "task": task, "max_samples": max_samples,
-                **_data_settings(source, task, data, seed), "space": space,
-                "objectives": objectives, "budget_ms": budget_ms, "device": device,
-                "batch_size": batch_size, "seq_len": seq_len, "sampler": sampler}
-    if threads:  # only when given, so that studies of earlier versions still resume
-        settings["threads"] = threads
-    url = studies.storage_url(out, storage)
-    _check_study(url, out, bool(storage), settings, overwrite)
+        check_length(config, request.seq_len, "--seq-len", model)
+    settings = SearchSettings(model=model, task=task, max_samples=spec.max_samples,
+                              **_data_settings(source, task, spec), space=space,
+                              objectives=objectives, budget_ms=budget_ms, device=device,
+                              batch_size=request.batch_size, seq_len=request.seq_len,
+                              sampler=request.sampler, threads=request.threads)
+    url = studies.storage_url(out, request.storage)
+    outside = bool(request.storage)
+    _check_study(url, out, outside, settings, run.overwrite)
     dataset = load_dataset(settings)
     _check_classes(dataset, task)
-    check_not_an_input(out, _input_paths(source, dataset, space_file))
-    loading = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
-    loaded = load_base(settings, loading, dataset)
-    job = {"settings": settings, "loading": loading, "storage": url, "out": str(out)}
-    return Prepared(job, _create(job, overwrite, bool(storage)), loaded, dataset)
+    check_not_an_input(out, _input_paths(source, dataset, request.space_file))
+    job = SearchJob(settings=settings, storage=url, out=str(out),
+                    loading=LoadingFlags(allow_pickle=run.allow_pickle,
+                                         trust_remote_code=run.trust_remote_code))
+    loaded = load_base(job, dataset)
+    return Prepared(job, _create(job, run.overwrite, outside), loaded, dataset)
 
 
 # ---------------------------------------------------------------- creating
@@ -250,24 +251,24 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _create(job: dict, overwrite: bool, outside_storage: bool) -> int:
+def _create(job: SearchJob, overwrite: bool, outside_storage: bool) -> int:
     """Create OUT, the study (or open it to resume) and search.json, with OUT locked so that
     two searches started together create them once; returns the run's number."""
     from ..core.outputs import make_folders, output_lock
     from . import study as studies
 
-    out, s = Path(job["out"]), job["settings"]
+    out, s = Path(job.out), job.settings
     made = make_folders(out)
     try:
         with output_lock(out, LOCK_WAIT_S):
             if overwrite:
                 _clear(out)
                 if outside_storage:
-                    studies.delete(job["storage"])
-            baseline = None if s["sampler"] == "grid" else spaces.baseline(s["space"])
-            _, run = studies.open_study(job["storage"], s, [OBJECTIVES[o][0]
-                                                            for o in s["objectives"]], baseline)
-            write_json(out / SETTINGS_FILE, job)
+                    studies.delete(job.storage)
+            baseline = None if s.sampler == "grid" else spaces.baseline(s.space)
+            _, run = studies.open_study(job.storage, s, [OBJECTIVES[o][0]
+                                                         for o in s.objectives], baseline)
+            write_json(out / SETTINGS_FILE, job.model_dump())
     except BaseException:
         _remove_made(made)
         raise
@@ -275,7 +276,7 @@ def _create(job: dict, overwrite: bool, outside_storage: bool) -> int:
 
 
 # ---------------------------------------------------------------- running
-def work(job: dict, trials: int, timeout: float | None, worker: int = 0, run: int = 0,
+def work(job: SearchJob, trials: int, timeout: float | None, worker: int = 0, run: int = 0,
          loaded=None, dataset=None) -> None:
     """One worker: run trials until the study has enough (the model and data are loaded
     unless given)."""
@@ -283,17 +284,15 @@ def work(job: dict, trials: int, timeout: float | None, worker: int = 0, run: in
 
     import torch
 
-    s = job["settings"]
-    if s.get("threads"):  # every latency this worker measures runs on this many threads
-        torch.set_num_threads(s["threads"])
+    s = job.settings
+    if s.threads:  # every latency this worker measures runs on this many threads
+        torch.set_num_threads(s.threads)
     if loaded is None:
         dataset = load_dataset(s)
-        loaded = load_base(s, job.get("loading", {}), dataset)
-    seed = studies.sampler_seed(s["seed"], worker, run)
-    study = studies.load(job["storage"], studies.make_sampler(s["sampler"], seed, s["space"]))
-    objective = Trial(loaded, dataset, s["space"], s["objectives"], s["budget_ms"], s["device"],
-                      s["batch_size"], s["seq_len"], repeats=10, calib=s["data"])
-    studies.run(study, objective, trials, timeout)
+        loaded = load_base(job, dataset)
+    seed = studies.sampler_seed(s.seed, worker, run)
+    study = studies.load(job.storage, studies.make_sampler(s.sampler, seed, s.space))
+    studies.run(study, Trial(s, loaded, dataset, repeats=10), trials, timeout)
 
 
 def _start_worker(out: Path, trials: int, timeout: float | None, worker: int, run: int):
@@ -319,7 +318,7 @@ def _stop_workers(helpers: list) -> None:
 def search(prep: Prepared, trials: int, timeout: float | None, workers: int,
            export: str) -> dict:
     """Run the search (with `workers` processes) and write its outputs."""
-    out = Path(prep.job["out"])
+    out = Path(prep.job.out)
     start = time.perf_counter()
     helpers = []
     try:
@@ -333,68 +332,66 @@ def search(prep: Prepared, trials: int, timeout: float | None, workers: int,
     bad = [p.returncode for p in helpers if p.returncode]
     if bad:
         raise RuntimeFailure(f"{len(bad)} search worker(s) failed (exit {bad[0]}); the study in "
-                             f"{prep.job['storage']} keeps every completed trial — run the "
+                             f"{prep.job.storage} keeps every completed trial — run the "
                              "command again to resume.")
     return finish(prep.job, time.perf_counter() - start, export)
 
 
 # ---------------------------------------------------------------- results
-def _check_searched(study, rows: list[dict], settings: dict) -> None:
+def _check_searched(study, rows: list[dict], settings: SearchSettings) -> None:
     """Refuse to pass the unmodified model off as a search result when every other point
     tried was invalid for this model."""
     import optuna
 
-    space = settings["space"]
+    space = settings.space
     base = spaces.point_key(spaces.baseline(space), space)
     invalid = [t for t in study.get_trials(deepcopy=False,
                                            states=(optuna.trial.TrialState.PRUNED,))
                if "invalid" in t.user_attrs]
     if invalid and all(spaces.point_key(r["params"], space) == base for r in rows):
         raise RuntimeFailure(
-            f"Every candidate the search tried on '{settings['model']}' was invalid "
+            f"Every candidate the search tried on '{settings.model}' was invalid "
             f"({len(invalid)} trials; e.g. trial {invalid[0].number}: "
             f"{shown(invalid[0].user_attrs['invalid'])}), so only the unmodified model was "
             "measured and nothing was searched. Choose knobs and values that fit this model "
             "(--knobs / --space).")
 
 
-def finish(job: dict, seconds: float, export: str) -> dict:
+def finish(job: SearchJob, seconds: float, export: str) -> dict:
     """Front, files and exported model(s) from the study as it stands."""
     from ..core.outputs import output_lock
     from . import study as studies
     from .objective import taken_points
 
-    s, out = job["settings"], Path(job["out"])
-    study = studies.load(job["storage"], None)
-    rows = results.trial_rows(study, s["objectives"])
+    s, out = job.settings, Path(job.out)
+    study = studies.load(job.storage, None)
+    rows = results.trial_rows(study, s.objectives)
     _check_searched(study, rows, s)
-    front = results.pareto_front(rows, s["objectives"])
-    points = spaces.size(s["space"])
+    front = results.pareto_front(rows, s.objectives)
+    points = spaces.size(s.space)
     stats = {"trials_completed": len(rows),
              "rejected_without_evaluation": sum(1 for r in rows if not r["evaluated"]),
              "space_points": points,
-             "space_exhausted": len(taken_points(study, s["space"])[0]) >= points,
+             "space_exhausted": len(taken_points(study, s.space)[0]) >= points,
              "seconds_this_run": seconds,
              "seconds_per_trial": (sum(r["seconds"] or 0 for r in rows) / len(rows))
              if rows else None}
     with output_lock(out, LOCK_WAIT_S):  # another search on OUT may be writing them too
         summary = results.write_outputs(out, study, rows, front, s, stats)
-    best = results.best_under(rows, s["objectives"], s["budget_ms"])
+    best = results.best_under(rows, s.objectives, s.budget_ms)
     exported = []
     if best is None and rows:
-        raise results.no_candidate(rows, s["budget_ms"])
-    loading = job.get("loading", {})
+        raise results.no_candidate(rows, s.budget_ms)
     remeasured = None
     if export == "best" and best is not None:
-        exported.append(results.export(best, s, out / "best", loading))
-        remeasured = results.remeasure(exported[-1], s, loading)
+        exported.append(results.export(best, job, out / "best"))
+        remeasured = results.remeasure(exported[-1], job)
     elif export == "pareto":
         for r in front:
-            exported.append(results.export(r, s, out / "pareto" / f"trial-{r['trial']}",
-                                           loading))
-    return {"out": str(out), "storage": job["storage"], **stats, "best": best,
+            exported.append(results.export(r, job, out / "pareto" / f"trial-{r['trial']}"))
+    return {"out": str(out), "storage": job.storage, **stats, "best": best,
             "best_remeasured": remeasured, "front": front, "exported": exported,
-            "table": results.table(front, s["objectives"]), "objectives": summary["objectives"]}
+            "table": results.table(front, s.objectives), "objectives": summary["objectives"]}
 
 
 def pick(out: str, budget: str, dest: str | None, overwrite: bool) -> dict:
@@ -404,7 +401,8 @@ def pick(out: str, budget: str, dest: str | None, overwrite: bool) -> dict:
     if not out.is_dir():
         raise InputError(f"'{shown(out)}' is not a search folder (it does not exist or is a "
                          "file). Pass the -o folder of a `mmkit search` run.")
-    job = results.read_search_file(out / SETTINGS_FILE, "search", results.check_job)
+    job = SearchJob.model_validate(results.read_search_file(out / SETTINGS_FILE, "search",
+                                                            results.check_job))
     summary = results.read_search_file(out / "pareto.json", "pareto", results.check_summary)
     old = summary.get("latency_budget_ms")
     if old and budget_ms > old:
@@ -414,7 +412,6 @@ def pick(out: str, budget: str, dest: str | None, overwrite: bool) -> dict:
     if best is None:
         raise results.no_candidate(summary["evaluated"] or summary["front"], budget_ms)
     target = Path(dest) if dest else out / f"pick-{budget_ms:g}ms"
-    artifact = results.export(best, job["settings"], target, job.get("loading", {}),
-                              overwrite=overwrite)
+    artifact = results.export(best, job, target, overwrite=overwrite)
     return {"artifact": artifact, "trial": best["trial"], "params": best["params"],
             "values": best["values"], "latency_ms": best["latency_ms"]}

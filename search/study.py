@@ -10,7 +10,6 @@ stored in the study; running the same command again resumes it, another command 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from datetime import datetime, timedelta
@@ -25,6 +24,7 @@ from optuna.trial import TrialState
 from sqlalchemy.orm import selectinload
 
 from ..core.errors import InputError, shown
+from .settings import SearchSettings
 
 log = logging.getLogger("mmkit")
 STUDY_NAME = "mmkit-search"
@@ -148,8 +148,10 @@ def make_sampler(name: str, seed: int, space: dict):
     raise InputError(f"Unknown sampler '{shown(name, 60)}'. Samplers: {', '.join(SAMPLERS)}.")
 
 
-def _differences(stored: dict, settings: dict) -> list[str]:
-    plain = json.loads(json.dumps(settings))
+def _differences(stored: dict, settings: SearchSettings) -> list[str]:
+    """The keys whose values differ between a study's stored settings (a plain dict, maybe of
+    an earlier version) and `settings`; a key one side lacks counts as None."""
+    plain = settings.plain()
     return sorted(k for k in set(stored) | set(plain) if stored.get(k) != plain.get(k))
 
 
@@ -175,7 +177,7 @@ def find_study(url: str):
     return _load(open_storage(url))
 
 
-def check_settings(study, url: str, settings: dict) -> None:
+def check_settings(study, url: str, settings: SearchSettings) -> None:
     """Refuse to resume a study made by other settings, unless it has no finished or running
     trial (then its settings can be replaced: nothing would be lost)."""
     stored = study.user_attrs.get("settings")
@@ -191,7 +193,8 @@ def check_settings(study, url: str, settings: dict) -> None:
                          f"{pick}")
 
 
-def open_study(url: str, settings: dict, directions: list[str], baseline: dict | None):
+def open_study(url: str, settings: SearchSettings, directions: list[str],
+               baseline: dict | None):
     """Create the study (trial 0 queued: `baseline`, the unmodified model), or resume it when
     it was made by the same settings; count this run. Call it with OUT locked, so that two
     searches started together do not both create it."""
@@ -208,7 +211,7 @@ def open_study(url: str, settings: dict, directions: list[str], baseline: dict |
     if study is None:
         study = optuna.create_study(study_name=STUDY_NAME, storage=storage,
                                     directions=directions, load_if_exists=True)
-        study.set_user_attr("settings", settings)
+        study.set_user_attr("settings", settings.plain())  # as search.json holds them
         if baseline is not None:
             study.enqueue_trial(baseline)
     run = study.user_attrs.get(RUNS_ATTR, 0)

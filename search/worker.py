@@ -20,6 +20,7 @@ def main() -> None:
     """Run one worker for the search in OUT."""
     from ..core.errors import MmkitError, Terminated
     from .run import SETTINGS_FILE, work
+    from .settings import SearchJob
 
     def terminate(signum, frame):
         raise Terminated()
@@ -30,7 +31,7 @@ def main() -> None:
     out, trials, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     worker, run = int(sys.argv[4]), int(sys.argv[5])
     try:
-        job = json.loads(Path(out, SETTINGS_FILE).read_text())
+        job = SearchJob.model_validate(json.loads(Path(out, SETTINGS_FILE).read_text()))
         work(job, trials, timeout or None, worker, run)
     except MmkitError as exc:
         logging.getLogger("mmkit").error("%s", exc)
