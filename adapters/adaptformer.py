@@ -18,6 +18,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from ..core.errors import InputError
+from ..core.layers import is_linear, weight_view
 from ..core.train import TrainingConfig
 
 MARK = "mmkit_adaptformer"
@@ -29,7 +30,7 @@ class AdaptFormerConfig(TrainingConfig):
 
     bottleneck: int = Field(64, ge=1, description="width of the bottleneck")
     scale: float = Field(0.1, gt=0, description="multiplier of the branch's output")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout inside the branch")
 
     @model_validator(mode="after")
     def _no_merge(self):
@@ -64,13 +65,9 @@ def _branch_class():
 
 
 def _input_width(module) -> int:
-    import torch
-
     for m in module.modules():
-        if isinstance(m, torch.nn.Linear):
-            return m.in_features
-        if type(m).__name__ == "Conv1D":  # GPT-2: weight is (in, out)
-            return m.weight.shape[0]
+        if is_linear(m):  # GPT-2's Conv1D has no in_features (a packed 4-bit weight would mislead)
+            return getattr(m, "in_features", None) or weight_view(m).shape[1]
     raise ValueError("no Linear layer")
 
 

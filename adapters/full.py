@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ..core.sparsity import zero_masks
-from ..core.train import TrainingConfig, clip_classifier, train
+from ..core.train import TrainingConfig
+from .training import train_adapted
 
 
 class FullConfig(TrainingConfig):
@@ -14,10 +15,6 @@ def full_finetune(loaded, cfg: FullConfig, ctx):
     """Train all parameters of the model; the artifact is a full model."""
     for p in loaded.model.parameters():
         p.requires_grad_(True)
-    trained = loaded.model
-    if loaded.task == "zero-shot-image-classification":
-        trained = clip_classifier(loaded.model, loaded.tokenizer, ctx.dataset.label_names)
     masks = zero_masks(loaded.model) if cfg.keep_sparsity else None
-    ctx.report.update(train(loaded, trained, cfg, ctx, 5e-5, masks))
-    loaded.model.eval()
+    train_adapted(loaded, loaded.model, cfg, ctx, 5e-5, masks)  # nothing to merge
     return loaded

@@ -18,15 +18,16 @@ import json
 from pathlib import Path
 
 from ..core.errors import InputError
-from ..core.sparsity import reapply_, zero_masks
-from ..core.train import clip_classifier, train
+from ..core.layers import new_heads
+from ..core.sparsity import zero_masks
 from . import adaptformer, svfit, vpt
+from .training import train_adapted
 
 ADAPTER_JSON = "mmkit_adapter.json"
 ADAPTER_WEIGHTS = "mmkit_adapter.safetensors"
 FORMAT_VERSION = 1
 METHODS = {"adaptformer": adaptformer, "vpt": vpt, "svfit": svfit}
-HEADS = ("classifier", "score")  # task heads trained in full beside the adapter
+HEADS = new_heads()  # new task heads: trained in full beside the adapter and saved with it
 
 
 def _is_adapter_tensor(name: str) -> bool:
@@ -56,17 +57,9 @@ def make_apply(name: str):
         for n, p in model.named_parameters():  # the adapter, and a classification head
             if _is_adapter_tensor(n) or (loaded.task != "causal-lm" and n.split(".")[0] in HEADS):
                 p.requires_grad_(True)
-        trained = model
-        if loaded.task == "zero-shot-image-classification":
-            trained = clip_classifier(model, loaded.tokenizer, ctx.dataset.label_names)
-        ctx.report.update(train(loaded, trained, cfg, ctx, module.DEFAULT_LR, masks))
-        model.eval()
         ctx.report["adapted_modules"] = len(targets)
-        if cfg.merge:  # a pruned base keeps its zeros through the merge
-            module.merge(model)
-            reapply_(masks)
-            ctx.report.update({"merged": True, "sparse_layers_kept": len(masks)})
-        else:
+        if not train_adapted(loaded, model, cfg, ctx, module.DEFAULT_LR, masks,
+                             lambda: module.merge(model)):
             loaded.extra["format"] = "mmkit-adapter"
             loaded.extra["adapter"] = {"method": name, "params": params, "targets": targets,
                                        "base_model": loaded.source.ref}

@@ -9,12 +9,16 @@ prompt tuning (Lester et al. 2021), prefix tuning (Li & Liang 2021).
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from ..core.errors import InputError
-from ..core.sparsity import reapply_, zero_masks
-from ..core.train import TrainingConfig, clip_classifier, train
+from ..core.layers import new_heads
+from ..core.sparsity import zero_masks
+from ..core.train import TrainingConfig
 from .targets import check_targets, ia3_targets
+from .training import train_adapted
 
 TEXT_ONLY = ("text-encoder", "causal-lm")
 
@@ -22,13 +26,15 @@ TEXT_ONLY = ("text-encoder", "causal-lm")
 class LoraConfig(TrainingConfig):
     """LoRA: rank-r updates B·A on the target layers, scaled by alpha / r (or / sqrt(r))."""
 
-    r: int = Field(16, ge=1)
-    alpha: float | None = Field(None, gt=0, description="default: 2 x r")
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | str = "all-linear"
-    rslora: bool = False
+    r: int = Field(16, ge=1, description="rank of the update")
+    alpha: float | None = Field(None, gt=0, description="LoRA scaling numerator; default: 2 x r")
+    dropout: float = Field(0.05, ge=0, lt=1, description="adapter dropout")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="comma-separated layer names, or all-linear")
+    rslora: bool = Field(False, description="scale by alpha / sqrt(r) (rsLoRA)")
     dora: bool = False
-    bits: int | None = Field(None, description="QLoRA: load the base in 4 or 8 bits")
+    bits: Literal[4, 8] | None = Field(None, description="QLoRA: load the base in 4-bit (nf4, "
+                                       "double quantization) or 8-bit")
 
     @model_validator(mode="after")
     def _bits(self):
@@ -45,11 +51,12 @@ def qlora_base(cfg: LoraConfig) -> dict:
 class AdaLoraConfig(TrainingConfig):
     """AdaLoRA: LoRA whose rank budget moves to the layers that need it during training."""
 
-    init_r: int = Field(12, ge=1)
-    target_r: int = Field(8, ge=1)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | str = "all-linear"
+    init_r: int = Field(12, ge=1, description="starting rank")
+    target_r: int = Field(8, ge=1, description="average final rank")
+    alpha: float = Field(32, gt=0, description="scaling numerator")
+    dropout: float = Field(0.05, ge=0, lt=1, description="adapter dropout")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="comma-separated layer names, or all-linear")
 
     @model_validator(mode="after")
     def _ranks(self):
@@ -61,22 +68,27 @@ class AdaLoraConfig(TrainingConfig):
 class VeraConfig(TrainingConfig):
     """VeRA: frozen shared random projections, trained per-layer scaling vectors."""
 
-    r: int = Field(256, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | str = "all-linear"
+    r: int = Field(256, ge=1, description="rank of the shared random projections")
+    dropout: float = Field(0.0, ge=0, lt=1, description="adapter dropout")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="comma-separated layer names, or all-linear")
 
 
 class IA3Config(TrainingConfig):
     """IA3: learned vectors that rescale keys, values and FFN activations."""
 
-    target_modules: list[str] | None = None
-    feedforward_modules: list[str] | None = None
+    target_modules: list[str] | None = Field(
+        None, description="comma-separated layer names; default: keys, values, FFN "
+                          "down-projection")
+    feedforward_modules: list[str] | None = Field(
+        None, description="comma-separated layers scaled on their input; default: the FFN "
+                          "down-projection")
 
 
 class PromptConfig(TrainingConfig):
     """Prompt tuning: trained virtual tokens prepended to the input (text models only)."""
 
-    virtual_tokens: int = Field(20, ge=1)
+    virtual_tokens: int = Field(20, ge=1, description="trained virtual tokens")
 
     @model_validator(mode="after")
     def _no_merge(self):
@@ -98,8 +110,8 @@ def _task_type(loaded):
 
 def _head_names(loaded) -> list[str] | None:
     """Modules trained in full beside the adapter: a new task head must learn."""
-    if loaded.task == "image-classification":
-        return ["classifier"]
+    if loaded.task == "image-classification":  # ViT / DeiT: `classifier`
+        return [h for h in new_heads() if hasattr(loaded.model, h)] or None
     return None  # peft's SEQ_CLS already keeps classifier / score trainable
 
 
@@ -176,25 +188,20 @@ def make_apply(method: str):
         pconfig = _peft_config(method, cfg, loaded, ctx)
         masks = zero_masks(loaded.model)  # the base's own zeros, before any adapter exists
         if getattr(loaded.model, "is_quantized", False):  # QLoRA: a 4/8-bit base
-            from ..compression.quantize.bnb_cpu import fit_cpu_kernels_
+            from ..core.bnb_cpu import fit_cpu_kernels_
 
             fit_cpu_kernels_(loaded.model, training=True)  # the fused CPU kernel has no backward
             loaded.model = peft.prepare_model_for_kbit_training(loaded.model,
                                                                 use_gradient_checkpointing=False)
             ctx.report["base_bits"] = getattr(cfg, "bits", None)
         model = peft.get_peft_model(loaded.model, pconfig)
-        trained = model
-        if loaded.task == "zero-shot-image-classification":
-            trained = clip_classifier(model, loaded.tokenizer, ctx.dataset.label_names)
         if method == "adalora":
             ctx.callbacks.append(_adalora_allocator(model))
-        ctx.report.update(train(loaded, trained, cfg, ctx, DEFAULT_LR[method], masks))
-        model.eval()
-        if cfg.merge:  # a pruned base keeps its zeros through the merge
+
+        def merge():
             loaded.model = model.merge_and_unload()
-            reapply_(masks)
-            ctx.report.update({"merged": True, "sparse_layers_kept": len(masks)})
-        else:
+
+        if not train_adapted(loaded, model, cfg, ctx, DEFAULT_LR[method], masks, merge):
             loaded.model = model
             loaded.extra["format"] = "peft-adapter"
         return loaded

@@ -14,19 +14,20 @@ from __future__ import annotations
 from pydantic import Field
 
 from ..core.errors import InputError
+from ..core.layers import is_linear, is_task_head, output_heads, weight_view
 from ..core.train import TrainingConfig
 from .targets import check_targets
 
 MARK = "mmkit_svfit"
 DEFAULT_LR = 1e-2
-SKIP = ("classifier", "score", "lm_head")  # task heads are trained in full, not factored
 
 
 class SVFitConfig(TrainingConfig):
     """SVFit: train the top-r singular values of every target Linear layer."""
 
     r: int = Field(32, ge=1, description="singular values trained per layer")
-    target_modules: list[str] | str = "all-linear"
+    target_modules: list[str] | str = Field(
+        "all-linear", description="comma-separated layer names, or all-linear")
 
 
 def structure(cfg: SVFitConfig) -> dict:
@@ -34,23 +35,15 @@ def structure(cfg: SVFitConfig) -> dict:
     return {"r": cfg.r}
 
 
-def _weight_matrix(module):
-    """The weight as (out, in): GPT-2's Conv1D stores it transposed."""
-    return module.weight.T if type(module).__name__ == "Conv1D" else module.weight
-
-
 def find_targets(model, target_modules) -> list[str]:
-    """Names of the Linear / Conv1D layers SVFit adapts."""
-    import torch
-
+    """Names of the Linear / Conv1D layers SVFit adapts: all but the output heads (trained in
+    full, not factored; CLIP's projections are factored like any layer)."""
     check_targets(model, target_modules, "svfit")
     wanted = None if target_modules == "all-linear" else (
         [target_modules] if isinstance(target_modules, str) else list(target_modules))
     names = []
     for name, m in model.named_modules():
-        if not (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"):
-            continue
-        if name.split(".")[-1] in SKIP or name.split(".")[0] in SKIP:
+        if not is_linear(m) or is_task_head(name, output_heads()):
             continue
         if wanted is None or any(name == t or name.endswith("." + t) for t in wanted):
             names.append(name)
@@ -96,7 +89,7 @@ def inject(model, params: dict, targets: list[str] | None = None,
     Delta = _delta_class()
     for name in names:
         module = modules[name]
-        w = _weight_matrix(module).detach()
+        w = weight_view(module).detach()
         r = min(params["r"], *w.shape)
         if from_weights:
             u, _, vh = torch.linalg.svd(w.double(), full_matrices=False)
@@ -118,7 +111,6 @@ def merge(model) -> None:
         if delta is None:
             continue
         with torch.no_grad():
-            update = delta.update()
-            module.weight += update.T if type(module).__name__ == "Conv1D" else update
+            weight_view(module).add_(delta.update())  # a view: reaches Conv1D's (in, out) too
         delta.hook.remove()
         delattr(module, MARK)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..core.errors import InputError
+from ..core.layers import is_linear
 
 # IA3 scales keys, values and the FFN down-projection (the IA3 paper's choice); peft knows
 # bert / llama / gpt2, we add the transformers-5 names of ViT and CLIP.
@@ -14,10 +15,7 @@ IA3_TARGETS = {
 
 def linear_names(model) -> list[str]:
     """Full names of the Linear (and GPT-2 Conv1D) layers of a model."""
-    import torch
-
-    return [n for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"]
+    return [n for n, m in model.named_modules() if is_linear(m)]
 
 
 def check_targets(model, targets, method: str) -> None:

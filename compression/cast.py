@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
+from ..core.layers import weight_bytes
+from pydantic import Field
+
 from ..core.registry import MethodConfig
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
@@ -13,7 +16,8 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16":
 class CastConfig(MethodConfig):
     """dtype: the target floating-point type."""
 
-    dtype: Literal["float32", "fp32", "float16", "fp16", "bfloat16", "bf16"] = "float16"
+    dtype: Literal["float32", "fp32", "float16", "fp16", "bfloat16", "bf16"] = Field(
+        "float16", description="the floating-point type to cast to")
 
 
 def cast_(loaded, config: CastConfig, ctx):
@@ -21,9 +25,9 @@ def cast_(loaded, config: CastConfig, ctx):
     import torch
 
     dtype = getattr(torch, DTYPES[config.dtype])
-    before = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    before = weight_bytes(loaded.model)
     loaded.model.to(dtype)
-    after = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    after = weight_bytes(loaded.model)
     ctx.report.update({"dtype": DTYPES[config.dtype], "weights_mb_before": before / 1e6,
                        "weights_mb_after": after / 1e6})
     return loaded

@@ -6,15 +6,7 @@ from __future__ import annotations
 import fnmatch
 
 from ..core.errors import InputError
-
-HEADS = ("classifier", "score", "lm_head", "visual_projection", "text_projection")
-
-
-def is_linear(module) -> bool:
-    """A torch Linear, or transformers' Conv1D (GPT-2)."""
-    import torch
-
-    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+from ..core.layers import is_linear, is_task_head
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -30,5 +22,4 @@ def target_linears(model, skip) -> list[str]:
     if unused:
         raise InputError(f"--skip {unused[0]} matches no Linear layer. Layer names end in: "
                          f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in names}))}.")
-    return [n for n in names if n.split(".")[-1] not in HEADS and n.split(".")[0] not in HEADS
-            and not any(matches(n, p) for p in skip)]
+    return [n for n in names if not is_task_head(n) and not any(matches(n, p) for p in skip)]

@@ -12,12 +12,15 @@ from pathlib import Path
 
 from .errors import InputError
 from .families import check_length
+from .layers import weight_bytes
 from .loading import LoadedModel, resolve_device
 from .tasks import get_task
 from .tasks.common import to_device
 from .versions import environment
 
 log = logging.getLogger("mmkit")
+
+weights_bytes = weight_bytes  # the name core/inspect.py imports; it can take core.layers' one
 
 
 def megabytes(n_bytes: int | float | None) -> float | None:
@@ -42,12 +45,6 @@ def count_parameters(model) -> int:
             total += module.in_features * module.out_features
             total += 0 if module.bias is None else module.bias.numel()
     return total
-
-
-def weights_bytes(model) -> int:
-    """Bytes the model's parameters and buffers take in memory."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def disk_bytes(folder: str | None) -> int | None:
@@ -170,7 +167,7 @@ def profile(loaded: LoadedModel, device: str = "cpu", batch_size: int = 1, seq_l
         "measurements": attempts,
         "throughput_per_s": batch_size / median,
         "peak_memory_mb": megabytes(peak), "peak_memory_kind": peak_kind,
-        "parameters": count_parameters(model), "weights_mb": megabytes(weights_bytes(model)),
+        "parameters": count_parameters(model), "weights_mb": megabytes(weight_bytes(model)),
         "disk_mb": megabytes(disk_bytes(loaded.source.path)),
         "dtype": str(dtype).replace("torch.", ""), "environment": environment(device),
     }

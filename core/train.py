@@ -16,6 +16,7 @@ from pydantic import Field
 from .errors import InputError
 from .families import check_length, prompt_tokens
 from .registry import MethodConfig
+from .tasks.batches import Collator, build_items
 
 log = logging.getLogger("mmkit")
 
@@ -23,88 +24,24 @@ log = logging.getLogger("mmkit")
 class TrainingConfig(MethodConfig):
     """Training settings every fine-tuning method takes."""
 
-    epochs: float = Field(3.0, gt=0)
-    lr: float | None = Field(None, gt=0, description="default: the method's own")
-    batch_size: int = Field(32, ge=1)
-    max_length: int = Field(128, ge=2)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup: float = Field(0.06, ge=0, lt=1, description="fraction of steps")
-    scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    grad_accum: int = Field(1, ge=1)
-    save_steps: int | None = Field(None, ge=1, description="also checkpoint every N steps")
-    max_steps: int | None = Field(None, ge=1)
-    merge: bool = False
-    keep_sparsity: bool = Field(False, description="keep a pruned model's zeros while training")
-
-
-# ---------------------------------------------------------------- data
-class _Items:
-    """A list of dict examples as a torch map-style dataset."""
-
-    def __init__(self, items):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
-
-
-def _text_items(loaded, split, max_length):
-    enc = loaded.tokenizer(split.inputs, truncation=True, max_length=max_length)
-    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-    return [{**{k: enc[k][i] for k in keys}, "labels": split.labels[i]} for i in range(len(split))]
-
-
-def _lm_items(loaded, split, max_length):
-    from .tasks.causal_lm import max_positions, token_stream, windows
-
-    seq = min(max_length, max_positions(loaded.model.config))
-    return [{"input_ids": w} for w in windows(token_stream(loaded, split.inputs), seq)]
-
-
-def build_items(loaded, split, max_length):
-    """Training examples for the loaded model's task."""
-    if loaded.task == "text-classification":
-        return _Items(_text_items(loaded, split, max_length))
-    if loaded.task == "causal-lm":
-        return _Items(_lm_items(loaded, split, max_length))
-    return _Items([{"image": x, "labels": y} for x, y in zip(split.inputs, split.labels)])
-
-
-class Collator:
-    """Pads a batch to its longest member (dynamic padding); runs image processors lazily."""
-
-    def __init__(self, loaded):
-        self.loaded = loaded
-
-    def __call__(self, batch):
-        import torch
-
-        if "image" in batch[0]:
-            from .tasks.common import as_rgb
-
-            pixels = self.loaded.image_processor(images=[as_rgb(b["image"]) for b in batch],
-                                                 return_tensors="pt")["pixel_values"]
-            return {"pixel_values": pixels, "labels": torch.tensor([b["labels"] for b in batch])}
-        pad = self.loaded.tokenizer.pad_token_id or 0
-        width = max(len(b["input_ids"]) for b in batch)
-        out = {"input_ids": torch.full((len(batch), width), pad, dtype=torch.long),
-               "attention_mask": torch.zeros(len(batch), width, dtype=torch.long)}
-        if "token_type_ids" in batch[0]:
-            out["token_type_ids"] = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, b in enumerate(batch):
-            n = len(b["input_ids"])
-            out["input_ids"][row, :n] = torch.tensor(b["input_ids"])
-            out["attention_mask"][row, :n] = 1
-            if "token_type_ids" in b:
-                out["token_type_ids"][row, :n] = torch.tensor(b["token_type_ids"])
-        if "labels" in batch[0]:
-            out["labels"] = torch.tensor([b["labels"] for b in batch])
-        else:  # causal LM: predict every real token, ignore padding
-            out["labels"] = out["input_ids"].masked_fill(out["attention_mask"] == 0, -100)
-        return out
+    epochs: float = Field(3.0, gt=0, description="passes over the training split")
+    lr: float | None = Field(None, gt=0, description="peak learning rate; default: the method's "
+                                                      "own")
+    batch_size: int = Field(32, ge=1, description="examples per step (per device)")
+    max_length: int = Field(128, ge=2, description="tokens per text, or per window for "
+                                                  "causal-lm")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    warmup: float = Field(0.06, ge=0, lt=1, description="warm-up as a fraction of the steps")
+    scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="learning-rate schedule after the warm-up")
+    grad_accum: int = Field(1, ge=1, description="batches accumulated per optimizer step")
+    save_steps: int | None = Field(None, ge=1, description="also checkpoint (and evaluate) every "
+                                                         "N steps, not only each epoch")
+    max_steps: int | None = Field(None, ge=1, description="stop after N optimizer steps")
+    merge: bool = Field(False, description="merge the adapter into the weights and write a full "
+                                           "model")
+    keep_sparsity: bool = Field(False, description="keep a pruned model's zeros while training "
+                                                   "(merges always keep them)")
 
 
 # ---------------------------------------------------------------- CLIP as a classifier
@@ -134,7 +71,7 @@ def clip_classifier(model, tokenizer, label_names, template: str | None = None):
 
 
 # ---------------------------------------------------------------- checkpoints and resume
-def _tied_duplicates(state: dict) -> list[str]:
+def tied_duplicates(state: dict) -> list[str]:
     """Keys whose tensor is the same memory as an earlier key's."""
     seen, dups = set(), []
     for key, value in state.items():
@@ -167,7 +104,7 @@ def raw_checkpoints(model):
             self.model = model
             # tied weights (lm_head = embeddings) are saved once: safetensors refuses shared
             # tensors, and loading the one kept restores both; the Trainer expects them missing
-            self._keys_to_ignore_on_save = _tied_duplicates(super().state_dict())
+            self._keys_to_ignore_on_save = tied_duplicates(super().state_dict())
 
         def forward(self, **inputs):
             return self.model(**inputs)

@@ -23,13 +23,13 @@ def save_pruned(loaded, folder: Path) -> None:
     """Write a structurally pruned model and the shapes that rebuild it."""
     from safetensors.torch import save_file
 
-    from ...core.train import _tied_duplicates
+    from ...core.train import tied_duplicates
 
     model = loaded.model
     linears = {n: [m.out_features, m.in_features, m.bias is not None]
                for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     state = model.state_dict()
-    for key in _tied_duplicates(state):
+    for key in tied_duplicates(state):
         del state[key]
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(folder)
@@ -51,7 +51,7 @@ def load_pruned(cls, folder, config):
     from safetensors.torch import load_file
 
     from ..quantize.qlinear import set_module
-    from .structured import set_head_count
+    from .slicing import set_head_count
 
     from ...core.artifacts import read_json_file
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import torch
 
+from ...core.layers import weight_view
 
-def weight_of(module):
-    """A Linear's or Conv1D's weight as (out, in) — a view, so writes reach the layer."""
-    return module.weight.T if type(module).__name__ == "Conv1D" else module.weight
+weight_of = weight_view  # the name tests/test_prune.py reads the (out, in) weight by
 
 
 def magnitude_scores(module):
     """|W|, (out, in)."""
-    return weight_of(module).detach().abs().float()
+    return weight_view(module).detach().abs().float()
 
 
 def wanda_scores(module, input_norm):
@@ -68,15 +67,19 @@ def nm_mask(scores, n: int, m: int):
 def apply_mask_(module, mask) -> None:
     """Zero the pruned weights in place."""
     with torch.no_grad():
-        weight_of(module).mul_(mask.to(module.weight.dtype))
+        weight_view(module).mul_(mask.to(module.weight.dtype))
+
+
+def sum_squares(total, x):
+    """Fold for calibration: the running per-feature sum of x^2 over the tokens seen."""
+    return (x * x).sum(0) + (0 if total is None else total)
 
 
 def input_norms(model, names, batches) -> dict:
     """||X_j||_2 over all calibration tokens, for the input of every named layer."""
-    from ..quantize.calibrate import collect_inputs
+    from ..calibration import collect_inputs
 
-    sums = collect_inputs(model, names, batches,
-                          lambda total, x: (x * x).sum(0) + (0 if total is None else total))
+    sums = collect_inputs(model, names, batches, sum_squares)
     return {n: s.sqrt() for n, s in sums.items()}
 
 

@@ -10,8 +10,9 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from ...core.errors import InputError
+from ...core.layers import TASK_HEADS, is_linear, weight_bytes, weight_view
 from ...core.registry import MethodConfig
-from ..layers import HEADS, is_linear, matches, target_linears
+from ..layers import matches, target_linears
 
 log = logging.getLogger("mmkit")
 
@@ -35,8 +36,9 @@ class RTNConfig(_Common):
     """Round-to-nearest weight-only quantization."""
 
     bits: int | dict[str, int] = Field(4, description="2-8, or {pattern: bits, default: bits}")
-    group_size: int | None = Field(128, ge=1, description="columns per scale; none = per channel")
-    symmetric: bool = False
+    group_size: int | None = Field(128, ge=1, description="columns sharing a scale; 0 = one per "
+                                   "output channel", json_schema_extra={"cli": {"zero_is_none": True}})
+    symmetric: bool = Field(False, description="symmetric grid (no zero point)")
 
     @field_validator("bits")
     @classmethod
@@ -48,10 +50,12 @@ class GPTQConfig(RTNConfig):
     """GPTQ: Hessian-aware rounding with error compensation, from calibration data."""
 
     calib: str | None = Field(None, description="calibration data (any --data reference)")
-    calib_samples: int = Field(128, ge=1)
+    calib_samples: int = Field(128, ge=1, description="calibration samples")
     calib_length: int = Field(256, ge=8, description="tokens per calibration sample")
-    act_order: bool = True  # measured: closes 52% of RTN's gap on smollm2 vs 11% without
-    damp: float = Field(0.01, gt=0, lt=1)
+    # measured: closes 52% of RTN's gap on smollm2 vs 11% without
+    act_order: bool = Field(True, description="quantize columns by decreasing Hessian diagonal")
+    damp: float = Field(0.01, gt=0, lt=1, description="Hessian dampening, a fraction of its "
+                                                      "mean diagonal")
 
     @model_validator(mode="after")
     def _needs_calib(self):
@@ -76,7 +80,7 @@ class BnbConfig(_Common):
     """bitsandbytes: nf4 / fp4 (4-bit) or int8 (LLM.int8), quantized while loading."""
 
     bits: int = 4
-    double_quant: bool = True
+    double_quant: bool = Field(True, description="quantize the scales again")
 
 
 def _bnb_config(kind: Literal["nf4", "fp4", "int8"]):
@@ -142,15 +146,6 @@ def layer_bits(model, bits, skip: list[str]) -> dict[str, int]:
     return out
 
 
-def _weights_bytes(model) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
-
-
 def _disk_mb(loaded):
     from ...core.profile import disk_bytes
 
@@ -167,7 +162,7 @@ def _report(ctx, loaded, before: int, plan: dict, errors: dict, how: dict, metho
     ctx.report.update({
         "method": method, "layers_quantized": len(plan),
         "bits_per_weight": payload / weights if weights else None,
-        "weights_mb_before": before / 1e6, "weights_mb_after": _weights_bytes(loaded.model) / 1e6,
+        "weights_mb_before": before / 1e6, "weights_mb_after": weight_bytes(loaded.model) / 1e6,
         "disk_mb_before": _disk_mb(loaded),  # after: the manifest's weights_disk_mb
         "layers": {n: {"bits": plan[n], **errors.get(n, {}), "how": how.get(n, method)}
                    for n in plan},
@@ -177,9 +172,9 @@ def _report(ctx, loaded, before: int, plan: dict, errors: dict, how: dict, metho
 # ---------------------------------------------------------------- RTN, dynamic int8, GPTQ
 def _quantize_layer(module, bits, group_size, symmetric, kernel="dequant"):
     from . import grid
-    from .qlinear import QuantLinear, linear_weight
+    from .qlinear import QuantLinear
 
-    w = linear_weight(module)
+    w = weight_view(module).detach().float()
     codes, scales, zeros = grid.quantize_rows(w, bits, group_size, symmetric)
     g_idx = grid.group_index(w.shape[1], group_size)
     layer = QuantLinear.from_codes(codes, scales, zeros, g_idx, bits, module.bias, kernel)
@@ -196,7 +191,7 @@ def _apply_weight_only(loaded, cfg, ctx, kernel: str, method: str):
 
     check_quantizable(loaded)
     model = loaded.model
-    before = _weights_bytes(model)
+    before = weight_bytes(model)
     plan = layer_bits(model, cfg.bits, cfg.skip)
     group = getattr(cfg, "group_size", None)
     errors = {}
@@ -221,30 +216,26 @@ def dynamic_int8_(loaded, cfg: DynamicInt8Config, ctx):
 
 def gptq_(loaded, cfg: GPTQConfig, ctx):
     """GPTQ block by block on calibration data; layers outside the blocks get RTN."""
-    from ...core.data import load_data
-    from . import calibrate, gptq
-    from .qlinear import QuantLinear, linear_weight, set_module
+    from .. import calibration
+    from . import gptq
+    from .qlinear import QuantLinear, set_module
 
     check_quantizable(loaded)
     model = loaded.model
-    before = _weights_bytes(model)
+    before = weight_bytes(model)
     plan = layer_bits(model, cfg.bits, cfg.skip)
-    data = load_data(cfg.calib, loaded.task, seed=ctx.seed, max_samples=cfg.calib_samples)
-    batches = calibrate.calibration_batches(loaded, data, cfg.calib_samples, cfg.calib_length)
+    batches = calibration.load_calibration(loaded, cfg, ctx)
     device = next(model.parameters()).device
     errors, how = {}, {}
     names = {id(m): n for n, m in model.named_modules()}
 
     def quantize_block(block, run):
         targets = {names[id(m)]: m for m in block.modules() if names.get(id(m)) in plan}
-        collectors = {n: gptq.HessianCollector(linear_weight(m).shape[1]) for n, m in targets.items()}
-        hooks = [m.register_forward_hook(lambda mod, a, o, c=collectors[n]: c.add(a[0]))
-                 for n, m in targets.items()]
-        run()
-        for h in hooks:
-            h.remove()
+        hessians = {n: gptq.HessianCollector(weight_view(m).shape[1]) for n, m in targets.items()}
+        with calibration.hooked(targets, lambda n, m, x, out: hessians[n].add(x)):
+            run()
         for n, m in targets.items():
-            w, h = linear_weight(m), collectors[n].h
+            w, h = weight_view(m).detach().float(), hessians[n].h
             codes, scales, zeros, g_idx = gptq.gptq_quantize(
                 w.cpu(), h, plan[n], cfg.group_size, cfg.symmetric, cfg.act_order, cfg.damp)
             layer = QuantLinear.from_codes(codes, scales.float(), zeros.float(), g_idx, plan[n],
@@ -253,9 +244,7 @@ def gptq_(loaded, cfg: GPTQConfig, ctx):
             how[n] = "gptq"
             set_module(model, n, layer)
 
-    for stack_name, blocks in calibrate.block_stacks(model):
-        inputs = calibrate.capture_inputs(model, blocks, batches, device)
-        calibrate.run_blocks(blocks, inputs, quantize_block, desc=f"gptq {stack_name}")
+    calibration.every_block(model, batches, quantize_block, desc="gptq {stack}")
     for name in [n for n in plan if n not in how]:  # outside every block (e.g. BERT's pooler)
         layer, errors[name] = _quantize_layer(model.get_submodule(name), plan[name],
                                               cfg.group_size, cfg.symmetric)
@@ -286,14 +275,14 @@ def bnb_apply(kind: str):
         import torch
         from transformers import BitsAndBytesConfig
 
-        from ...core.loading import _auto_class, _requantize
-        from .bnb_cpu import fit_cpu_kernels_
+        from ...core.bnb_cpu import fit_cpu_kernels_
+        from ...core.loading import auto_class, requantize
 
         check_quantizable(loaded)
         plan = layer_bits(loaded.model, cfg.bits, cfg.skip)
-        before = _weights_bytes(loaded.model)
+        before = weight_bytes(loaded.model)
         device = str(next(loaded.model.parameters()).device)
-        skip = list(HEADS) + list(cfg.skip)
+        skip = list(TASK_HEADS) + list(cfg.skip)
         compute = torch.bfloat16 if device.startswith("cuda") else torch.float32
         if kind == "int8":
             _logging.getLogger("bitsandbytes").setLevel(_logging.ERROR)  # a warning per matmul
@@ -303,32 +292,13 @@ def bnb_apply(kind: str):
                                     bnb_4bit_use_double_quant=cfg.double_quant,
                                     bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=skip)
         task = "zero-shot-image-classification" if loaded.kind == "clip" else loaded.task
-        loaded.model = _requantize(_auto_class(task), loaded.model,
-                                   {"quantization_config": qc, "device_map": {"": device}}).eval()
+        loaded.model = requantize(auto_class(task), loaded.model,
+                                  {"quantization_config": qc, "device_map": {"": device}}).eval()
         fit_cpu_kernels_(loaded.model)
         ctx.report.update({"method": kind, "layers_quantized": len(plan), "bits_per_weight": None,
                            "disk_mb_before": _disk_mb(loaded), "weights_mb_before": before / 1e6,
-                           "weights_mb_after": _weights_bytes(loaded.model) / 1e6})
+                           "weights_mb_after": weight_bytes(loaded.model) / 1e6})
         return loaded
 
     apply.__name__ = f"{kind}_"
     return apply
-
-
-def pick_method(bits, device: str, calib: str | None, kind: str = "") -> tuple[str, str]:
-    """The method `--bits` alone uses on a device and model kind, and why."""
-    if isinstance(bits, dict):
-        return ("gptq", "per-layer bits, calibration data given") if calib else (
-            "rtn", "per-layer bits, no calibration data")
-    if device.startswith("cuda"):
-        return ("nf4", "bitsandbytes nf4 kernels on CUDA") if bits == 4 else (
-            ("int8", "bitsandbytes int8 kernels on CUDA") if bits == 8 else
-            ("gptq", "calibration data given") if calib else ("rtn", "no calibration data"))
-    if bits == 8 and kind == "causal-lm":  # per-tensor int8 activations lose the outliers
-        return "rtn", ("weight-only: dynamic int8 activations cost smollm2 its perplexity, "
-                       "38.8 -> 154")
-    if bits == 8:
-        return "dynamic-int8", "int8 matmuls are the one variant faster than fp32 on CPU"
-    if calib:
-        return "gptq", "calibration data given (GPTQ beats RTN at the same bits)"
-    return "rtn", "no calibration data (pass --calib D for GPTQ)"

@@ -41,11 +41,13 @@ class PTQConfig(MethodConfig):
     bits: int = Field(8, description="weight bits: 4 or 8")
     a_bits: int = Field(8, ge=4, le=8, description="activation bits")
     softmax_bits: int | None = Field(4, ge=2, le=8, description="log2 bits of attention "
-                                                                "probabilities; none = float")
-    calib: str | None = None
-    calib_samples: int = Field(64, ge=1)
-    calib_length: int = Field(128, ge=8)
-    skip: list[str] = Field(default_factory=list)
+                                     "probabilities; 0 = float",
+                                     json_schema_extra={"cli": {"zero_is_none": True}})
+    calib: str | None = Field(None, description="calibration data (any --data reference)")
+    calib_samples: int = Field(64, ge=1, description="calibration samples")
+    calib_length: int = Field(128, ge=8, description="tokens per calibration sample")
+    skip: list[str] = Field(default_factory=list, description="module name patterns to leave "
+                                                          "in floating point")
 
     @model_validator(mode="after")
     def _check(self):
@@ -133,7 +135,7 @@ def _min_max(state, x):
 
 def _calibrate(loaded, batches, names) -> dict:
     """Per-channel (min, max) of every named Linear's input over the calibration batches."""
-    from .calibrate import collect_inputs
+    from ..calibration import collect_inputs
 
     return collect_inputs(loaded.model, names, batches, _min_max)
 
@@ -168,8 +170,7 @@ def _weight_rtn_(linear, bits: int) -> float:
 
 def ptq_(loaded, cfg: PTQConfig, ctx):
     """Calibrate, reparameterize pre-norm LayerNorms, fake-quantize weights and activations."""
-    from ...core.data import load_data
-    from .calibrate import calibration_batches
+    from ..calibration import load_calibration
     from .methods import check_quantizable, layer_bits
 
     check_quantizable(loaded)
@@ -179,8 +180,7 @@ def ptq_(loaded, cfg: PTQConfig, ctx):
                          "--method rtn, gptq or dynamic-int8 for weight quantization.")
     model = loaded.model
     names = list(layer_bits(model, cfg.bits, cfg.skip))
-    data = load_data(cfg.calib, loaded.task, seed=ctx.seed, max_samples=cfg.calib_samples)
-    batches = calibration_batches(loaded, data, cfg.calib_samples, cfg.calib_length)
+    batches = load_calibration(loaded, cfg, ctx)
     stats = _calibrate(loaded, batches, names)
     levels = 2 ** cfg.a_bits - 1
     ranges, folded = {}, []

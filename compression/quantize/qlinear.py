@@ -90,12 +90,6 @@ class QuantLinear(torch.nn.Module):
                 f"bits={self.bits}, groups={self.scales.shape[1]}, kernel={self.kernel}")
 
 
-def linear_weight(module):
-    """A Linear's or Conv1D's weight as (out, in), float."""
-    w = module.weight.T if type(module).__name__ == "Conv1D" else module.weight
-    return w.detach().float()
-
-
 def set_module(model, name: str, new) -> None:
     """Replace the submodule called `name`."""
     parent, _, child = name.rpartition(".")

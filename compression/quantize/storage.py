@@ -25,7 +25,7 @@ def save_quantized(model, folder: Path) -> None:
     """Write a model holding QuantLinear layers."""
     from safetensors.torch import save_file
 
-    from ...core.train import _tied_duplicates
+    from ...core.train import tied_duplicates
     from .qlinear import QuantLinear
 
     layers = {name: {"bits": m.bits, "in_features": m.in_features,
@@ -33,7 +33,7 @@ def save_quantized(model, folder: Path) -> None:
                      "bias": m.bias is not None, "kernel": m.kernel}
               for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     state = model.state_dict()
-    for key in _tied_duplicates(state):
+    for key in tied_duplicates(state):
         del state[key]
     model.config.architectures = [type(model).__name__]  # as save_pretrained records it
     model.config.save_pretrained(folder)

@@ -1,4 +1,5 @@
-"""Tasks: how to feed a model a batch, and how to score it. One module per task."""
+"""Tasks: how to feed a model a batch, and how to score it. One module per task; `batches`
+turns a split into training / calibration examples and pads them."""
 
 from __future__ import annotations
 
