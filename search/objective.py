@@ -42,7 +42,7 @@ def check_objectives(names: list[str], task: str) -> list[str]:
 
 def n_layers(model) -> int:
     """Depth of the deepest stack of transformer blocks."""
-    from ..compression.quantize.calibrate import block_stacks
+    from ..compression.calibration import block_stacks
 
     return max((len(blocks) for _, blocks in block_stacks(model)), default=1)
 
