@@ -194,8 +194,25 @@ def _convert(value, info):
 
 
 def method_choice(step: str) -> list[str]:
-    """The names a step's `--method` takes, from the registry."""
+    """The names a step's methods have, from the registry."""
     return [m.name for m in _methods(step)]
+
+
+class MethodChoice(click.Choice):
+    """`--method`'s choices, read from the registry when they are used (a method registered
+    after the command was built is a choice too)."""
+
+    def __init__(self, step: str):
+        self.step = step
+        super().__init__(method_choice(step))
+
+    @property
+    def choices(self):
+        return method_choice(self.step)
+
+    @choices.setter
+    def choices(self, _value):
+        pass
 
 
 def method_help(step: str) -> str:

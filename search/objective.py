@@ -61,18 +61,17 @@ class Trial:
         self.depth = n_layers(base.model)
 
     def build(self, steps: list[dict]):
-        """Apply the steps to a copy of the base model."""
-        from ..core.registry import Context, build_config, get_method
+        """Apply the steps to a copy of the base model, through the recipe's step runner."""
+        from ..core.registry import Context
+        from ..core.steps import apply_steps, check_steps, resolve_steps
 
+        checked = resolve_steps(check_steps(steps, "search"), self.base.kind, self.device,
+                                "search")
         loaded = copy.deepcopy(self.base)
         with tempfile.TemporaryDirectory(prefix="mmkit-trial-") as tmp:
-            for i, step in enumerate(steps):
-                method = get_method(step["step"], step.get("method"))
-                params = {k: v for k, v in step.items() if k not in ("step", "method")}
-                cfg = build_config(method, params, f"search step {i + 1}")
-                ctx = Context(device=self.device, dataset=self.dataset, workdir=f"{tmp}/s{i}",
-                              fingerprint="search")
-                loaded = method.apply(loaded, cfg, ctx)
+            ctx = Context(device=self.device, dataset=self.dataset, workdir=tmp,
+                          fingerprint="search")
+            loaded, _ = apply_steps(loaded, checked, ctx, announce=False)
         return loaded
 
     def __call__(self, trial):
