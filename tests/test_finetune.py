@@ -4,10 +4,8 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from conftest import TINY, TINY_DATA
-from mmkit.cli.main import cli
+from conftest import TINY, TINY_DATA, logits, row_problems, run_cli, with_rows
 from mmkit.core.artifacts import write_artifact
 from mmkit.core.data import load_data
 from mmkit.core.errors import InputError
@@ -16,17 +14,38 @@ from mmkit.core.recipe import run_recipe
 from mmkit.core.registry import Context, build_config, get_method
 from mmkit.core.tasks import get_task
 
-PEFT = ["lora", "dora", "adalora", "vera", "ia3", "prompt", "prefix"]
-OWN = ["adaptformer", "vpt", "svfit"]  # mmkit's own adapters
-MERGEABLE = ["lora", "dora", "adalora", "vera", "ia3"]
+# One row per registered finetune method; a method without one fails
+# test_every_registered_finetune_method_has_a_row. The matrix runs each method on every tiny
+# family whose kind the method registers.
+#   trains: "adapter" (the backbone stays frozen, only the adapter and a new task head move)
+#           or "everything" (most base weights change)
+#   merge_and_unload: a peft model whose merge_and_unload() gives the plain model back
+FINETUNE = {
+    ("finetune", "lora"): {"trains": "adapter", "merge_and_unload": True},
+    ("finetune", "dora"): {"trains": "adapter", "merge_and_unload": True},
+    ("finetune", "adalora"): {"trains": "adapter", "merge_and_unload": True},
+    ("finetune", "vera"): {"trains": "adapter", "merge_and_unload": True},
+    ("finetune", "ia3"): {"trains": "adapter", "merge_and_unload": True},
+    ("finetune", "prompt"): {"trains": "adapter", "merge_and_unload": False},
+    ("finetune", "prefix"): {"trains": "adapter", "merge_and_unload": False},
+    ("finetune", "adaptformer"): {"trains": "adapter", "merge_and_unload": False},  # mmkit's own
+    ("finetune", "vpt"): {"trains": "adapter", "merge_and_unload": False},
+    ("finetune", "svfit"): {"trains": "adapter", "merge_and_unload": False},  # merges its own way
+    ("finetune", "full"): {"trains": "everything", "merge_and_unload": False},
+}
+KIND = {ref: peek(ref)[2] for ref in TINY}  # text-encoder, vision, clip, causal-lm
+CASES = [(m.name, ref) for m, _ in with_rows("finetune", FINETUNE) for ref in TINY
+         if KIND[ref] in m.kinds]
+MERGEABLE = [m.name for m, row in with_rows("finetune", FINETUNE) if row["merge_and_unload"]]
+
+
+def test_every_registered_finetune_method_has_a_row():
+    problems = row_problems("finetune", FINETUNE, "FINETUNE in tests/test_finetune.py")
+    assert not problems, "\n".join(problems)
 
 
 def _applies(method, ref):
-    kind = peek(ref)[2]
-    return kind in get_method("finetune", method).kinds
-
-
-CASES = [(m, r) for m in PEFT + OWN + ["full"] for r in TINY if _applies(m, r)]
+    return KIND[ref] in get_method("finetune", method).kinds
 
 
 def _train(method, ref, tmp_path, **params):
@@ -65,13 +84,6 @@ class _TrainedWatcher:
         return Watcher()
 
 
-def _outputs(loaded):
-    batch = get_task(loaded.task).dummy_batch(loaded, 2, 12)
-    with torch.no_grad():
-        out = loaded.model(**batch)
-    return out.logits if getattr(out, "logits", None) is not None else out.logits_per_image
-
-
 def _base_params(model):
     """Base weights by their plain names (peft's wrappers and adapter weights stripped)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -92,7 +104,7 @@ def test_method_trains_only_what_it_should_and_round_trips(method, ref, tmp_path
     base = _base_params(loaded.model)
     changed = [k for k, v in base.items() if k in before and not torch.equal(v, before[k])]
     head = ("classifier", "score")
-    if method == "full":
+    if FINETUNE[("finetune", method)]["trains"] == "everything":
         assert len(changed) > len(base) // 2
     else:  # the backbone is frozen; only a new task head may move
         assert all(k.split(".")[0] in head or ".classifier." in k for k in changed), changed
@@ -101,11 +113,11 @@ def test_method_trains_only_what_it_should_and_round_trips(method, ref, tmp_path
         adapter_moved = [n for n in report["moved"]
                          if not any(h in n for h in ("classifier", "score", "modules_to_save"))]
         assert adapter_moved, report["moved"]
-    expected = _outputs(loaded)
+    expected = logits(loaded)
     out = write_artifact(loaded, tmp_path / "art", recipe={"model": ref, "seed": 0}, steps=[],
                          metrics=[], fmt=loaded.extra.get("format", "hf-model"))
     reloaded = load_model(str(out))
-    assert torch.allclose(_outputs(reloaded), expected, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(logits(reloaded), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", MERGEABLE)
@@ -114,10 +126,10 @@ def test_merged_equals_unmerged(method, ref, tmp_path):
     if not _applies(method, ref):
         pytest.skip("method does not apply")
     loaded, _, _ = _train(method, ref, tmp_path)
-    unmerged = _outputs(loaded)
+    unmerged = logits(loaded)
     loaded.model = loaded.model.merge_and_unload()
     assert type(loaded.model).__name__.startswith(("Bert", "Llama", "ViT"))
-    assert torch.allclose(_outputs(loaded), unmerged, atol=1e-4)
+    assert torch.allclose(logits(loaded), unmerged, atol=1e-4)
 
 
 def test_merge_option_writes_a_plain_model(tmp_path):
@@ -188,13 +200,9 @@ def test_resume_refuses_another_runs_checkpoints(tmp_path):
 
 
 # ---------------------------------------------------------------- CLI
-def _cli(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
 def test_cli_finetune_json(tmp_path):
-    result = _cli("finetune", "tiny:gpt2", "--lora", "--r", 4, "--max-steps", 2,
-                  "--max-samples", 4, "--max-length", 32, "-o", tmp_path / "o", "--json")
+    result = run_cli("finetune", "tiny:gpt2", "--lora", "--r", 4, "--max-steps", 2,
+                     "--max-samples", 4, "--max-length", 32, "-o", tmp_path / "o", "--json")
     assert result.exit_code == 0, result.stderr
     row = json.loads(result.stdout)
     rep = row["steps"][0]["report"]
@@ -222,7 +230,7 @@ def test_cli_finetune_bad_input(tmp_path):
                                             "--max-samples", "8"], "no sparse layers"),
     }
     for name, (args, needle) in cases.items():
-        result = _cli("finetune", *args, "-o", tmp_path / "out")
+        result = run_cli("finetune", *args, "-o", tmp_path / "out")
         assert result.exit_code == 2, f"{name}: {result.exit_code} {result.stderr}"
         assert needle in result.stderr, f"{name}: {result.stderr}"
         assert not (tmp_path / "out").exists() and not (tmp_path / "out.checkpoints").exists()
