@@ -247,7 +247,8 @@ def ties(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[
     2. Elect: the sign of Σᵢ τ̂ᵢ per entry (``sign="unweighted"``, the paper's equation) or of
        Σᵢ wᵢτ̂ᵢ (``"weighted"``, mergekit). A sum of exactly 0 gives 0 (``tie="zero"``, the
        paper's equation: sgn(0) = 0, so no entry agrees and the entry merges to 0) or +1
-       (``"positive"``, peft and mergekit).
+       (``"positive"``, peft and mergekit); the authors' code uses the majority elected sign
+       of the whole vector instead.
     3. Disjoint mean: Σ wᵢτ̂ᵢ over the models agreeing with the elected sign (judged on τ̂ᵢ,
        or on wᵢτ̂ᵢ with ``sign="weighted"``), divided by how many agree (``divide="count"``,
        the paper; peft) or by the sum of their weights (``"weights"``, mergekit).
