@@ -158,9 +158,28 @@ def _peft_config(method: str, cfg, loaded, ctx):
             raise InputError(f"--{method} tuning works on text models only (peft's prompt methods "
                              f"need token inputs); this is a {loaded.kind} model. For ViT use "
                              "--vpt (visual prompt tuning).")
+        if method == "prefix":
+            _check_prefix(loaded)
         cls = peft.PromptTuningConfig if method == "prompt" else peft.PrefixTuningConfig
         return cls(num_virtual_tokens=cfg.virtual_tokens, task_type=common["task_type"])
     raise ValueError(method)
+
+
+def _check_prefix(loaded) -> None:
+    """Prefix tuning feeds its prefixes as past key / values: the model (or its backbone)
+    must take them. transformers 5.24 removed them from encoder models such as BERT."""
+    import inspect
+
+    model = loaded.model
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), model)
+    if not any("past_key_values" in inspect.signature(m.forward).parameters
+               for m in (model, backbone)):
+        import transformers
+
+        raise InputError(f"--prefix tuning passes its prefixes as past key / values, which this "
+                         f"{loaded.family} model does not take in transformers "
+                         f"{transformers.__version__} (5.24 removed them from encoder models). "
+                         "Use --prompt or --lora, or transformers < 5.24.")
 
 
 DEFAULT_LR = {"lora": 5e-4, "dora": 5e-4, "adalora": 1e-3, "vera": 4e-3, "ia3": 3e-3,

@@ -23,7 +23,7 @@ class VPTConfig(TrainingConfig):
     """VPT: trained prompt tokens in the patch sequence (shallow, or deep: every layer)."""
 
     virtual_tokens: int = Field(10, ge=1, description="prompt tokens per layer")
-    deep: bool = False
+    deep: bool = Field(False, description="fresh prompts in every layer, not only the first")
 
     @model_validator(mode="after")
     def _no_merge(self):

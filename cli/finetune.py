@@ -16,23 +16,11 @@ def _human(r: dict) -> str:
     return line
 
 
-def _method_flags(func):
-    """One flag per registered finetune method: --lora (the default), --dora, ..."""
-    from ..core.registry import default_method
-
-    default = default_method("finetune")
-    for name in reversed(generated.method_choice("finetune")):
-        func = click.option(f"--{name}", "method", flag_value=name, default=None,
-                            help=f"Fine-tune with {name}" + (" (default)." if name == default
-                                                             else "."))(func)
-    return func
-
-
 @click.command("finetune", cls=options.Command)
 @options.model_argument
 @options.data
-@_method_flags
-@generated.method_options("finetune", skip=generated.method_choice("finetune"))
+@generated.method_flags("finetune", "Fine-tune")
+@generated.method_options("finetune", skip=("dora",))  # DoRA is its own method
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of this same command "
                                              "from its last checkpoint (in OUT.checkpoints).")
 @click.option("--eval-split", type=click.Choice(["validation", "test", "none"]), default="test",

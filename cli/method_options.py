@@ -1,6 +1,10 @@
 """Command-line options generated from the registry: a step's method choice and every option
 its methods' configs take, written once (in the configs).
 
+Nothing here loads the registry when a command is defined: the options are placeholders
+(`Later`) that `options.Command` builds the first time the command's parameters are used, so
+`mmkit --help` imports no method or config.
+
 Each config field becomes one flag: its name (`group_size` -> `--group-size`), its click type
 from the annotation and bounds (int / float ranges, Literal choices, lists as repeatable
 flags, booleans as `--x/--no-x`), its help from the field's description, followed by the
@@ -127,23 +131,68 @@ def _help(name: str, takers: list, all_count: int) -> str:
     return f"{text[0].upper()}{text[1:]}. {_defaults(takers)}".strip()
 
 
-def method_options(step: str, skip=()):
-    """A decorator adding one flag per config field of the step's methods."""
-    fields = fields_of(step, skip)
-    count = len([m for m in _methods(step) if m.pick is None])
+class Later:
+    """A placeholder among a command's parameters: `build()` returns the click parameters it
+    stands for, made from the registry when the command is first used."""
+
+    def __init__(self, build):
+        self.build = build
+
+
+def _later(build):
+    """A decorator putting a `Later` where click puts an option (in the same order)."""
 
     def decorate(func):
-        for name, takers in reversed(list(fields.items())):
-            kwargs = _click_kwargs(takers[0][1])
-            if kwargs.pop("is_flag", False):
-                decls = [f"{flag(name)}/--no-{name.replace('_', '-')}", name]
-            else:
-                decls = [flag(name), name]
-            func = click.option(*decls, default=None, help=_help(name, takers, count),
-                                **kwargs)(func)
+        if not hasattr(func, "__click_params__"):
+            func.__click_params__ = []
+        func.__click_params__.append(Later(build))
         return func
 
     return decorate
+
+
+def _field_options(step: str, skip) -> list:
+    fields = fields_of(step, skip)
+    count = len([m for m in _methods(step) if m.pick is None])
+    made = []
+    for name, takers in fields.items():
+        kwargs = _click_kwargs(takers[0][1])
+        if kwargs.pop("is_flag", False):
+            decls = [f"{flag(name)}/--no-{name.replace('_', '-')}", name]
+        else:
+            decls = [flag(name), name]
+        made.append(click.Option(decls, default=None, help=_help(name, takers, count), **kwargs))
+    return made
+
+
+def method_options(step: str, skip=()):
+    """A decorator adding one flag per config field of the step's methods."""
+    return _later(lambda: _field_options(step, skip))
+
+
+def method_option(step: str):
+    """A decorator adding `--method`, its choices and default from the registry."""
+    def build():
+        from ..core.registry import default_method
+
+        return [click.Option(["--method"], type=MethodChoice(step), default=default_method(step),
+                             show_default=True, help=method_help(step))]
+
+    return _later(build)
+
+
+def method_flags(step: str, verb: str):
+    """A decorator adding one flag per method (`--lora`, `--dora`, ...) setting `method`."""
+    def build():
+        from ..core.registry import default_method
+
+        default = default_method(step)
+        return [click.Option([f"--{name}", "method"], flag_value=name, default=None,
+                             help=f"{verb} with {name}"
+                                  + (" (default)." if name == default else "."))
+                for name in method_choice(step)]
+
+    return _later(build)
 
 
 def step_params(step: str, method: str, settings: dict, method_flag: str) -> dict:
@@ -204,7 +253,7 @@ class MethodChoice(click.Choice):
 
     def __init__(self, step: str):
         self.step = step
-        super().__init__(method_choice(step))
+        super().__init__([])
 
     @property
     def choices(self):
@@ -216,5 +265,5 @@ class MethodChoice(click.Choice):
 
 
 def method_help(step: str) -> str:
-    """The `--method` help: each method of the step with its summary."""
+    """The `--method` help: each method of the step with its summary (auto: its own)."""
     return "; ".join(f"{m.name}: {m.summary}" for m in _methods(step)) + "."

@@ -13,7 +13,21 @@ from ..core.loading import TASKS
 
 class Command(click.Command):
     """A command that refuses an option given twice or two that exclude each other (click
-    would silently keep the last: `--lora --dora` trained DoRA)."""
+    would silently keep the last: `--lora --dora` trained DoRA), and whose registry-made
+    options (`method_options.Later`) are built the first time its parameters are used."""
+
+    @property
+    def params(self):
+        from .method_options import Later
+
+        if any(isinstance(p, Later) for p in self._params):
+            self._params = [q for p in self._params
+                            for q in (p.build() if isinstance(p, Later) else [p])]
+        return self._params
+
+    @params.setter
+    def params(self, value):
+        self._params = value
 
     def parse_args(self, ctx, args):
         parser = self.make_parser(ctx)

@@ -28,8 +28,7 @@ def _per_stack(values: dict) -> str:
 
 @click.command("prune", cls=options.Command)
 @options.model_argument
-@click.option("--method", type=generated.MethodChoice("prune"),
-              default="magnitude", show_default=True, help=generated.method_help("prune"))
+@generated.method_option("prune")
 @generated.method_options("prune")
 @click.option("--eval", "do_eval", is_flag=True, help="Score the result on the test split.")
 @options.data

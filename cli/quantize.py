@@ -68,10 +68,7 @@ def _human(r: dict) -> str:
 @options.model_argument
 @click.option("--bits", required=True, help="4, 8 (2-8 for rtn / gptq), or per-layer: "
               "'PATTERN=BITS,...,default=BITS' or a YAML / JSON file (16 keeps a layer float).")
-@click.option("--method", type=generated.MethodChoice("quantize"),
-              default="auto", show_default=True,
-              help="auto picks for the device and bits (CUDA: nf4 / int8; CPU: dynamic-int8 at "
-                   "8 bits, rtn for causal LMs; gptq with --calib, else rtn).")
+@generated.method_option("quantize")
 @generated.method_options("quantize", skip=("bits",))
 @click.option("--eval", "do_eval", is_flag=True, help="Score the result on the test split.")
 @options.data

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 from .loading import LoadedModel
-from .profile import count_parameters, disk_bytes, megabytes, weights_bytes
+from .layers import weight_bytes
+from .profile import count_parameters, disk_bytes, megabytes
 
 # submodules an adapter adds (peft's and mmkit's): not layers of the model itself
 ADAPTER_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "vera_A", "vera_B",
@@ -121,7 +122,7 @@ def inspect_model(loaded: LoadedModel) -> dict:
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "parameters_by_module_type": dict(by_type.most_common()),
         "dtypes": dict(dtypes),
-        "weights_mb": megabytes(weights_bytes(model)),
+        "weights_mb": megabytes(weight_bytes(model)),
         "disk_mb": megabytes(disk_bytes(loaded.source.path)),
         "adapter": _adapter(loaded),
         "linear_layers": layers,

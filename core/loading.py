@@ -10,6 +10,7 @@ from pathlib import Path
 from .errors import InputError, RuntimeFailure
 from .families import DEFAULT_TASK, head_task, model_kind
 from . import formats
+from .layers import output_heads
 from .refs import ModelSource, resolve
 
 log = logging.getLogger("mmkit")
@@ -343,9 +344,6 @@ def _load_weights(cls, source: ModelSource, config, opts: LoadOptions):
     return model, extra
 
 
-_BNB_SKIP = ("classifier", "score", "lm_head")  # TODO(layers): core.layers.TASK_HEADS
-
-
 def _bnb_config(bits: int, device: str) -> dict:
     """from_pretrained kwargs that load Linear layers in 4-bit nf4 or 8-bit via bitsandbytes."""
     import torch
@@ -357,9 +355,9 @@ def _bnb_config(bits: int, device: str) -> dict:
     if bits == 4:
         qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                 bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute,
-                                llm_int8_skip_modules=list(_BNB_SKIP))
+                                llm_int8_skip_modules=list(output_heads()))
     else:
-        qc = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(_BNB_SKIP))
+        qc = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(output_heads()))
     return {"quantization_config": qc, "device_map": {"": device}}
 
 

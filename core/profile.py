@@ -20,7 +20,6 @@ from .versions import environment
 
 log = logging.getLogger("mmkit")
 
-weights_bytes = weight_bytes  # the name core/inspect.py imports; it can take core.layers' one
 
 
 def megabytes(n_bytes: int | float | None) -> float | None:

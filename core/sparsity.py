@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .layers import is_linear
+
 MIN_ZERO_FRACTION = 0.01  # dense trained weights are essentially never exactly zero
 
 
@@ -12,9 +14,8 @@ def zero_masks(model, min_fraction: float = MIN_ZERO_FRACTION) -> list:
 
     found, seen = [], set()
     for module in model.modules():
-        is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
         weight = getattr(module, "weight", None)
-        if not is_linear or weight is None or weight.data_ptr() in seen:
+        if not is_linear(module) or weight is None or weight.data_ptr() in seen:
             continue
         seen.add(weight.data_ptr())
         if not weight.dtype.is_floating_point:

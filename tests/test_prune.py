@@ -10,6 +10,7 @@ import torch
 from conftest import CALIB, logits, row_problems, run_cli, with_rows
 from mmkit.compression.prune import structured as st
 from mmkit.compression.prune import unstructured as un
+from mmkit.core.layers import weight_view
 from mmkit.core.loading import load_model
 from mmkit.core.recipe import run_recipe
 from mmkit.core.registry import Context, build_config, get_method
@@ -74,7 +75,7 @@ def test_nm_pattern_holds_in_every_group(nm):
     n, m = (int(x) for x in nm.split(":"))
     loaded, report = _prune(_load("tiny:llama"), "nm", nm=nm)
     for name in report["layer_sparsity"]:
-        w = un.weight_of(loaded.model.get_submodule(name))
+        w = weight_view(loaded.model.get_submodule(name))
         kept = (w.reshape(w.shape[0], -1, m) != 0).sum(-1)
         assert torch.all(kept <= n) and float((w == 0).float().mean()) >= 1 - n / m - 1e-6
 

@@ -296,7 +296,7 @@ def test_nf4_on_cuda(tmp_path):
 
 # ---------------------------------------------------------------- activation PTQ
 def _calib(ref):
-    from mmkit.compression.quantize.calibrate import calibration_batches
+    from mmkit.compression.calibration import calibration_batches
     from mmkit.core.data import load_data
 
     name, task = {"tiny:vit": ("digits", "image-classification"),
@@ -370,7 +370,10 @@ def test_ptq_refuses_other_families(tmp_path):
 
 
 def test_auto_pick_avoids_dynamic_activations_on_causal_lms():
-    from mmkit.compression.quantize.methods import pick_method
+    from mmkit.compression.quantize.auto import pick
+
+    def pick_method(bits, device, calib, kind):
+        return pick({"bits": bits, "calib": calib}, kind, device)
 
     assert pick_method(8, "cpu", None, "text-encoder")[0] == "dynamic-int8"
     assert pick_method(8, "cpu", None, "causal-lm")[0] == "rtn"

@@ -6,7 +6,7 @@ per-layer sizes its config cannot state).
 
 from ...core.formats import Format, register_format
 from ...core.registry import Method, lazy, register
-from . import methods as pr
+from . import configs as pr
 
 _M = "mmkit.compression.prune.methods:"
 

@@ -12,7 +12,6 @@ import torch
 
 from ...core.layers import weight_view
 
-weight_of = weight_view  # the name tests/test_prune.py reads the (out, in) weight by
 
 
 def magnitude_scores(module):

@@ -8,8 +8,7 @@ mmkit-ptq (plain weights plus activation grids).
 from ...core.formats import Format, register_format
 from ...core.registry import Method, lazy, register
 from . import auto
-from . import methods as qm
-from .ptq import PTQConfig
+from . import configs as qc
 
 _M = "mmkit.compression.quantize."
 
@@ -22,19 +21,19 @@ def _quantize(name, config, apply, summary, **more):
 _quantize("auto", auto.AutoConfig, None, "picked for the device and bits (CUDA: nf4 / int8; "
           "CPU: dynamic-int8 at 8 bits, rtn for causal LMs; gptq with --calib, else rtn)",
           pick=auto.pick)
-_quantize("rtn", qm.RTNConfig, lazy(_M + "methods:rtn_"),
+_quantize("rtn", qc.RTNConfig, lazy(_M + "methods:rtn_"),
           "round-to-nearest weight-only, 2-8 bits, per channel or grouped")
-_quantize("gptq", qm.GPTQConfig, lazy(_M + "methods:gptq_"),
+_quantize("gptq", qc.GPTQConfig, lazy(_M + "methods:gptq_"),
           "GPTQ weight-only, 2-8 bits, Hessian-aware rounding from calibration data")
-_quantize("dynamic-int8", qm.DynamicInt8Config, lazy(_M + "methods:dynamic_int8_"),
+_quantize("dynamic-int8", qc.DynamicInt8Config, lazy(_M + "methods:dynamic_int8_"),
           "int8 weights and dynamic int8 activations (integer matmuls on CPU)")
-_quantize("ptq", PTQConfig, lazy(_M + "ptq:ptq_"),
+_quantize("ptq", qc.PTQConfig, lazy(_M + "ptq:ptq_"),
           "simulated W8A8 / W4A8 activation PTQ (RepQuant-style LayerNorm folding, log2 "
           "softmax)", kinds=("text-encoder", "vision"), hint="Use rtn, gptq or dynamic-int8.")
-_quantize("nf4", qm.NF4Config, qm.bnb_apply("nf4"),
-          "bitsandbytes 4-bit NormalFloat (double quantization)")
-_quantize("fp4", qm.FP4Config, qm.bnb_apply("fp4"), "bitsandbytes 4-bit float")
-_quantize("int8", qm.Int8Config, qm.bnb_apply("int8"), "bitsandbytes LLM.int8 8-bit weights")
+for _kind, _summary in (("nf4", "bitsandbytes 4-bit NormalFloat (double quantization)"),
+                       ("fp4", "bitsandbytes 4-bit float"),
+                       ("int8", "bitsandbytes LLM.int8 8-bit weights")):
+    _quantize(_kind, qc.BNB_CONFIGS[_kind], lazy(f"{_M}methods:{_kind}_"), _summary)
 
 
 def _load_quantized(cls, source, config, opts):

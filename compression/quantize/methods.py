@@ -5,101 +5,14 @@ patterns; `bits` may map module patterns to bits (mixed precision)."""
 from __future__ import annotations
 
 import logging
-from typing import Literal
-
-from pydantic import Field, field_validator, model_validator
 
 from ...core.errors import InputError
 from ...core.layers import TASK_HEADS, is_linear, weight_bytes, weight_view
-from ...core.registry import MethodConfig
 from ..layers import matches, target_linears
+from .configs import KEEP, BnbConfig, DynamicInt8Config, GPTQConfig, RTNConfig
 
 log = logging.getLogger("mmkit")
 
-KEEP = 16  # in a bits mapping: leave the layer in floating point
-
-
-def _check_bits(value, allowed: tuple[int, ...], method: str):
-    values = value.values() if isinstance(value, dict) else [value]
-    bad = [b for b in values if b not in allowed and b != KEEP]
-    if bad:
-        raise ValueError(f"{method} takes bits {', '.join(map(str, allowed))}, not {bad[0]}")
-    return value
-
-
-class _Common(MethodConfig):
-    skip: list[str] = Field(default_factory=list, description="module name patterns to leave "
-                                                                "in floating point")
-
-
-class RTNConfig(_Common):
-    """Round-to-nearest weight-only quantization."""
-
-    bits: int | dict[str, int] = Field(4, description="2-8, or {pattern: bits, default: bits}")
-    group_size: int | None = Field(128, ge=1, description="columns sharing a scale; 0 = one per "
-                                   "output channel", json_schema_extra={"cli": {"zero_is_none": True}})
-    symmetric: bool = Field(False, description="symmetric grid (no zero point)")
-
-    @field_validator("bits")
-    @classmethod
-    def _bits(cls, v):
-        return _check_bits(v, tuple(range(2, 9)), "rtn / gptq")
-
-
-class GPTQConfig(RTNConfig):
-    """GPTQ: Hessian-aware rounding with error compensation, from calibration data."""
-
-    calib: str | None = Field(None, description="calibration data (any --data reference)")
-    calib_samples: int = Field(128, ge=1, description="calibration samples")
-    calib_length: int = Field(256, ge=8, description="tokens per calibration sample")
-    # measured: closes 52% of RTN's gap on smollm2 vs 11% without
-    act_order: bool = Field(True, description="quantize columns by decreasing Hessian diagonal")
-    damp: float = Field(0.01, gt=0, lt=1, description="Hessian dampening, a fraction of its "
-                                                      "mean diagonal")
-
-    @model_validator(mode="after")
-    def _needs_calib(self):
-        if not self.calib:
-            raise ValueError("gptq needs calibration data: pass --calib D (e.g. the training "
-                             "data, or bbc-text for a language model)")
-        return self
-
-
-class DynamicInt8Config(_Common):
-    """int8 weights (per channel, symmetric) with dynamic int8 activations (CPU)."""
-
-    bits: int = 8
-
-    @field_validator("bits")
-    @classmethod
-    def _bits(cls, v):
-        return _check_bits(v, (8,), "dynamic-int8")
-
-
-class BnbConfig(_Common):
-    """bitsandbytes: nf4 / fp4 (4-bit) or int8 (LLM.int8), quantized while loading."""
-
-    bits: int = 4
-    double_quant: bool = Field(True, description="quantize the scales again")
-
-
-def _bnb_config(kind: Literal["nf4", "fp4", "int8"]):
-    allowed = (8,) if kind == "int8" else (4,)
-
-    class Config(BnbConfig):
-        bits: int = allowed[0]
-
-        @field_validator("bits")
-        @classmethod
-        def _bits(cls, v):
-            return _check_bits(v, allowed, kind)
-
-    Config.__name__ = f"{kind.upper()}Config"
-    Config.__doc__ = f"bitsandbytes {kind}."
-    return Config
-
-
-NF4Config, FP4Config, Int8Config = _bnb_config("nf4"), _bnb_config("fp4"), _bnb_config("int8")
 
 
 # ---------------------------------------------------------------- which layers, how many bits
@@ -302,3 +215,6 @@ def bnb_apply(kind: str):
 
     apply.__name__ = f"{kind}_"
     return apply
+
+
+nf4_, fp4_, int8_ = bnb_apply("nf4"), bnb_apply("fp4"), bnb_apply("int8")

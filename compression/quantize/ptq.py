@@ -24,39 +24,14 @@ import json
 from pathlib import Path
 
 import torch
-from pydantic import Field, model_validator
 
 from ...core.errors import InputError
-from ...core.registry import MethodConfig
+from .configs import PTQConfig
 
 PTQ_JSON = "mmkit_ptq.json"
 PTQ_TENSORS = "mmkit_ptq.safetensors"
 ATTENTION = "mmkit_log2_softmax"
 FAMILIES = ("vit", "bert")
-
-
-class PTQConfig(MethodConfig):
-    """Simulated activation + weight quantization (W8A8 / W4A8) from calibration data."""
-
-    bits: int = Field(8, description="weight bits: 4 or 8")
-    a_bits: int = Field(8, ge=4, le=8, description="activation bits")
-    softmax_bits: int | None = Field(4, ge=2, le=8, description="log2 bits of attention "
-                                     "probabilities; 0 = float",
-                                     json_schema_extra={"cli": {"zero_is_none": True}})
-    calib: str | None = Field(None, description="calibration data (any --data reference)")
-    calib_samples: int = Field(64, ge=1, description="calibration samples")
-    calib_length: int = Field(128, ge=8, description="tokens per calibration sample")
-    skip: list[str] = Field(default_factory=list, description="module name patterns to leave "
-                                                          "in floating point")
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.bits not in (4, 8):
-            raise ValueError(f"ptq takes bits 4 or 8 (weights; activations: a_bits), "
-                             f"not {self.bits}")
-        if not self.calib:
-            raise ValueError("ptq needs calibration data to set activation ranges: pass --calib D")
-        return self
 
 
 class ActQuant(torch.nn.Module):
