@@ -7,3 +7,4 @@ from . import adapters  # noqa: F401  (finetune methods; peft and mmkit adapter 
 from . import compression  # noqa: F401  (cast)
 from .compression import quantize  # noqa: F401  (quantize methods; quantized and ptq formats)
 from .compression import prune  # noqa: F401  (prune methods; pruned format)
+from .compression import merge  # noqa: F401  (merge methods)

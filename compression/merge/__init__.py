@@ -1,1 +1,31 @@
-"""Model merging and task arithmetic."""
+"""Model merging: weighted means (model soups), task arithmetic, TIES, DARE, SLERP, and folding
+an adapter into its base.
+
+Importing this package registers the merge methods. A merge step names the models it merges
+(`models`); the recipe's model is the base. The tensor math is in `tensors`, the reading of
+the inputs one tensor at a time in `inputs`, the step itself in `apply`.
+"""
+
+from ...core.registry import Method, lazy, register
+from . import configs as mc
+
+_M = "mmkit.compression.merge.apply:"
+
+
+def _merge(name, function, summary, config=None, models=("models",)):
+    return register(Method("merge", name, config or mc.CONFIGS[name], lazy(_M + function),
+                           summary, models=models), default=name == "linear")
+
+
+_merge("linear", "linear_", "weighted mean of the models' weights, weights normalised to sum 1 "
+       "(uniform model soup)")
+_merge("task-arithmetic", "task_arithmetic_", "base + lambda x sum of w_i x (model_i - base)")
+_merge("ties", "ties_", "TIES: trim each task vector to its largest entries, elect a sign per "
+       "entry, average the agreeing ones")
+_merge("dare-linear", "dare_linear_", "DARE: drop task-vector entries at random and rescale, "
+       "then task arithmetic")
+_merge("dare-ties", "dare_ties_", "DARE's random drop, then TIES's sign election and "
+       "disjoint mean")
+_merge("slerp", "slerp_", "spherical interpolation between two models, per tensor")
+_merge("adapter", "adapter_", "fold the model's adapter (LoRA, SVFit, ...) into its base; "
+       "what one adapter alone gets", config=mc.AdapterConfig, models=())

@@ -1,0 +1,218 @@
+"""The merge step: the recipe's model is the base; the models the step names are read one
+tensor at a time (`inputs`) and combined by the tensor math of `tensors`, written into the
+base's own tensors. The result is a plain model, so every later step works on it.
+
+Which tensors merge: the base's floating-point tensors, each shared (tied) tensor once; integer
+buffers (position ids) stay the base's. Every input must have each of them with the base's
+shape, or the merge stops naming the first that differs. Task heads (`classifier`, `score`)
+merge only when every input's head serves the base's labels (model soups of one task average
+their heads); otherwise the base's head is kept and the report says so: heads of different
+tasks are never averaged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from contextlib import ExitStack
+
+from ...adapters.merging import has_adapter, merge_adapter_
+from ...core.errors import InputError, shown
+from ...core.layers import is_task_head, new_heads
+from ...core.loading import peek
+from ...core.train import tied_duplicates
+from . import tensors as tm
+from .inputs import open_input
+
+log = logging.getLogger("mmkit")
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """The seed of DARE's random drop for one tensor: the run's seed and the tensor's name,
+    so a tensor's draw does not depend on which other tensors the merge visits."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def _combiner(method: str, cfg, weights: list[float], seed: int, thresholds: list | None):
+    """The function merging one tensor: (name, base tensor, the models' tensors) -> tensor."""
+    import torch
+
+    lam = getattr(cfg, "lam", None)
+    if method == "linear":
+        return lambda name, base, xs: tm.linear(xs, weights)
+    if method == "task-arithmetic":
+        return lambda name, base, xs: tm.task_arithmetic(base, xs, weights, lam)
+    if method == "ties":
+        scope = {"trim_scope": cfg.trim_scope, "threshold": thresholds}
+        return lambda name, base, xs: tm.ties(base, xs, weights, lam, cfg.density, **scope,
+                                              sign=cfg.sign, divide=cfg.divide, tie=cfg.tie)
+    if method in ("dare-linear", "dare-ties"):
+        extra = ({"then": "ties", "sign": cfg.sign, "divide": cfg.divide, "tie": cfg.tie}
+                 if method == "dare-ties" else {"then": "linear"})
+
+        def dare(name, base, xs):
+            generator = torch.Generator().manual_seed(tensor_seed(seed, name))
+            return tm.dare(base, xs, weights, lam, cfg.density, generator, rescale=cfg.rescale,
+                           **extra)
+
+        return dare
+    if method == "slerp":
+        return lambda name, base, xs: tm.slerp(xs[0], xs[1], cfg.t)
+    raise ValueError(method)
+
+
+def _weights(method: str, cfg) -> list[float] | None:
+    """The weights as the tensor math takes them: linear's normalised to sum 1 (a mean), the
+    task-vector methods' as given (default 1 each, the papers' setting); none for slerp."""
+    if method == "slerp":
+        return None
+    weights = list(cfg.weights) if cfg.weights is not None else [1.0] * len(cfg.models)
+    if method == "linear":
+        total = sum(weights)
+        weights = [w / total for w in weights]
+    return weights
+
+
+def _refuse_quantized_base(loaded) -> None:
+    fmt = loaded.extra.get("format")
+    if fmt in ("mmkit-quantized", "mmkit-ptq") or getattr(loaded.model, "is_quantized", False):
+        raise InputError(f"The base '{loaded.source.ref}' is quantized; mmkit merge does not "
+                         "dequantize yet. Merge onto the floating-point model, then quantize "
+                         "the result.")
+
+
+def _base_identity(loaded, ctx):
+    """The source and seed of the base's weights before any adapter it carried."""
+    source = loaded.source
+    if source.is_adapter:  # the recipe's model is an adapter: its base
+        seed = (source.manifest.get("parent") or {}).get("seed", ctx.seed)
+        return peek(source, loaded.task)[0], seed
+    return source, ctx.seed
+
+
+def _plan_tensors(loaded, inputs):
+    """(names to merge, the report's word on task heads), after checking every input has
+    every tensor with the base's shape."""
+    state = loaded.model.state_dict()
+    tied = set(tied_duplicates(state))
+    floats = [n for n, t in state.items() if n not in tied and t.is_floating_point()]
+    heads = [n for n in floats if is_task_head(n.rsplit(".", 1)[0], new_heads())]
+    body = [n for n in floats if n not in heads]
+    for inp in inputs:
+        for name in body:
+            shape, want = inp.shape(name, state[name].shape), tuple(state[name].shape)
+            if shape != want:
+                what = f"lacks the tensor {name}" if shape is None else (
+                    f"has {name} of shape {shape}, the base {want}")
+                raise InputError(f"'{shown(inp.ref)}' does not fit the base "
+                                 f"'{loaded.source.ref}': it {what}. Different architectures, "
+                                 "shapes or vocabulary sizes cannot be merged tensor by tensor; "
+                                 "merge models fine-tuned from the same base.")
+    if not heads:
+        return body, None
+    others = [inp for inp in inputs if inp.labels != loaded.labels or loaded.labels is None
+              or any(inp.shape(n, state[n].shape) != tuple(state[n].shape) for n in heads)]
+    if others:
+        said = ", ".join(f"'{inp.ref}' ({_labels_said(inp.labels)})" for inp in others[:3])
+        note = (f"kept the base's head ({_labels_said(loaded.labels)}): heads of other tasks "
+                f"are not merged, and {said} differ")
+        log.warning("merge: %s", note)
+        return body, note
+    return body + heads, "merged"
+
+
+def _labels_said(labels) -> str:
+    if not labels:
+        return "no head for this task"
+    return "labels " + ", ".join(map(str, labels[:5])) + (", ..." if len(labels) > 5 else "")
+
+
+def _thresholds(names, state, inputs, density: float) -> list[float]:
+    """TIES at model scope: each model's magnitude threshold over all its task vectors,
+    streamed twice (a histogram pass, then one bucket)."""
+    def taus(inp):
+        return lambda: (tm.task_vectors(state[n], [_on(inp.tensor(n, state[n]), state[n])])[0]
+                        for n in names)
+
+    return [tm.magnitude_threshold(taus(inp), density) for inp in inputs]
+
+
+def _on(tensor, like):
+    return tensor if tensor.device == like.device else tensor.to(like.device)
+
+
+def merge_(method: str, loaded, cfg, ctx):
+    """Merge `cfg.models` into the loaded base in place (see the module's docstring)."""
+    import torch
+
+    start = time.perf_counter()
+    stream_adapters = not has_adapter(loaded)  # a LoRA input's own base is the one loaded
+    if not stream_adapters:
+        merge_adapter_(loaded, "mmkit merge")
+    _refuse_quantized_base(loaded)
+    base_source, base_seed = _base_identity(loaded, ctx)
+    weights = _weights(method, cfg)
+    with ExitStack() as stack:
+        inputs = [open_input(ref, ctx.models[ref], loaded, base_source, base_seed, ctx.seed,
+                             stream_adapters, stack) for ref in cfg.models]
+        names, heads = _plan_tensors(loaded, inputs)
+        state = loaded.model.state_dict()
+        thresholds = None
+        with torch.no_grad():
+            if method == "ties" and cfg.trim_scope == "model":
+                thresholds = _thresholds(names, state, inputs, cfg.density)
+            combine = _combiner(method, cfg, weights, ctx.seed, thresholds)
+            for name in names:
+                base = state[name]
+                xs = [_on(inp.tensor(name, base), base) for inp in inputs]
+                try:
+                    merged = combine(name, base, xs)
+                except ValueError as exc:
+                    raise InputError(f"merge {method}, tensor {name}: {exc}.") from None
+                base.copy_(merged.to(base.dtype))
+    ctx.report.update({
+        "method": method, "models": list(cfg.models), "weights": weights,
+        "lambda": getattr(cfg, "lam", None), "density": getattr(cfg, "density", None),
+        "t": getattr(cfg, "t", None), "inputs": {inp.ref: inp.kind for inp in inputs},
+        "tensors_merged": len(names), "heads": heads,
+        "thresholds": thresholds, "seconds": round(time.perf_counter() - start, 3)})
+    ctx.report = {k: v for k, v in ctx.report.items() if v is not None}
+    return loaded
+
+
+def make_apply(method: str):
+    """The apply function of one merge method."""
+
+    def apply(loaded, cfg, ctx):
+        return merge_(method, loaded, cfg, ctx)
+
+    apply.__name__ = f"{method.replace('-', '_')}_merge"
+    return apply
+
+
+linear_ = make_apply("linear")
+task_arithmetic_ = make_apply("task-arithmetic")
+ties_ = make_apply("ties")
+dare_linear_ = make_apply("dare-linear")
+dare_ties_ = make_apply("dare-ties")
+slerp_ = make_apply("slerp")
+
+
+def adapter_(loaded, cfg, ctx):
+    """`merge adapter`: fold the recipe model's adapter (LoRA and the other peft weight
+    updates, SVFit) into its base and leave a plain model (peft's merge_and_unload)."""
+    start = time.perf_counter()
+    if not has_adapter(loaded):
+        raise InputError(f"merging needs two or more models, or one adapter: "
+                         f"'{loaded.source.ref}' is a full model, with no adapter to fold into "
+                         "it. Name the models to merge (and --base for the task-vector "
+                         "methods).")
+    model = loaded.model
+    kind = (str(model.peft_config[model.active_adapter].peft_type.value).lower()
+            if hasattr(model, "peft_config") else loaded.extra["adapter"]["method"])
+    merge_adapter_(loaded, "mmkit merge")
+    ref = loaded.extra.pop("merged_adapter", loaded.source.ref)  # this step's work, not a prelude
+    ctx.report.update({"method": "adapter", "adapter": ref, "adapter_kind": kind,
+                       "seconds": round(time.perf_counter() - start, 3)})
+    return loaded

@@ -1,0 +1,131 @@
+"""The merge methods' configs: typed, bounded, described (the descriptions are the CLI's
+help). No torch here, so registering the methods and `mmkit --help` stay fast.
+
+A merge step names the models to merge in `models`; the recipe's own model is the BASE: task
+vectors are taken against it, and for linear / slerp it supplies the architecture (it is not
+averaged unless it is listed in `models` too).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from ...core.registry import MethodConfig
+
+
+class _Models(MethodConfig):
+    # `lambda` is a Python keyword: the field is `lam`, the recipe key (and what recipe.yaml
+    # and mmkit.json record) `lambda`; both names are accepted
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    models: list[str] = Field(min_length=1, description="the models to merge (references); "
+                              "the recipe's model is the base")
+
+
+class _Weighted(_Models):
+    weights: list[float] | None = Field(None, description="one weight per model, comma-"
+                                        "separated")
+
+    @model_validator(mode="after")
+    def _weights_count(self):
+        if self.weights is not None and len(self.weights) != len(self.models):
+            raise ValueError(f"--weights gives {len(self.weights)} weights for "
+                             f"{len(self.models)} models: give one weight per model")
+        return self
+
+
+class LinearConfig(_Weighted):
+    """Weighted mean of the models' weights (a uniform model soup with equal weights)."""
+
+    @model_validator(mode="after")
+    def _sum(self):
+        if self.weights is not None and sum(self.weights) == 0:
+            raise ValueError("--weights sum to 0; linear divides by their sum (it is a mean)")
+        return self
+
+
+class TaskArithmeticConfig(_Weighted):
+    """base + lambda x sum of w_i x (model_i - base) (Ilharco et al. 2023)."""
+
+    lam: float = Field(1.0, alias="lambda", description="scale of the summed task vectors")
+
+
+def _sign():
+    return Field("unweighted", description="TIES sign election: the sign of the sum of the "
+                 "trimmed task vectors (the paper) or of the weighted sum (mergekit)")
+
+
+def _divide():
+    return Field("count", description="TIES disjoint mean: divide by the number of agreeing "
+                 "models (the paper, peft) or by the sum of their weights (mergekit)")
+
+
+def _tie():
+    return Field("zero", description="an entry whose vote sums to exactly 0: merges to 0 (the "
+                 "paper's sgn(0) = 0) or takes the positive sign (peft, mergekit)")
+
+
+Sign = Literal["unweighted", "weighted"]
+Divide = Literal["count", "weights"]
+Tie = Literal["zero", "positive"]
+
+
+class TiesConfig(TaskArithmeticConfig):
+    """TIES-merging: trim, elect sign, disjoint mean (Yadav et al. 2023)."""
+
+    density: float = Field(0.2, gt=0, le=1, description="fraction of each task vector's "
+                           "entries kept (TIES: the largest; DARE: at random)")
+    trim_scope: Literal["model", "tensor"] = Field(
+        "model", description="TIES trims by one magnitude threshold over the whole model (the "
+        "paper's code) or per tensor")
+    sign: Sign = _sign()
+    divide: Divide = _divide()
+    tie: Tie = _tie()
+
+
+class DareLinearConfig(TaskArithmeticConfig):
+    """DARE: drop task-vector entries at random, rescale, then task arithmetic (Yu et al.
+    2024)."""
+
+    density: float = Field(0.5, gt=0, le=1, description="fraction of each task vector's "
+                           "entries kept (TIES: the largest; DARE: at random)")
+    rescale: Literal["inverse", "l1"] = Field(
+        "inverse", description="DARE rescaling of the kept entries: by 1/density (the paper, "
+        "unbiased) or to keep the task vector's L1 norm (mergekit)")
+
+
+class DareTiesConfig(DareLinearConfig):
+    """DARE's random drop, then TIES's sign election and disjoint mean (mergekit's
+    dare_ties)."""
+
+    sign: Sign = _sign()
+    divide: Divide = _divide()
+    tie: Tie = _tie()
+
+
+class SlerpConfig(_Models):
+    """Spherical interpolation between exactly two models, per tensor."""
+
+    t: float = Field(0.5, ge=0, le=1, description="slerp position: 0 gives the first model, 1 "
+                     "the second")
+
+    @model_validator(mode="after")
+    def _two(self):
+        if len(self.models) != 2:
+            raise ValueError(f"slerp interpolates exactly two models; {len(self.models)} given "
+                             "(the base only supplies the architecture: to interpolate from the "
+                             "base, list it as one of the two)")
+        return self
+
+
+class AdapterConfig(MethodConfig):
+    """Fold the recipe model's adapter (LoRA, SVFit, ...) into its base weights."""
+
+
+CONFIGS = {"linear": LinearConfig, "task-arithmetic": TaskArithmeticConfig,
+           "ties": TiesConfig, "dare-linear": DareLinearConfig, "dare-ties": DareTiesConfig,
+           "slerp": SlerpConfig}
+# the methods whose task vectors are taken against the base: they need one
+NEEDS_BASE = ("task-arithmetic", "ties", "dare-linear", "dare-ties")

@@ -1,0 +1,334 @@
+"""The models being merged, read one tensor at a time under the BASE model's tensor names.
+
+Each input answers `shape(name, base_shape)` (None when it lacks the tensor) and
+`tensor(name, base)` (that model's tensor, given the base's) for the names of the base's
+state dict:
+
+- `FileInput`: a full model saved as plain safetensors (an mmkit artifact, a Hugging Face
+  folder, an embedded model). The files are opened lazily (`safe_open`), so only the tensor
+  asked for is read; their keys are mapped to the base's names by transformers' own loading
+  renames (ViT's `encoder.layer.N` files are `layers.N` in memory in transformers 5) and the
+  base model prefix (`bert.`) added or stripped.
+- `LoraInput`: a peft LoRA adapter trained on the base: the base's tensor plus the adapter's
+  exact delta B·A·scaling per layer (scaling lora_alpha / r, or lora_alpha / sqrt(r) with
+  rsLoRA; transposed for GPT-2's Conv1D), and the tensors it saves whole (a task head).
+- `MemoryInput`: anything else (mmkit's own adapters such as SVFit, DoRA and the other peft
+  types, a `tiny:` or hub reference, a pruned or PTQ folder): loaded whole with `load_model`,
+  its adapter merged in memory. Correct for every format mmkit loads, at the cost of holding
+  that whole model in memory while the merge runs.
+
+Quantized models are refused (their weights are not floating point).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from contextlib import ExitStack
+from pathlib import Path
+
+from ...adapters.merging import has_adapter, merge_adapter_
+from ...core.artifacts import weights_hash
+from ...core.errors import InputError
+from ...core.families import head_task
+from ...core.formats import PLAIN, detect
+from ...core.loading import check_weights, load_model, peek
+
+PEFT_PREFIX = "base_model.model."
+LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+QUANTIZED_FORMATS = ("mmkit-quantized",)
+
+
+class _NeedsLoading(Exception):
+    """A checkpoint key that transformers converts together with others (fused or stacked
+    tensors): the file must be read by transformers itself."""
+
+
+# ------------------------------------------------------------------ names
+
+
+def _conversions(model):
+    """transformers' load-time renames and conversions for this model ([] when the installed
+    transformers has none)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+    except ImportError:
+        return [], []
+    found = get_model_conversion_mapping(model)
+    return ([c for c in found if isinstance(c, WeightRenaming)],
+            [c for c in found if isinstance(c, WeightConverter)])
+
+
+def _rename(key: str, renamings, converters, prefix: str | None, names: dict):
+    """A checkpoint key as the model names it: (name, converter pattern or None)."""
+    if renamings or converters:
+        from transformers.core_model_loading import rename_source_key
+
+        return rename_source_key(key, renamings, converters, prefix, names)
+    if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in names:
+        return key[len(prefix) + 1:], None
+    if prefix and f"{prefix}.{key}" in names:
+        return f"{prefix}.{key}", None
+    return key, None
+
+
+def name_map(model, keys, convert: str = "always") -> dict[str, str]:
+    """{the model's tensor name: the key holding it} for the keys of a checkpoint of the same
+    architecture. `convert="always"` applies transformers' load-time renames as
+    from_pretrained does (files written by save_pretrained); `"never"` only adds or strips the
+    base model prefix (another in-memory model's state dict); `"fallback"` renames only keys
+    that are not the model's names already (peft adapters, saved with in-memory names). A
+    returned name may still be one the model lacks: the caller decides what that means."""
+    names = dict.fromkeys(model.state_dict(), True)
+    renamings, converters = _conversions(model) if convert != "never" else ([], [])
+    prefix = getattr(model, "base_model_prefix", "") or None
+    out = {}
+    for key in keys:
+        name, pattern = _rename(key, [], [], prefix, names)
+        if convert == "always" or (convert == "fallback" and name not in names):
+            name, pattern = _rename(key, renamings, converters, prefix, names)
+        if pattern is not None:
+            raise _NeedsLoading(key)
+        out.setdefault(name, key)
+    return out
+
+
+# ------------------------------------------------------------------ inputs
+
+
+class FileInput:
+    """A full model in plain safetensors files, read lazily."""
+
+    kind = "file"
+
+    def __init__(self, ref: str, folder: str, model, labels, stack: ExitStack):
+        from safetensors import safe_open
+
+        self.ref, self.labels = ref, labels
+        self._where = {}
+        keys = {}
+        for path in sorted(Path(folder).glob("*.safetensors")):
+            handle = stack.enter_context(safe_open(str(path), "pt"))
+            for key in handle.keys():
+                keys.setdefault(key, handle)
+        for name, key in name_map(model, list(keys)).items():
+            self._where[name] = (keys[key], key)
+
+    def shape(self, name, base_shape):
+        """The tensor's shape, read from the file header (None when the model lacks it)."""
+        if name not in self._where:
+            return None
+        handle, key = self._where[name]
+        return tuple(handle.get_slice(key).get_shape())
+
+    def tensor(self, name, base):
+        """The model's tensor `name`, read from disk now."""
+        handle, key = self._where[name]
+        return handle.get_tensor(key)
+
+
+class LoraInput:
+    """A peft LoRA adapter of the base: base + B·A·scaling on the layers it adapts."""
+
+    kind = "lora"
+
+    def __init__(self, ref: str, folder: str, config: dict, model, labels, stack: ExitStack):
+        from safetensors import safe_open
+
+        self.ref, self.labels = ref, labels
+        self._handle = stack.enter_context(
+            safe_open(str(Path(folder, "adapter_model.safetensors")), "pt"))
+        self._fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+        parts, whole = {}, {}
+        for key in self._handle.keys():
+            body = key.removeprefix(PEFT_PREFIX)
+            match = LORA_KEY.match(body)
+            if match:
+                parts.setdefault(match["module"], {})[match["part"]] = key
+            else:
+                whole[body] = key  # a module trained in full (modules_to_save: a task head)
+        names = model.state_dict()
+        self._whole = {name: whole[key] for name, key in
+                       name_map(model, list(whole), "fallback").items()}
+        targets = {f"{module}.weight": module for module in parts}
+        found = name_map(model, list(targets), "fallback")
+        for name, key in [*found.items(), *self._whole.items()]:
+            if name not in names:
+                raise InputError(f"The LoRA adapter '{ref}' changes {key.removesuffix('.weight')}"
+                                 ", which the base model does not have: different "
+                                 "architectures. Merge adapters trained on this base.")
+        self._lora = {}
+        for name, key in found.items():
+            module = targets[key]
+            pair = parts[module]
+            if set(pair) != {"A", "B"}:
+                raise InputError(f"The LoRA adapter '{ref}' has lora_{next(iter(pair))} but not "
+                                 f"the other half for {module}; the adapter file is damaged.")
+            r = self._handle.get_slice(pair["A"]).get_shape()[0]
+            alpha = _pattern_value(config.get("alpha_pattern") or {}, module,
+                                   config.get("lora_alpha", 8))
+            scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+            self._lora[name] = (pair["A"], pair["B"], scaling)
+
+    def shape(self, name, base_shape):
+        """The delta's shape for an adapted layer, a saved module's shape, or the base's (the
+        adapter leaves that tensor as it is)."""
+        if name in self._lora:
+            a, b, _ = self._lora[name]
+            out = self._handle.get_slice(b).get_shape()[0]
+            inp = self._handle.get_slice(a).get_shape()[1]
+            return (inp, out) if self._fan_in_fan_out else (out, inp)
+        if name in self._whole:
+            return tuple(self._handle.get_slice(self._whole[name]).get_shape())
+        return tuple(base_shape)
+
+    def delta(self, name):
+        """The exact update of an adapted layer, B·A·scaling (float32)."""
+        a, b, scaling = self._lora[name]
+        update = self._handle.get_tensor(b).float() @ self._handle.get_tensor(a).float()
+        return (update.T if self._fan_in_fan_out else update) * scaling
+
+    def tensor(self, name, base):
+        """The adapted model's tensor: the base's plus the delta, kept in float32 (or the
+        base's float64) so a float16 base does not round the delta away."""
+        if name in self._whole:
+            return self._handle.get_tensor(self._whole[name])
+        if name not in self._lora:
+            return base
+        wide = base.double() if base.dtype.itemsize > 4 else base.float()
+        return wide + self.delta(name).to(wide.device, wide.dtype)
+
+
+class MemoryInput:
+    """Any model mmkit loads, held whole in memory (its adapter merged in)."""
+
+    kind = "memory"
+
+    def __init__(self, ref: str, source, task: str, model, seed: int):
+        loaded = load_model(source, task, task_head=False, seed=seed)
+        _refuse_quantized(ref, loaded.model.config, loaded.extra.get("format"))
+        if has_adapter(loaded):
+            merge_adapter_(loaded, "mmkit merge")
+        self.ref = ref
+        self.labels = loaded.labels if loaded.task == task else None
+        self._state = loaded.model.state_dict()
+        self._names = name_map(model, list(self._state), "never")
+
+    def shape(self, name, base_shape):
+        """The tensor's shape (None when the model lacks it)."""
+        key = self._names.get(name)
+        return None if key is None else tuple(self._state[key].shape)
+
+    def tensor(self, name, base):
+        """The model's tensor `name`."""
+        return self._state[self._names[name]]
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """peft's per-layer override (alpha_pattern): the first pattern matching the end of the
+    module's name."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+# ------------------------------------------------------------------ choosing the input kind
+
+
+def _refuse_quantized(ref: str, config, fmt: str | None) -> None:
+    if fmt in QUANTIZED_FORMATS or getattr(config, "quantization_config", None) is not None:
+        raise InputError(f"'{ref}' is quantized; mmkit merge does not dequantize models yet. "
+                         "Merge the floating-point models, then quantize the result.")
+
+
+def _peft_config(folder) -> dict:
+    try:
+        return json.loads(Path(folder, "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _streamable_lora(adapter) -> dict | None:
+    """The adapter's peft config when it is a plain LoRA whose delta is B·A·scaling on Linear
+    layers (no DoRA, LoRA bias, embedding LoRA or layer replication), else None."""
+    from ...core.formats import get_format
+
+    if detect(adapter.path, adapter=True) is not get_format("peft-adapter"):
+        return None
+    config = _peft_config(adapter.path)
+    plain = (config.get("peft_type") == "LORA" and not config.get("use_dora")
+             and not config.get("lora_bias") and not config.get("layer_replication")
+             and not config.get("trainable_token_indices"))
+    weights = Path(adapter.path, "adapter_model.safetensors")
+    if not plain or not weights.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as handle:
+        for key in handle.keys():
+            body = key.removeprefix(PEFT_PREFIX)
+            if ".lora_" in body and not LORA_KEY.match(body):
+                return None  # lora_embedding_A, lora_magnitude_vector, ...
+    return config
+
+
+def _labels(source, config, task: str):
+    """The class names of the model's head for `task`, or None when it has none for it."""
+    if not task.endswith("classification") or task.startswith("zero-shot"):
+        return None
+    made = (source.adapter or source).manifest.get("task") or {}
+    if made.get("name") == task:
+        return [str(label) for label in made.get("labels") or []] or None
+    if source.adapter is None and head_task(config) == task:
+        return [str(config.id2label[i]) for i in range(config.num_labels)]
+    return None
+
+
+def same_model(a, b, seed_a: int, seed_b: int) -> bool:
+    """True when two model sources hold the same weights: the same tiny model and seed, the
+    same recorded or computed weight hash, or the same folder / hub id."""
+    if a.kind == "tiny" or b.kind == "tiny":
+        return a.ref == b.ref and seed_a == seed_b
+    recorded = ((a.adapter.manifest.get("parent") or {}).get("weights_sha256")
+                if a.adapter is not None else None) or weights_hash(a)
+    current = weights_hash(b)
+    if recorded and current:
+        return recorded == current
+    return (a.kind, a.path) == (b.kind, b.path)
+
+
+def open_input(ref: str, source, loaded, base_source, base_seed: int, seed: int,
+               stream_adapters: bool, stack: ExitStack):
+    """The input for one model to merge. `source` is its resolved ModelSource (an adapter's
+    base, with `.adapter` set); `base_source` / `base_seed` identify the base's weights, which
+    an adapter must have been trained on; `stream_adapters` is False when the loaded base had
+    an adapter of its own merged in (then a LoRA input's own base is not at hand, and it is
+    loaded whole)."""
+    task, model = loaded.task, loaded.model
+    adapter = source.adapter
+    config = peek(source, task)[1]
+    if adapter is not None:
+        trained_seed = (adapter.manifest.get("parent") or {}).get("seed", 0)
+        if not same_model(source, base_source, trained_seed, base_seed):
+            raise InputError(f"'{ref}' is an adapter of '{source.ref}', not of the base "
+                             f"'{base_source.ref}' these models are merged onto: an adapter's "
+                             "delta only means something on its own base. Pass --base "
+                             f"{source.ref} (or merge the adapter into its base first with "
+                             f"`mmkit merge {ref} -o OUT`).")
+        lora = _streamable_lora(adapter) if stream_adapters else None
+        if lora is not None:
+            return LoraInput(ref, adapter.path, lora, model, _labels(source, config, task),
+                             stack)
+        return MemoryInput(ref, source, task, model, trained_seed)
+    fmt = detect(source.path) if source.kind not in ("tiny", "hub") else None
+    _refuse_quantized(ref, config, fmt.name if fmt else None)
+    if fmt is not None and fmt.name == PLAIN and any(Path(source.path).glob("*.safetensors")):
+        check_weights(source, allow_pickle=False)
+        try:
+            return FileInput(ref, source.path, model, _labels(source, config, task), stack)
+        except _NeedsLoading:
+            pass  # fused / stacked tensors: let transformers read the files
+    return MemoryInput(ref, source, task, model, seed)
