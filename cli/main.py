@@ -13,7 +13,7 @@ import signal
 import click
 
 from ..core.errors import MmkitError, Terminated
-from . import bench, eval as eval_cmd, finetune, inspect, prune, quantize, run, search
+from . import bench, eval as eval_cmd, finetune, inspect, merge, prune, quantize, run, search
 
 
 class _StderrHandler(logging.Handler):
@@ -122,6 +122,7 @@ cli.add_command(eval_cmd.eval_command)
 cli.add_command(bench.bench_command)
 cli.add_command(finetune.finetune_command)
 cli.add_command(inspect.inspect_command)
+cli.add_command(merge.merge_command)
 cli.add_command(prune.prune_command)
 cli.add_command(quantize.quantize_command)
 cli.add_command(run.run_command)

@@ -20,12 +20,12 @@ def _merge(name, function, summary, config=None, models=("models",)):
 _merge("linear", "linear_", "weighted mean of the models' weights, weights normalised to sum 1 "
        "(uniform model soup)")
 _merge("task-arithmetic", "task_arithmetic_", "base + lambda x sum of w_i x (model_i - base)")
-_merge("ties", "ties_", "TIES: trim each task vector to its largest entries, elect a sign per "
-       "entry, average the agreeing ones")
-_merge("dare-linear", "dare_linear_", "DARE: drop task-vector entries at random and rescale, "
+_merge("ties", "ties_", "trim each task vector to its largest entries, elect a sign per entry, "
+       "average the agreeing ones (TIES)")
+_merge("dare-linear", "dare_linear_", "drop task-vector entries at random and rescale (DARE), "
        "then task arithmetic")
 _merge("dare-ties", "dare_ties_", "DARE's random drop, then TIES's sign election and "
        "disjoint mean")
 _merge("slerp", "slerp_", "spherical interpolation between two models, per tensor")
-_merge("adapter", "adapter_", "fold the model's adapter (LoRA, SVFit, ...) into its base; "
-       "what one adapter alone gets", config=mc.AdapterConfig, models=())
+_merge("adapter", "adapter_", "fold one adapter (LoRA, SVFit, ...) into its base; the "
+       "default when MODELS is one adapter", config=mc.AdapterConfig, models=())

@@ -15,6 +15,10 @@ from pydantic import ConfigDict, Field, model_validator
 from ...core.registry import MethodConfig
 
 
+DENSITY = ("fraction of each task vector's entries kept: the largest (TIES), or a random draw "
+           "seeded by --seed (DARE)")
+
+
 class _Models(MethodConfig):
     # `lambda` is a Python keyword: the field is `lam`, the recipe key (and what recipe.yaml
     # and mmkit.json record) `lambda`; both names are accepted
@@ -75,8 +79,7 @@ Tie = Literal["zero", "positive"]
 class TiesConfig(TaskArithmeticConfig):
     """TIES-merging: trim, elect sign, disjoint mean (Yadav et al. 2023)."""
 
-    density: float = Field(0.2, gt=0, le=1, description="fraction of each task vector's "
-                           "entries kept (TIES: the largest; DARE: at random)")
+    density: float = Field(0.2, gt=0, le=1, description=DENSITY)
     trim_scope: Literal["model", "tensor"] = Field(
         "model", description="TIES trims by one magnitude threshold over the whole model (the "
         "paper's code) or per tensor")
@@ -89,8 +92,7 @@ class DareLinearConfig(TaskArithmeticConfig):
     """DARE: drop task-vector entries at random, rescale, then task arithmetic (Yu et al.
     2024)."""
 
-    density: float = Field(0.5, gt=0, le=1, description="fraction of each task vector's "
-                           "entries kept (TIES: the largest; DARE: at random)")
+    density: float = Field(0.5, gt=0, le=1, description=DENSITY)
     rescale: Literal["inverse", "l1"] = Field(
         "inverse", description="DARE rescaling of the kept entries: by 1/density (the paper, "
         "unbiased) or to keep the task vector's L1 norm (mergekit)")

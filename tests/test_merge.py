@@ -1,0 +1,309 @@
+"""merge: each method through a recipe on every tiny family against the tensor math applied
+longhand, identities (identical models, one task vector at lambda 1), LoRA / rsLoRA / SVFit
+inputs against their own merges, `mmkit merge ADAPTER`, task heads of other tasks, a merge
+followed by quantize, and bad input on the command line."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY, TINY_DATA, read_manifest, run_cli
+from mmkit.compression.merge import tensors as tm
+from mmkit.compression.merge.apply import tensor_seed
+from mmkit.core.artifacts import write_artifact
+from mmkit.core.errors import InputError
+from mmkit.core.loading import load_model
+from mmkit.core.recipe import run_recipe
+from mmkit.core.train import tied_duplicates
+
+LABELS = {"tiny:bert": ["negative", "positive"], "tiny:vit": [str(i) for i in range(10)]}
+METHODS = {  # method -> the step's extra parameters (the defaults elsewhere)
+    "linear": {"weights": [0.7, 0.3]},
+    "task-arithmetic": {"weights": [1.0, 0.5], "lambda": 0.6},
+    "ties": {"density": 0.3},
+    "dare-linear": {"density": 0.6, "lambda": 0.8},
+    "dare-ties": {"density": 0.6, "rescale": "l1", "tie": "positive"},
+    "slerp": {"t": 0.3},
+}
+
+
+def _finetune_copy(ref, out, seed, labels=None, scale=0.02):
+    """A stand-in fine-tune of `ref`: its weights plus seeded noise, saved as an artifact."""
+    loaded = load_model(ref, labels=labels or LABELS.get(ref))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in loaded.model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(torch.randn(tensor.shape, generator=generator) * scale)
+    write_artifact(loaded, out, recipe={"model": ref}, steps=[], metrics=[])
+    return str(out)
+
+
+def _state(ref):
+    return {k: v for k, v in load_model(str(ref)).model.state_dict().items()}
+
+
+def _merge(base, models, out, method="linear", data=None, **params):
+    recipe = {"model": base, "max_samples": 8,
+              "steps": [{"step": "merge", "method": method, "models": models, **params}]}
+    if data:
+        recipe["data"] = data
+    return run_recipe(recipe, out)
+
+
+def _expected(method, params, base, inputs, names, seed=0):
+    """The merged tensors computed longhand from whole state dicts with `tensors`."""
+    w = params.get("weights", [1.0] * len(inputs))
+    lam, density = params.get("lambda", 1.0), params.get("density")
+    if method == "linear":
+        w = [x / sum(w) for x in w]
+    cuts = None
+    if method == "ties":
+        cuts = [tm.magnitude_threshold([tm.task_vectors(base[n], [x[n]])[0] for n in names],
+                                       density) for x in inputs]
+    out = {}
+    for n in names:
+        xs = [x[n] for x in inputs]
+        if method == "linear":
+            out[n] = tm.linear(xs, w)
+        elif method == "task-arithmetic":
+            out[n] = tm.task_arithmetic(base[n], xs, w, lam)
+        elif method == "ties":
+            out[n] = tm.ties(base[n], xs, w, lam, density, trim_scope="model", threshold=cuts)
+        elif method.startswith("dare"):
+            extra = {"then": "linear"} if method == "dare-linear" else {
+                "then": "ties", "tie": params.get("tie", "zero")}
+            generator = torch.Generator().manual_seed(tensor_seed(seed, n))
+            out[n] = tm.dare(base[n], xs, w, lam, density, generator,
+                             rescale=params.get("rescale", "inverse"), **extra)
+        else:
+            out[n] = tm.slerp(xs[0], xs[1], params["t"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def finetunes(tmp_path_factory):
+    """Two stand-in fine-tunes of each tiny family."""
+    root = tmp_path_factory.mktemp("finetunes")
+    return {ref: [_finetune_copy(ref, root / f"{ref[5:]}-{s}", s) for s in (1, 2)]
+            for ref in TINY}
+
+
+@pytest.mark.parametrize("ref", TINY)
+def test_each_method_matches_the_tensor_math_longhand(ref, finetunes, tmp_path):
+    base = load_model(ref, labels=LABELS.get(ref)).model.state_dict()
+    tied = set(tied_duplicates(base))
+    names = [n for n, t in base.items() if t.is_floating_point() and n not in tied]
+    inputs = [_state(path) for path in finetunes[ref]]
+    for method, params in METHODS.items():
+        result = _merge(ref, finetunes[ref], tmp_path / method, method, TINY_DATA[ref], **params)
+        report = result["steps"][0]["report"]
+        assert report["tensors_merged"] == len(names)
+        assert set(report["inputs"].values()) == {"file"}
+        merged = _state(result["artifact"])
+        expected = _expected(method, params, base, inputs, names)
+        worst = max((merged[n] - expected[n]).abs().max().item() for n in names)
+        assert worst <= 1e-6, f"{ref} {method}: {worst}"
+        moved = max((merged[n] - base[n]).abs().max().item() for n in names)
+        assert moved > 1e-3, f"{ref} {method} left the base as it was"
+        for dup in tied:  # a tied tensor is merged once and still shared
+            assert torch.equal(merged[dup], merged["transformer.wte.weight"])
+        manifest = read_manifest(result["artifact"])
+        assert manifest["format"] == "hf-model" and manifest["steps"][0]["method"] == method
+
+
+def test_the_recipe_records_lambda_and_runs_again(finetunes, tmp_path):
+    import yaml
+
+    from mmkit.core.recipe import load_recipe
+
+    first = _merge("tiny:bert", finetunes["tiny:bert"], tmp_path / "a", "task-arithmetic",
+                   **{"lambda": 0.4})
+    recipe = yaml.safe_load((tmp_path / "a" / "recipe.yaml").read_text())
+    assert recipe["steps"][0]["lambda"] == 0.4 and "lam" not in recipe["steps"][0]
+    again = run_recipe(load_recipe(tmp_path / "a" / "recipe.yaml"), tmp_path / "b")
+    a, b = _state(first["artifact"]), _state(again["artifact"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method, params", [
+    ("linear", {}), ("slerp", {"t": 0.3}), ("task-arithmetic", {"weights": [0.5, 0.5]}),
+    ("ties", {"density": 1.0, "trim_scope": "tensor"}),
+    ("dare-linear", {"density": 1.0, "weights": [0.5, 0.5]}), ("dare-ties", {"density": 1.0})])
+def test_merging_identical_models_returns_the_model(method, params, finetunes, tmp_path):
+    a = finetunes["tiny:bert"][0]
+    result = _merge("tiny:bert", [a, a], tmp_path / "m", method, **params)
+    merged, want = _state(result["artifact"]), _state(a)
+    assert max((merged[k] - want[k]).abs().max().item() for k in want
+               if want[k].is_floating_point()) <= 1e-6
+
+
+@pytest.mark.parametrize("ref", ["tiny:gpt2", "tiny:vit"])
+def test_task_arithmetic_with_one_model_and_lambda_1_returns_it(ref, finetunes, tmp_path):
+    a = finetunes[ref][0]
+    result = _merge(ref, [a], tmp_path / "m", "task-arithmetic", TINY_DATA[ref], **{"lambda": 1})
+    merged, want = _state(result["artifact"]), _state(a)
+    assert max((merged[k] - want[k]).abs().max().item() for k in want
+               if want[k].is_floating_point()) <= 1e-6
+
+
+def test_heads_of_another_task_are_kept_from_the_base(finetunes, tmp_path):
+    other = _finetune_copy("tiny:bert", tmp_path / "other", 3, labels=["a", "b", "c"])
+    a = finetunes["tiny:bert"][0]
+    result = _merge(a, [a, other], tmp_path / "m", "linear")
+    report = result["steps"][0]["report"]
+    assert "heads of other tasks are not merged" in report["heads"] and "other" in report["heads"]
+    merged, base, b = _state(result["artifact"]), _state(a), _state(other)
+    assert torch.equal(merged["classifier.weight"], base["classifier.weight"])
+    body = "bert.encoder.layer.0.attention.self.query.weight"
+    assert torch.allclose(merged[body], (base[body] + b[body]) / 2, atol=1e-7)
+
+
+# ---------------------------------------------------------------- adapters
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """LoRA (plain and rsLoRA) on tiny:bert, LoRA on GPT-2 (Conv1D), SVFit on tiny:bert, and
+    the LoRA run again with merge: true."""
+    root = tmp_path_factory.mktemp("adapters")
+    out = {}
+    for name, ref, step in (
+            ("lora", "tiny:bert", {"method": "lora", "r": 4}),
+            ("lora-merged", "tiny:bert", {"method": "lora", "r": 4, "merge": True}),
+            ("rslora", "tiny:bert", {"method": "lora", "r": 4, "alpha": 4, "rslora": True}),
+            ("gpt2", "tiny:gpt2", {"method": "lora", "r": 4}),
+            ("svfit", "tiny:bert", {"method": "svfit", "r": 4})):
+        run_recipe({"model": ref, "data": TINY_DATA[ref], "max_samples": 16, "seed": 0,
+                    "steps": [{"step": "finetune", "max_steps": 2, "lr": 0.05,
+                               "max_length": 32, **step}]}, root / name)
+        out[name] = str(root / name)
+    return out
+
+
+@pytest.mark.parametrize("name, ref", [("lora", "tiny:bert"), ("rslora", "tiny:bert"),
+                                       ("gpt2", "tiny:gpt2"), ("svfit", "tiny:bert")])
+def test_one_adapter_at_weight_1_and_lambda_1_is_its_own_merge(name, ref, adapters, tmp_path):
+    result = _merge(ref, [adapters[name]], tmp_path / "m", "task-arithmetic", TINY_DATA[ref],
+                    weights=[1.0], **{"lambda": 1.0})
+    kind = result["steps"][0]["report"]["inputs"][adapters[name]]
+    assert kind == ("memory" if name == "svfit" else "lora")
+    merged = _state(result["artifact"])
+    loaded = load_model(adapters[name])
+    if name == "svfit":
+        from mmkit.adapters import svfit
+
+        svfit.merge(loaded.model)
+        want = loaded.model.state_dict()
+    else:
+        want = loaded.model.merge_and_unload().state_dict()
+    base = load_model(ref, labels=LABELS.get(ref)).model.state_dict()
+    floats = [k for k in want if want[k].is_floating_point()]
+    assert max((merged[k] - want[k]).abs().max().item() for k in floats) <= 1e-6
+    assert max((want[k] - base[k]).abs().max().item() for k in floats) > 1e-3  # it trained
+
+
+def test_merge_adapter_command_equals_finetune_merge(adapters, tmp_path):
+    result = run_cli("merge", adapters["lora"], "--max-samples", "8", "-o", tmp_path / "m",
+                     "--json")
+    assert result.exit_code == 0, result.output
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line["steps"][0]["report"]["adapter_kind"] == "lora"
+    assert read_manifest(tmp_path / "m")["format"] == "hf-model"
+    merged, want = _state(tmp_path / "m"), _state(adapters["lora-merged"])
+    assert set(merged) == set(want)
+    assert max((merged[k] - want[k]).abs().max().item() for k in want
+               if want[k].is_floating_point()) <= 1e-6
+
+
+def test_two_lora_adapters_merge_with_ties(adapters, tmp_path):
+    result = _merge("tiny:bert", [adapters["lora"], adapters["rslora"]], tmp_path / "m", "ties",
+                    density=0.5)
+    assert set(result["steps"][0]["report"]["inputs"].values()) == {"lora"}
+    assert result["steps"][0]["report"]["heads"] == "merged"
+
+
+# ---------------------------------------------------------------- recipes
+
+
+def test_a_merge_step_then_quantize_in_one_recipe(finetunes, tmp_path):
+    result = run_recipe({"model": "tiny:llama", "max_samples": 8, "steps": [
+        {"step": "merge", "method": "dare-ties", "models": finetunes["tiny:llama"]},
+        {"step": "quantize", "method": "rtn", "bits": 8}], "eval": {}}, tmp_path / "q")
+    assert [s["step"] for s in result["steps"]] == ["merge", "quantize"]
+    assert read_manifest(tmp_path / "q")["format"] == "mmkit-quantized"
+    assert result["metrics"][0]["perplexity"] > 0
+    load_model(str(tmp_path / "q"))
+
+
+def test_recipe_mistakes_name_the_key(finetunes, tmp_path):
+    a, b = finetunes["tiny:bert"]
+    for params, said in (({"models": [a, b], "weights": [1.0]}, "1 weights for 2 models"),
+                         ({"models": [a], "method": "slerp"}, "exactly two models"),
+                         ({"models": [a, b], "method": "ties", "density": 0}, "'density'"),
+                         ({"models": [a, b], "method": "ties", "lam": "x"}, "lam")):
+        step = {"step": "merge", "method": "linear", **params}
+        with pytest.raises(InputError, match=said):
+            run_recipe({"model": "tiny:bert", "steps": [step]}, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
+# ---------------------------------------------------------------- command line
+
+
+@pytest.fixture(scope="module")
+def misfits(tmp_path_factory):
+    """BERT models whose FFN width or vocabulary differs from tiny:bert's."""
+    from mmkit.core.tiny import tiny_config
+    from transformers import BertForSequenceClassification
+
+    root = tmp_path_factory.mktemp("misfits")
+    out = {}
+    for name, change in (("ffn", {"intermediate_size": 48}), ("vocab", {"vocab_size": 300})):
+        config = tiny_config("bert")
+        for key, value in change.items():
+            setattr(config, key, value)
+        config.num_labels = 2
+        config.id2label, config.label2id = {0: "negative", 1: "positive"}, {
+            "negative": 0, "positive": 1}
+        BertForSequenceClassification(config).save_pretrained(root / name)
+        out[name] = str(root / name)
+    return out
+
+
+def test_merge_command_human_line_and_eval(finetunes, tmp_path):
+    a, b = finetunes["tiny:bert"]
+    result = run_cli("merge", a, b, "--base", "tiny:bert", "--method", "ties", "--lambda", "0.5",
+                     "--density", "0.3", "--eval", "--max-samples", "8", "-o", tmp_path / "m")
+    assert result.exit_code == 0, result.output
+    assert "ties of 2 models onto tiny:bert: 41 tensors merged, heads merged" in result.stdout
+    assert "test: accuracy" in result.stdout
+    params = read_manifest(tmp_path / "m")["steps"][0]["params"]
+    assert params["lambda"] == 0.5 and params["density"] == 0.3 and params["models"] == [a, b]
+
+
+@pytest.mark.parametrize("case", ["ffn", "vocab", "other-base", "one", "weights", "density-0",
+                                  "density-1.5", "t-2", "unknown", "no-base"])
+def test_bad_input_exits_2_and_writes_nothing(case, finetunes, adapters, misfits, tmp_path):
+    a, b = finetunes["tiny:bert"]
+    args, said = {
+        "ffn": ([a, misfits["ffn"]], "bert.encoder.layer.0.intermediate.dense.weight"),
+        "vocab": ([a, misfits["vocab"]], "word_embeddings.weight"),
+        "other-base": ([adapters["lora"], "--base", a, "--method", "task-arithmetic"],
+                       "is an adapter of 'tiny:bert', not of the base"),
+        "one": ([a], "merging needs two or more models, or one adapter"),
+        "weights": ([a, b, "--weights", "0.5,0.3,0.2"], "3 weights for 2 MODELS"),
+        "density-0": ([a, b, "--base", "tiny:bert", "--method", "ties", "--density", "0"],
+                      "--density"),
+        "density-1.5": ([a, b, "--base", "tiny:bert", "--method", "dare-linear", "--density",
+                         "1.5"], "--density"),
+        "t-2": ([a, b, "--method", "slerp", "--t", "2"], "--t"),
+        "unknown": ([a, b, "--method", "average"], "--method"),
+        "no-base": ([a, b, "--method", "ties"], "pass --base BASE"),
+    }[case]
+    result = run_cli("merge", *args, "--max-samples", "8", "-o", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert said in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
