@@ -14,6 +14,19 @@ MATRICES = {"finetune": "FINETUNE in tests/test_finetune.py",
 OTHER = {
     ("cast", "dtype"): "tests/conftest.py's tiny_artifacts casts every tiny family to float32 "
                        "and test_artifacts reloads them; test_recipe runs recipes/fp16-eval.yaml",
+    ("merge", "linear"): "tests/test_merge.py: every tiny family against tensors.linear "
+                         "longhand, identical models, heads of other tasks kept",
+    ("merge", "task-arithmetic"): "tests/test_merge.py: every tiny family longhand; one model "
+                                  "at lambda 1; one LoRA / rsLoRA / SVFit adapter = its merge",
+    ("merge", "ties"): "tests/test_merge.py: every tiny family longhand (model-scope trim); "
+                       "two LoRA adapters; the CLI with --eval",
+    ("merge", "dare-linear"): "tests/test_merge.py: every tiny family longhand (seeded per "
+                              "tensor); identical models at density 1",
+    ("merge", "dare-ties"): "tests/test_merge.py: every tiny family longhand; merge then "
+                            "quantize in one recipe",
+    ("merge", "slerp"): "tests/test_merge.py: every tiny family against tensors.slerp "
+                        "longhand; identical models",
+    ("merge", "adapter"): "tests/test_merge.py: `mmkit merge ADAPTER` equals finetune --merge",
 }
 # `mmkit COMMAND` and the step whose methods it offers
 COMMANDS = {"finetune": "finetune", "quantize": "quantize", "prune": "prune"}
