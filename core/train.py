@@ -161,63 +161,19 @@ def train(loaded, model, cfg: TrainingConfig, ctx, default_lr: float, masks=None
     `masks` are the zeros of the base model's pruned layers (`zero_masks` taken before any
     adapter was added); with `keep_sparsity` they are re-applied after every step.
     """
-    from transformers import (PrinterCallback, ProgressCallback, Trainer, TrainingArguments,
-                              set_seed)
-
-    from . import progress
+    from transformers import set_seed
 
     from .checkpoints import prepare_step
 
-    dataset = ctx.dataset
-    if loaded.kind in ("text-encoder", "causal-lm"):
-        check_length(loaded.model.config, cfg.max_length, "--max-length", loaded.source.ref,
-                     prompt_tokens(model))
-    train_items = build_items(loaded, dataset.split("train"), cfg.max_length)
-    eval_items = build_items(loaded, dataset.split("validation"), cfg.max_length)
-    if len(train_items) == 0:
-        raise InputError("The training split is empty; use more data.")
-    labels = dataset.split("train").labels
-    if labels is not None and len(set(labels)) < 2:
-        raise InputError(f"The training data has a single class ({dataset.label_names[labels[0]]}"
-                         "); a classifier needs at least two. Check the label column.")
-    if cfg.keep_sparsity and not masks:  # checked before any checkpoint folder is made
-        raise InputError("--keep-sparsity: this model has no sparse layers (no Linear layer "
-                         "is 1% or more exact zeros); prune it first, or drop the option.")
-    classify = loaded.task != "causal-lm"
+    train_items, eval_items = _training_data(loaded, model, cfg, ctx.dataset, masks)
     workdir = Path(ctx.workdir)
     resume_from = prepare_step(workdir, ctx.fingerprint, ctx.resume)
     set_seed(ctx.seed)
     steps_per_epoch = math.ceil(len(train_items) / (cfg.batch_size * cfg.grad_accum))
     total = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
-    has_ids = "input_ids" in train_items[0]
-    args = TrainingArguments(
-        output_dir=str(workdir), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
-        learning_rate=cfg.lr or default_lr, per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-        weight_decay=cfg.weight_decay, warmup_steps=int(cfg.warmup * total),
-        lr_scheduler_type=cfg.scheduler, eval_strategy="steps" if cfg.save_steps else "epoch",
-        eval_steps=cfg.save_steps, save_strategy="steps" if cfg.save_steps else "epoch",
-        save_steps=cfg.save_steps or 500,
-        save_total_limit=2, load_best_model_at_end=True,
-        metric_for_best_model="accuracy" if classify else "loss", greater_is_better=classify,
-        train_sampling_strategy="group_by_length" if has_ids else "random",
-        seed=ctx.seed, data_seed=ctx.seed, report_to="none", logging_strategy="epoch",
-        disable_tqdm=not progress.enabled(), remove_unused_columns=False, use_cpu=ctx.device == "cpu",
-        dataloader_num_workers=0, label_names=["labels"],
-    )
-    trainer = Trainer(model=raw_checkpoints(model), args=args, train_dataset=train_items, eval_dataset=eval_items,
-                      data_collator=Collator(loaded), compute_metrics=_compute_metrics(loaded.task),
-                      callbacks=list(ctx.callbacks))
-    if cfg.keep_sparsity:
-        from .sparsity import keep_sparsity_callback
-
-        trainer.add_callback(keep_sparsity_callback(masks))
-        log.info("keeping the zeros of %d sparse layers", len(masks))
-    trainer.remove_callback(PrinterCallback)  # it prints to stdout, which carries results only
-    trainer.remove_callback(ProgressCallback)  # so does its bar's log lines: ours does not
-    if progress.enabled():
-        trainer.add_callback(progress.trainer_callback())
-    trainer.add_callback(_log_callback())
+    args = _training_arguments(cfg, ctx, workdir, total, default_lr, loaded.task != "causal-lm",
+                               "input_ids" in train_items[0])
+    trainer = _trainer(loaded, model, args, train_items, eval_items, ctx, cfg, masks)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
     length = (f"{total} steps ({total / steps_per_epoch:.2f} epochs)" if cfg.max_steps
@@ -240,3 +196,70 @@ def train(loaded, model, cfg: TrainingConfig, ctx, default_lr: float, masks=None
         "lr": cfg.lr or default_lr, "resumed_from": resume_from,
         "device": str(next(model.parameters()).device),
     }
+
+
+def _training_data(loaded, model, cfg: TrainingConfig, dataset, masks):
+    """The train and validation items, after the checks that need no checkpoint folder."""
+    if loaded.kind in ("text-encoder", "causal-lm"):
+        check_length(loaded.model.config, cfg.max_length, "--max-length", loaded.source.ref,
+                     prompt_tokens(model))
+    train_items = build_items(loaded, dataset.split("train"), cfg.max_length)
+    eval_items = build_items(loaded, dataset.split("validation"), cfg.max_length)
+    if len(train_items) == 0:
+        raise InputError("The training split is empty; use more data.")
+    labels = dataset.split("train").labels
+    if labels is not None and len(set(labels)) < 2:
+        raise InputError(f"The training data has a single class ({dataset.label_names[labels[0]]}"
+                         "); a classifier needs at least two. Check the label column.")
+    if cfg.keep_sparsity and not masks:  # checked before any checkpoint folder is made
+        raise InputError("--keep-sparsity: this model has no sparse layers (no Linear layer "
+                         "is 1% or more exact zeros); prune it first, or drop the option.")
+    return train_items, eval_items
+
+
+def _training_arguments(cfg: TrainingConfig, ctx, workdir: Path, total: int, default_lr: float,
+                        classify: bool, has_ids: bool):
+    """HF TrainingArguments: evaluate and checkpoint each epoch (or every save_steps), keep the
+    best, length-grouped batches for token inputs, seeded, no logging of our own to stdout."""
+    from transformers import TrainingArguments
+
+    from . import progress
+
+    return TrainingArguments(
+        output_dir=str(workdir), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
+        learning_rate=cfg.lr or default_lr, per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        weight_decay=cfg.weight_decay, warmup_steps=int(cfg.warmup * total),
+        lr_scheduler_type=cfg.scheduler, eval_strategy="steps" if cfg.save_steps else "epoch",
+        eval_steps=cfg.save_steps, save_strategy="steps" if cfg.save_steps else "epoch",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=2, load_best_model_at_end=True,
+        metric_for_best_model="accuracy" if classify else "loss", greater_is_better=classify,
+        train_sampling_strategy="group_by_length" if has_ids else "random",
+        seed=ctx.seed, data_seed=ctx.seed, report_to="none", logging_strategy="epoch",
+        disable_tqdm=not progress.enabled(), remove_unused_columns=False,
+        use_cpu=ctx.device == "cpu", dataloader_num_workers=0, label_names=["labels"],
+    )
+
+
+def _trainer(loaded, model, args, train_items, eval_items, ctx, cfg: TrainingConfig, masks):
+    """The HF Trainer with mmkit's callbacks: kept zeros, progress on stderr only, our log."""
+    from transformers import PrinterCallback, ProgressCallback, Trainer
+
+    from . import progress
+
+    trainer = Trainer(model=raw_checkpoints(model), args=args, train_dataset=train_items,
+                      eval_dataset=eval_items, data_collator=Collator(loaded),
+                      compute_metrics=_compute_metrics(loaded.task),
+                      callbacks=list(ctx.callbacks))
+    if cfg.keep_sparsity:
+        from .sparsity import keep_sparsity_callback
+
+        trainer.add_callback(keep_sparsity_callback(masks))
+        log.info("keeping the zeros of %d sparse layers", len(masks))
+    trainer.remove_callback(PrinterCallback)  # it prints to stdout, which carries results only
+    trainer.remove_callback(ProgressCallback)  # so does its bar's log lines: ours does not
+    if progress.enabled():
+        trainer.add_callback(progress.trainer_callback())
+    trainer.add_callback(_log_callback())
+    return trainer
