@@ -4,17 +4,11 @@ merge an adapter before compressing it, and nothing opens it silently wrong."""
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from conftest import read_manifest
-from mmkit.cli.main import cli
+from conftest import read_manifest, run_cli
 from mmkit.core.errors import InputError
 from mmkit.core.loading import load_model
 from mmkit.core.recipe import run_recipe
-
-
-def _cli(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +28,7 @@ def three_class(tmp_path_factory):
 
 
 def test_eval_defaults_to_the_data_columns_and_split_the_artifact_was_made_with(three_class):
-    result = _cli("eval", three_class["adapter"], "--json")
+    result = run_cli("eval", three_class["adapter"], "--json")
     assert result.exit_code == 0, result.stderr
     row = json.loads(result.stdout)
     assert row["data_info"]["source"] == str(three_class["data"])
@@ -45,19 +39,19 @@ def test_eval_defaults_to_the_data_columns_and_split_the_artifact_was_made_with(
 
 
 def test_a_quantized_artifact_keeps_defaulting_to_that_data(three_class, tmp_path):
-    result = _cli("quantize", three_class["adapter"], "--bits", "8", "--eval", "-o",
+    result = run_cli("quantize", three_class["adapter"], "--bits", "8", "--eval", "-o",
                   tmp_path / "q", "--json")
     assert result.exit_code == 0, result.stderr
     row = json.loads(result.stdout)
     assert row["steps"][0]["report"]["merged_adapter_first"]  # the LoRA adapter was merged
     assert "merged the adapter" in result.stderr
-    again = json.loads(_cli("eval", tmp_path / "q", "--json").stdout)
+    again = json.loads(run_cli("eval", tmp_path / "q", "--json").stdout)
     assert again["data_info"]["source"] == str(three_class["data"])
     assert again["accuracy"] == row["metrics"][0]["accuracy"]
 
 
 def test_data_the_head_cannot_take_is_refused(three_class):
-    result = _cli("eval", three_class["adapter"], "--data", "tweets-sentiment")
+    result = run_cli("eval", three_class["adapter"], "--data", "tweets-sentiment")
     assert result.exit_code == 2
     assert "cannot take" in result.stderr and str(three_class["adapter"]) in result.stderr
 
@@ -70,7 +64,7 @@ def test_the_artifacts_data_gone_is_a_clear_error(three_class, tmp_path):
     manifest = json.loads((moved / "mmkit.json").read_text())
     manifest["data"]["source"] = str(tmp_path / "gone.csv")
     (moved / "mmkit.json").write_text(json.dumps(manifest))
-    result = _cli("eval", moved)
+    result = run_cli("eval", moved)
     assert result.exit_code == 2 and "no longer exists" in result.stderr
 
 
@@ -79,7 +73,7 @@ def test_adapters_that_are_not_weight_changes_are_not_merged(method, tmp_path):
     adapter = tmp_path / "a"
     run_recipe({"model": "tiny:bert", "max_samples": 16, "steps": [
         {"step": "finetune", "method": method, "max_steps": 1, "max_length": 64}]}, adapter)
-    result = _cli("prune", adapter, "-o", tmp_path / "p")
+    result = run_cli("prune", adapter, "-o", tmp_path / "p")
     assert result.exit_code == 2 and "cannot be merged" in result.stderr
     assert not (tmp_path / "p").exists()
 
@@ -137,7 +131,7 @@ def test_a_manifest_naming_files_outside_is_refused(tiny_artifacts, tmp_path):
 
 
 def test_ptq_prints_its_result(tmp_path):
-    result = _cli("quantize", "tiny:vit", "--bits", "8", "--method", "ptq", "--calib", "digits",
+    result = run_cli("quantize", "tiny:vit", "--bits", "8", "--method", "ptq", "--calib", "digits",
                   "--calib-samples", "8", "-o", tmp_path / "p")
     assert result.exit_code == 0, result.stderr
     assert "simulated W8A8" in result.stdout

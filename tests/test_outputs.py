@@ -10,10 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from conftest import read_manifest
-from mmkit.cli.main import cli
+from conftest import read_manifest, run_cli
 from mmkit.core import outputs
 from mmkit.core.errors import InputError
 from mmkit.core.loading import load_model
@@ -21,10 +19,6 @@ from mmkit.core.recipe import run_recipe
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 CAST = {"model": "tiny:gpt2", "steps": [{"step": "cast", "dtype": "float32"}]}
-
-
-def _cli(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def _valid(path) -> bool:
@@ -47,12 +41,12 @@ def test_output_that_is_contains_or_lies_inside_the_model_is_refused(tmp_path, t
     before = (model / "mmkit.json").read_text()
     for out, how in ((model, "is the model"), (tmp_path, "contains the model"),
                      (model / "sub", "lies inside the model")):
-        result = _cli("finetune", model, "--full", "--max-steps", "1", "-o", out, "--overwrite")
+        result = run_cli("finetune", model, "--full", "--max-steps", "1", "-o", out, "--overwrite")
         assert result.exit_code == 2 and how in result.stderr, result.stderr
     assert (model / "mmkit.json").read_text() == before and not (model / "sub").exists()
     data = tmp_path / "d.csv"
     data.write_text("text,label\n" + "\n".join(f"t {i},{i % 2}" for i in range(20)))
-    result = _cli("quantize", tiny_artifacts["tiny:bert"], "--bits", "8", "--data", data,
+    result = run_cli("quantize", tiny_artifacts["tiny:bert"], "--bits", "8", "--data", data,
                   "--eval", "-o", data, "--overwrite")
     assert result.exit_code == 2 and "is the data" in result.stderr
     assert data.read_text().startswith("text,label")
@@ -62,7 +56,7 @@ def test_overwrite_replaces_only_what_mmkit_wrote(tmp_path):
     mine = tmp_path / "notes"
     mine.mkdir()
     (mine / "todo.txt").write_text("keep me")
-    result = _cli("run", _recipe_file(tmp_path), "-o", mine, "--overwrite")
+    result = run_cli("run", _recipe_file(tmp_path), "-o", mine, "--overwrite")
     assert result.exit_code == 2 and "did not write" in result.stderr
     assert (mine / "todo.txt").read_text() == "keep me"
 
@@ -83,14 +77,14 @@ def test_a_second_writer_fails_fast_naming_the_first(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         start = time.monotonic()
-        result = _cli("run", _recipe_file(tmp_path), "-o", out)
+        result = run_cli("run", _recipe_file(tmp_path), "-o", out)
         assert result.exit_code == 2 and time.monotonic() - start < 60
         assert "Another mmkit process" in result.stderr
         assert f"pid {holder.pid}" in result.stderr
     finally:
         holder.kill()  # kill -9: the lock dies with its holder
         holder.wait()
-    assert _cli("run", _recipe_file(tmp_path), "-o", out).exit_code == 0
+    assert run_cli("run", _recipe_file(tmp_path), "-o", out).exit_code == 0
     assert _hidden(tmp_path) == []  # the stale lock file is gone with the next holder
 
 
@@ -169,7 +163,7 @@ def test_a_kill_at_any_point_of_a_replacement_leaves_a_valid_output(tmp_path, ta
     assert _killed_write(out, True, target, call, after, atomic) == 9
     # OUT is the old or the new version, or (between two renames) restorable
     assert _valid(out) or not out.exists()
-    result = _cli("run", _recipe_file(tmp_path), "-o", out, "--overwrite")  # the next run
+    result = run_cli("run", _recipe_file(tmp_path), "-o", out, "--overwrite")  # the next run
     assert result.exit_code == 0, result.stderr
     assert _valid(out) and _hidden(tmp_path) == [], _hidden(tmp_path)
 
@@ -180,9 +174,9 @@ def test_the_next_run_restores_an_output_moved_aside_and_says_so(tmp_path):
     seed = read_manifest(out)["parent"]["seed"]
     assert _killed_write(out, True, "rename", 1, after=True, atomic=False) == 9
     assert not out.exists() and _hidden(tmp_path)  # moved aside, the new one not in place
-    result = _cli("run", _recipe_file(tmp_path), "-o", tmp_path / "other")  # another output
+    result = run_cli("run", _recipe_file(tmp_path), "-o", tmp_path / "other")  # another output
     assert result.exit_code == 0 and not out.exists()  # leaves it alone
-    again = _cli("eval", out, "--max-samples", "4")
+    again = run_cli("eval", out, "--max-samples", "4")
     assert again.exit_code == 2 and "interrupted" in again.stderr  # points at the leftover
     with outputs.output_lock(out):  # any run on OUT restores it first
         pass
@@ -194,7 +188,7 @@ def test_a_killed_fresh_write_leaves_nothing_the_next_run_keeps(tmp_path):
     out = tmp_path / "o"
     assert _killed_write(out, False, "rename", 1, after=False) == 9
     assert not out.exists() and _hidden(tmp_path)  # the unfinished folder and the lock file
-    assert _cli("run", _recipe_file(tmp_path), "-o", out).exit_code == 0
+    assert run_cli("run", _recipe_file(tmp_path), "-o", out).exit_code == 0
     assert _valid(out) and _hidden(tmp_path) == []
 
 
@@ -229,7 +223,7 @@ def test_commands_without_training_never_touch_a_checkpoint_folder(tmp_path):
     ckpt = tmp_path / "q.checkpoints"
     ckpt.mkdir()
     (ckpt / "precious.txt").write_text("not mmkit's")
-    result = _cli("quantize", "tiny:llama", "--bits", "8", "-o", tmp_path / "q")
+    result = run_cli("quantize", "tiny:llama", "--bits", "8", "-o", tmp_path / "q")
     assert result.exit_code == 0, result.stderr
     assert (ckpt / "precious.txt").read_text() == "not mmkit's"
 
@@ -239,14 +233,14 @@ def test_training_refuses_checkpoint_folders_it_does_not_own(tmp_path):
     foreign = tmp_path / "a.checkpoints"
     foreign.mkdir()
     (foreign / "x.txt").write_text("someone's")
-    result = _cli(*args, "-o", tmp_path / "a", "--overwrite")
+    result = run_cli(*args, "-o", tmp_path / "a", "--overwrite")
     assert result.exit_code == 2 and "not an mmkit checkpoint folder" in result.stderr
     assert (foreign / "x.txt").exists() and not (tmp_path / "a").exists()
     target = tmp_path / "elsewhere"
     target.mkdir()
     (target / "y.txt").write_text("keep")
     (tmp_path / "b.checkpoints").symlink_to(target)
-    result = _cli(*args, "-o", tmp_path / "b")
+    result = run_cli(*args, "-o", tmp_path / "b")
     assert result.exit_code == 2 and "symbolic link" in result.stderr
     assert [p.name for p in target.iterdir()] == ["y.txt"]
 
