@@ -69,6 +69,8 @@ def _expected(method, params, base, inputs, names, seed=0):
             out[n] = tm.linear(xs, w)
         elif method == "task-arithmetic":
             out[n] = tm.task_arithmetic(base[n], xs, w, lam)
+        elif method == "ties" and params.get("trim_scope") == "tensor":
+            out[n] = tm.ties(base[n], xs, w, lam, density)
         elif method == "ties":
             out[n] = tm.ties(base[n], xs, w, lam, density, trim_scope="model", threshold=cuts)
         elif method.startswith("dare"):
@@ -111,6 +113,24 @@ def test_each_method_matches_the_tensor_math_longhand(ref, finetunes, tmp_path):
             assert torch.equal(merged[dup], merged["transformer.wte.weight"])
         manifest = read_manifest(result["artifact"])
         assert manifest["format"] == "hf-model" and manifest["steps"][0]["method"] == method
+
+
+@pytest.mark.parametrize("method, params", [
+    ("linear", {"weights": [0.7, 0.3]}), ("task-arithmetic", {"lambda": 0.6}),
+    ("ties", {"density": 0.3}), ("ties", {"density": 0.3, "trim_scope": "tensor"})])
+def test_large_tensors_merge_block_by_block_to_the_same_result(method, params, finetunes,
+                                                                tmp_path, monkeypatch):
+    from mmkit.compression.merge import apply
+
+    monkeypatch.setattr(apply, "CHUNK_ENTRIES", 100)  # every matrix of tiny:bert in blocks
+    assert apply.blocks((260, 32)) is not None
+    base = load_model("tiny:bert", labels=LABELS["tiny:bert"]).model.state_dict()
+    names = [n for n, t in base.items() if t.is_floating_point()]
+    result = _merge("tiny:bert", finetunes["tiny:bert"], tmp_path / "m", method, **params)
+    merged = _state(result["artifact"])
+    expected = _expected(method, params, base, [_state(p) for p in finetunes["tiny:bert"]],
+                         names)
+    assert max((merged[n] - expected[n]).abs().max().item() for n in names) <= 1e-6
 
 
 def test_the_recipe_records_lambda_and_runs_again(finetunes, tmp_path):

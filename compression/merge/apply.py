@@ -26,6 +26,7 @@ from . import tensors as tm
 from .inputs import open_input
 
 log = logging.getLogger("mmkit")
+CHUNK_ENTRIES = 1 << 22  # 4M entries: a float32 temporary of a block is at most 16 MB
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -35,31 +36,66 @@ def tensor_seed(seed: int, name: str) -> int:
 
 
 def _combiner(method: str, cfg, weights: list[float], seed: int, thresholds: list | None):
-    """The function merging one tensor: (name, base tensor, the models' tensors) -> tensor."""
+    """The function merging one tensor: (name, base tensor, the models' tensors, per-model
+    trim thresholds or None) -> tensor."""
     import torch
 
     lam = getattr(cfg, "lam", None)
     if method == "linear":
-        return lambda name, base, xs: tm.linear(xs, weights)
+        return lambda name, base, xs, cuts: tm.linear(xs, weights)
     if method == "task-arithmetic":
-        return lambda name, base, xs: tm.task_arithmetic(base, xs, weights, lam)
+        return lambda name, base, xs, cuts: tm.task_arithmetic(base, xs, weights, lam)
     if method == "ties":
-        scope = {"trim_scope": cfg.trim_scope, "threshold": thresholds}
-        return lambda name, base, xs: tm.ties(base, xs, weights, lam, cfg.density, **scope,
-                                              sign=cfg.sign, divide=cfg.divide, tie=cfg.tie)
+        def ties(name, base, xs, cuts):
+            cuts = cuts or thresholds
+            scope = {"trim_scope": "model", "threshold": cuts} if cuts else {}
+            return tm.ties(base, xs, weights, lam, cfg.density, **scope, sign=cfg.sign,
+                           divide=cfg.divide, tie=cfg.tie)
+
+        return ties
     if method in ("dare-linear", "dare-ties"):
         extra = ({"then": "ties", "sign": cfg.sign, "divide": cfg.divide, "tie": cfg.tie}
                  if method == "dare-ties" else {"then": "linear"})
 
-        def dare(name, base, xs):
+        def dare(name, base, xs, cuts):
             generator = torch.Generator().manual_seed(tensor_seed(seed, name))
             return tm.dare(base, xs, weights, lam, cfg.density, generator, rescale=cfg.rescale,
                            **extra)
 
         return dare
     if method == "slerp":
-        return lambda name, base, xs: tm.slerp(xs[0], xs[1], cfg.t)
+        return lambda name, base, xs, cuts: tm.slerp(xs[0], xs[1], cfg.t)
     raise ValueError(method)
+
+
+def blocks(shape) -> list[slice] | None:
+    """Row blocks of a tensor with more than CHUNK_ENTRIES entries (None for a smaller one):
+    the entry-wise methods merge a large tensor (an embedding) block by block, so their
+    temporaries stay small. DARE draws each block's drop with the block's own seed."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    if numel <= CHUNK_ENTRIES or not shape:
+        return None
+    step = max(1, CHUNK_ENTRIES // (numel // shape[0]))
+    return [slice(i, i + step) for i in range(0, shape[0], step)]
+
+
+def _merge_tensor(method: str, cfg, combine, name: str, base, xs) -> None:
+    """Merge one tensor into `base` in place, block by block when it is large (slerp needs
+    the whole tensor's norms and angle)."""
+    parts = None if method == "slerp" else blocks(tuple(base.shape))
+    if parts is None:
+        base.copy_(combine(name, base, xs, None).to(base.dtype))
+        return
+    cuts = None
+    if method == "ties" and cfg.trim_scope == "tensor" and cfg.density < 1:
+        # the tensor's own threshold, found on all of it, then applied block by block
+        cuts = [tm.magnitude_threshold([tm.task_vectors(base, [x])[0]], cfg.density)
+                for x in xs]
+    for i, rows in enumerate(parts):
+        merged = combine(f"{name}[{i}]", base[rows], [x[rows] for x in xs], cuts)
+        base[rows].copy_(merged.to(base.dtype))
 
 
 def _weights(method: str, cfg) -> list[float] | None:
@@ -167,10 +203,9 @@ def merge_(method: str, loaded, cfg, ctx):
                 base = state[name]
                 xs = [_on(inp.tensor(name, base), base) for inp in inputs]
                 try:
-                    merged = combine(name, base, xs)
+                    _merge_tensor(method, cfg, combine, name, base, xs)
                 except ValueError as exc:
                     raise InputError(f"merge {method}, tensor {name}: {exc}.") from None
-                base.copy_(merged.to(base.dtype))
     ctx.report.update({
         "method": method, "models": list(cfg.models), "weights": weights,
         "lambda": getattr(cfg, "lam", None), "density": getattr(cfg, "density", None),

@@ -5,8 +5,7 @@ Each input answers `shape(name, base_shape)` (None when it lacks the tensor) and
 state dict:
 
 - `FileInput`: a full model saved as plain safetensors (an mmkit artifact, a Hugging Face
-  folder, an embedded model). The files are opened lazily (`safe_open`), so only the tensor
-  asked for is read; their keys are mapped to the base's names by transformers' own loading
+  folder, an embedded model). Only the tensor asked for is read (`reading.TensorFile`); their keys are mapped to the base's names by transformers' own loading
   renames (ViT's `encoder.layer.N` files are `layers.N` in memory in transformers 5) and the
   base model prefix (`bert.`) added or stripped.
 - `LoraInput`: a peft LoRA adapter trained on the base: the base's tensor plus the adapter's
@@ -34,6 +33,7 @@ from ...core.errors import InputError
 from ...core.families import head_task
 from ...core.formats import PLAIN, detect
 from ...core.loading import check_weights, load_model, peek
+from .reading import TensorFile
 
 PEFT_PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
@@ -104,13 +104,11 @@ class FileInput:
     kind = "file"
 
     def __init__(self, ref: str, folder: str, model, labels, stack: ExitStack):
-        from safetensors import safe_open
-
         self.ref, self.labels = ref, labels
         self._where = {}
         keys = {}
         for path in sorted(Path(folder).glob("*.safetensors")):
-            handle = stack.enter_context(safe_open(str(path), "pt"))
+            handle = stack.enter_context(TensorFile(path))
             for key in handle.keys():
                 keys.setdefault(key, handle)
         for name, key in name_map(model, list(keys)).items():
@@ -121,12 +119,12 @@ class FileInput:
         if name not in self._where:
             return None
         handle, key = self._where[name]
-        return tuple(handle.get_slice(key).get_shape())
+        return handle.shape(key)
 
     def tensor(self, name, base):
         """The model's tensor `name`, read from disk now."""
         handle, key = self._where[name]
-        return handle.get_tensor(key)
+        return handle.get(key)
 
 
 class LoraInput:
@@ -135,11 +133,8 @@ class LoraInput:
     kind = "lora"
 
     def __init__(self, ref: str, folder: str, config: dict, model, labels, stack: ExitStack):
-        from safetensors import safe_open
-
         self.ref, self.labels = ref, labels
-        self._handle = stack.enter_context(
-            safe_open(str(Path(folder, "adapter_model.safetensors")), "pt"))
+        self._handle = stack.enter_context(TensorFile(Path(folder, "adapter_model.safetensors")))
         self._fan_in_fan_out = bool(config.get("fan_in_fan_out"))
         parts, whole = {}, {}
         for key in self._handle.keys():
@@ -166,7 +161,7 @@ class LoraInput:
             if set(pair) != {"A", "B"}:
                 raise InputError(f"The LoRA adapter '{ref}' has lora_{next(iter(pair))} but not "
                                  f"the other half for {module}; the adapter file is damaged.")
-            r = self._handle.get_slice(pair["A"]).get_shape()[0]
+            r = self._handle.shape(pair["A"])[0]
             alpha = _pattern_value(config.get("alpha_pattern") or {}, module,
                                    config.get("lora_alpha", 8))
             scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
@@ -177,24 +172,23 @@ class LoraInput:
         adapter leaves that tensor as it is)."""
         if name in self._lora:
             a, b, _ = self._lora[name]
-            out = self._handle.get_slice(b).get_shape()[0]
-            inp = self._handle.get_slice(a).get_shape()[1]
+            out, inp = self._handle.shape(b)[0], self._handle.shape(a)[1]
             return (inp, out) if self._fan_in_fan_out else (out, inp)
         if name in self._whole:
-            return tuple(self._handle.get_slice(self._whole[name]).get_shape())
+            return self._handle.shape(self._whole[name])
         return tuple(base_shape)
 
     def delta(self, name):
         """The exact update of an adapted layer, B·A·scaling (float32)."""
         a, b, scaling = self._lora[name]
-        update = self._handle.get_tensor(b).float() @ self._handle.get_tensor(a).float()
+        update = self._handle.get(b).float() @ self._handle.get(a).float()
         return (update.T if self._fan_in_fan_out else update) * scaling
 
     def tensor(self, name, base):
         """The adapted model's tensor: the base's plus the delta, kept in float32 (or the
         base's float64) so a float16 base does not round the delta away."""
         if name in self._whole:
-            return self._handle.get_tensor(self._whole[name])
+            return self._handle.get(self._whole[name])
         if name not in self._lora:
             return base
         wide = base.double() if base.dtype.itemsize > 4 else base.float()
@@ -265,9 +259,7 @@ def _streamable_lora(adapter) -> dict | None:
     weights = Path(adapter.path, "adapter_model.safetensors")
     if not plain or not weights.is_file():
         return None
-    from safetensors import safe_open
-
-    with safe_open(str(weights), "pt") as handle:
+    with TensorFile(weights) as handle:
         for key in handle.keys():
             body = key.removeprefix(PEFT_PREFIX)
             if ".lora_" in body and not LORA_KEY.match(body):
@@ -311,6 +303,7 @@ def open_input(ref: str, source, loaded, base_source, base_seed: int, seed: int,
     adapter = source.adapter
     config = peek(source, task)[1]
     if adapter is not None:
+        check_weights(adapter, allow_pickle=False)
         trained_seed = (adapter.manifest.get("parent") or {}).get("seed", 0)
         if not same_model(source, base_source, trained_seed, base_seed):
             raise InputError(f"'{ref}' is an adapter of '{source.ref}', not of the base "
