@@ -237,6 +237,17 @@ def test_merge_adapter_command_equals_finetune_merge(adapters, tmp_path):
                if want[k].is_floating_point()) <= 1e-6
 
 
+def test_linear_takes_an_adapter_of_another_base_as_the_model_it_makes(adapters, finetunes,
+                                                                     tmp_path):
+    a = finetunes["tiny:bert"][0]
+    result = _merge(a, [a, adapters["lora"]], tmp_path / "m", "linear")
+    assert result["steps"][0]["report"]["inputs"][adapters["lora"]] == "memory"
+    lora = load_model(adapters["lora"]).model.merge_and_unload().state_dict()
+    merged, full = _state(result["artifact"]), _state(a)
+    assert max((merged[k] - (full[k] + lora[k]) / 2).abs().max().item() for k in full
+               if full[k].is_floating_point()) <= 1e-6
+
+
 def test_two_lora_adapters_merge_with_ties(adapters, tmp_path):
     result = _merge("tiny:bert", [adapters["lora"], adapters["rslora"]], tmp_path / "m", "ties",
                     density=0.5)

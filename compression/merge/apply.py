@@ -191,7 +191,8 @@ def merge_(method: str, loaded, cfg, ctx):
     weights = _weights(method, cfg)
     with ExitStack() as stack:
         inputs = [open_input(ref, ctx.models[ref], loaded, base_source, base_seed, ctx.seed,
-                             stream_adapters, stack) for ref in cfg.models]
+                             stream_adapters, method not in ("linear", "slerp"), stack)
+                  for ref in cfg.models]
         names, heads = _plan_tensors(loaded, inputs)
         state = loaded.model.state_dict()
         thresholds = None

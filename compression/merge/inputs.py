@@ -293,19 +293,24 @@ def same_model(a, b, seed_a: int, seed_b: int) -> bool:
 
 
 def open_input(ref: str, source, loaded, base_source, base_seed: int, seed: int,
-               stream_adapters: bool, stack: ExitStack):
+               stream_adapters: bool, task_vectors: bool, stack: ExitStack):
     """The input for one model to merge. `source` is its resolved ModelSource (an adapter's
-    base, with `.adapter` set); `base_source` / `base_seed` identify the base's weights, which
-    an adapter must have been trained on; `stream_adapters` is False when the loaded base had
-    an adapter of its own merged in (then a LoRA input's own base is not at hand, and it is
-    loaded whole)."""
+    base, with `.adapter` set); `base_source` / `base_seed` identify the base's weights.
+    `task_vectors`: the method takes task vectors against the base, so an adapter must have
+    been trained on it (linear and slerp take an adapter of another base as the full model
+    it makes, loaded whole). `stream_adapters` is False when the loaded base had an adapter
+    of its own merged in (then a LoRA input's own base is not at hand, and it is loaded
+    whole)."""
     task, model = loaded.task, loaded.model
     adapter = source.adapter
     config = peek(source, task)[1]
     if adapter is not None:
         check_weights(adapter, allow_pickle=False)
         trained_seed = (adapter.manifest.get("parent") or {}).get("seed", 0)
-        if not same_model(source, base_source, trained_seed, base_seed):
+        own_base = same_model(source, base_source, trained_seed, base_seed)
+        if not own_base and not task_vectors:
+            return MemoryInput(ref, source, task, model, trained_seed)
+        if not own_base:
             raise InputError(f"'{ref}' is an adapter of '{source.ref}', not of the base "
                              f"'{base_source.ref}' these models are merged onto: an adapter's "
                              "delta only means something on its own base. Pass --base "
