@@ -5,9 +5,10 @@ Each input answers `shape(name, base_shape)` (None when it lacks the tensor) and
 state dict:
 
 - `FileInput`: a full model saved as plain safetensors (an mmkit artifact, a Hugging Face
-  folder, an embedded model). Only the tensor asked for is read (`reading.TensorFile`); their keys are mapped to the base's names by transformers' own loading
-  renames (ViT's `encoder.layer.N` files are `layers.N` in memory in transformers 5) and the
-  base model prefix (`bert.`) added or stripped.
+  folder, an embedded model). Only the tensor asked for is read (`reading.TensorFile`); the
+  files' keys are mapped to the base's names by transformers' own loading renames (ViT's
+  `encoder.layer.N` files are `layers.N` in memory in transformers 5) and the base model
+  prefix (`bert.`) added or stripped.
 - `LoraInput`: a peft LoRA adapter trained on the base: the base's tensor plus the adapter's
   exact delta B·A·scaling per layer (scaling lora_alpha / r, or lora_alpha / sqrt(r) with
   rsLoRA; transposed for GPT-2's Conv1D), and the tensors it saves whole (a task head).
