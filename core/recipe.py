@@ -239,7 +239,7 @@ def plan_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False, device: 
     check_kinds(steps, kind, recipe.model)
     _check_lengths(recipe, steps, config, kind)
     _check_chain(source, config, steps)
-    models = _other_models(steps, task, trust_remote_code)
+    models = _other_models(steps, task, kind, trust_remote_code)
     plan = Plan(recipe, out, source, task, steps, load_options=_load_options(steps),
                 models=models)
     _plan_data(plan)
@@ -275,7 +275,7 @@ def _load_options(steps) -> dict:
     return options
 
 
-def _other_models(steps, task: str, trust_remote_code: bool) -> dict:
+def _other_models(steps, task: str, base_kind: str, trust_remote_code: bool) -> dict:
     """The further models steps name (a teacher, models to merge): each resolved and its
     config read now, so a wrong reference fails before anything loads."""
     from .loading import peek
@@ -286,6 +286,11 @@ def _other_models(steps, task: str, trust_remote_code: bool) -> dict:
             value = getattr(cfg, key, None)
             for ref in [value] if isinstance(value, str) else list(value or []):
                 try:
+                    _, config, kind, _ = peek(ref, None, trust_remote_code)
+                    if kind != base_kind:  # say so, rather than that the task does not fit
+                        raise InputError(f"'{ref}' is a {kind} model ({config.model_type}) and "
+                                         f"the recipe's model a {base_kind} model: they are "
+                                         "different architectures. Name models of one family.")
                     found[ref] = peek(ref, task, trust_remote_code)[0]
                 except InputError as exc:
                     raise InputError(f"step {i} ({method.step} {method.name}), {key}: "

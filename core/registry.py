@@ -145,7 +145,7 @@ def build_config(method: Method, params: dict, where: str, cli: bool = False) ->
     try:
         return method.config(**params)
     except ValidationError as exc:
-        fields = list(method.config.model_fields)
+        fields = [f for f in method.config.model_fields if not (cli and f in method.models)]
         name = (lambda key: "--" + key.replace("_", "-")) if cli else (lambda key: key)
         problems = []
         for err in exc.errors():

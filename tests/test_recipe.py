@@ -58,8 +58,8 @@ def test_yaml_is_safe_loaded(tmp_path):
 
 
 def test_step_without_registered_methods_says_so():
-    with pytest.raises(InputError, match="No method is registered for step 'merge'"):
-        get_method("merge")
+    with pytest.raises(InputError, match="No method is registered for step 'extract'"):
+        get_method("extract")
 
 
 def test_registry_lists_methods_by_kind():

@@ -29,7 +29,7 @@ OTHER = {
     ("merge", "adapter"): "tests/test_merge.py: `mmkit merge ADAPTER` equals finetune --merge",
 }
 # `mmkit COMMAND` and the step whose methods it offers
-COMMANDS = {"finetune": "finetune", "quantize": "quantize", "prune": "prune"}
+COMMANDS = {"finetune": "finetune", "quantize": "quantize", "prune": "prune", "merge": "merge"}
 
 
 def test_every_registered_method_has_a_test_row():
