@@ -131,6 +131,13 @@ def _help(name: str, takers: list, all_count: int) -> str:
     return f"{text[0].upper()}{text[1:]}. {_defaults(takers)}".strip()
 
 
+def registry_state() -> tuple:
+    """What the registry holds now, to tell when options built from it are out of date."""
+    from ..core.registry import all_methods
+
+    return tuple((m.step, m.name, m.config) for m in all_methods())
+
+
 class Later:
     """A placeholder among a command's parameters: `build()` returns the click parameters it
     stands for, made from the registry when the command is first used."""

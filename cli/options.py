@@ -18,16 +18,20 @@ class Command(click.Command):
 
     @property
     def params(self):
-        from .method_options import Later
+        from .method_options import Later, registry_state
 
-        if any(isinstance(p, Later) for p in self._params):
-            self._params = [q for p in self._params
-                            for q in (p.build() if isinstance(p, Later) else [p])]
-        return self._params
+        if not any(isinstance(p, Later) for p in self._raw_params):
+            return self._raw_params
+        state = registry_state()  # rebuilt if a method was registered since (a plugin, a test)
+        if self._built_for != state:
+            self._built = [q for p in self._raw_params
+                           for q in (p.build() if isinstance(p, Later) else [p])]
+            self._built_for = state
+        return self._built
 
     @params.setter
     def params(self, value):
-        self._params = value
+        self._raw_params, self._built_for = value, None
 
     def parse_args(self, ctx, args):
         parser = self.make_parser(ctx)

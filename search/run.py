@@ -327,7 +327,10 @@ def search(prep: Prepared, trials: int, timeout: float | None, workers: int,
         for p in helpers:
             p.wait()
     except BaseException:  # interrupted, or failed: the helpers must not run on alone
+        from . import study as studies
+
         _stop_workers(helpers)
+        studies.fail_orphans(prep.job.storage, {os.getpid(), *(p.pid for p in helpers)})
         raise
     bad = [p.returncode for p in helpers if p.returncode]
     if bad:

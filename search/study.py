@@ -228,6 +228,20 @@ def load(url: str, sampler):
     return study
 
 
+def fail_orphans(url: str, pids: set[int]) -> int:
+    """Mark failed the RUNNING trials of processes that have stopped (`pids`, reaped): a
+    signal that lands while optuna records a trial's end, or between its start and its
+    objective, leaves it RUNNING with no one to finish it. Returns how many."""
+    study = find_study(url)
+    if study is None:
+        return 0
+    orphans = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+               if t.user_attrs.get("worker_pid") in pids]
+    for t in orphans:
+        study.tell(t.number, state=TrialState.FAIL)
+    return len(orphans)
+
+
 def delete(url: str) -> None:
     """Delete the search's study from an outside storage (--overwrite)."""
     try:
