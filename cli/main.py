@@ -48,7 +48,7 @@ class MmkitGroup(click.Group):
     """
 
     def invoke(self, ctx):
-        previous = _catch_sigterm()
+        saved = _catch_sigterm()  # the (SIGINT, SIGTERM) handlers to put back
         try:
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
@@ -59,9 +59,11 @@ class MmkitGroup(click.Group):
             click.echo(f"Error: {_clip(str(exc))}", err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt as exc:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second signal must not cut the exit
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            previous = None  # ... so the handlers stay ignored until the process ends
+            if saved is not None:  # a second signal must not cut the exit short
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            if _OWN_PROCESS:  # ... nor the interpreter's shutdown: stay ignored to the end
+                saved = None
             click.echo("Interrupted; nothing was written.", err=True)
             ctx.exit(143 if isinstance(exc, Terminated) else 130)
         except Exception as exc:  # noqa: BLE001 - last resort: one line, not a traceback
@@ -71,8 +73,14 @@ class MmkitGroup(click.Group):
                        "for the traceback)", err=True)
             ctx.exit(1)
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            # Inside another program (a notebook, a test run) Ctrl-C must work again after an
+            # interrupted command; the `mmkit` process itself is ending anyway.
+            if saved is not None:
+                signal.signal(signal.SIGINT, saved[0])
+                signal.signal(signal.SIGTERM, saved[1])
+
+
+_OWN_PROCESS = False  # True when the `mmkit` console command owns the process (main())
 
 
 MAX_MESSAGE = 2000  # characters of an error message shown; a message echoing input is capped
@@ -85,14 +93,16 @@ def _clip(text: str) -> str:
 
 
 def _catch_sigterm():
-    """Turn SIGTERM into an interruption (exit 143, cleanups run); returns the old handler."""
+    """Turn SIGTERM into an interruption (exit 143, cleanups run); returns the SIGINT and
+    SIGTERM handlers it found (None off the main thread, where signals are left alone)."""
     def terminate(signum, frame):
         raise Terminated()
 
     try:
-        return signal.signal(signal.SIGTERM, terminate)
-    except ValueError:  # not the main thread: leave signals alone
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:
         return None
+    return signal.getsignal(signal.SIGINT), previous
 
 
 def _debug(ctx) -> bool:
@@ -131,6 +141,8 @@ cli.add_command(search.search_group)
 
 def main() -> None:
     """Console entry point."""
+    global _OWN_PROCESS
+    _OWN_PROCESS = True
     cli(prog_name="mmkit")
 
 

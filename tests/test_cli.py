@@ -223,3 +223,21 @@ def test_progress_goes_to_stderr_only_and_quiet_silences_it(tmp_path):
     assert "3/3" not in quiet.stderr and "loading" not in quiet.stderr
     piped = subprocess.run([*args, tmp_path / "c"], capture_output=True, text=True, env=ENV)
     assert "3/3" not in piped.stderr  # stderr is not a terminal: no bars
+
+
+def test_an_interrupted_command_gives_ctrl_c_back_to_its_host_program(tmp_path, monkeypatch):
+    """In-process (a notebook, a test run) an interrupted command exits 130 and leaves SIGINT
+    and SIGTERM as it found them: it ignores them only while it reports the interruption (a
+    host left ignoring Ctrl-C, and every child it starts, could not be stopped)."""
+    import mmkit.core.recipe as recipe_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe_module, "run_recipe", interrupted)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: tiny:bert\nsteps: []\n")
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    result = CliRunner().invoke(cli, ["run", str(recipe), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 130, result.output
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
