@@ -93,12 +93,7 @@ def _merge_step(models: list[str], base, method: str, given: dict, settings: dic
               help="Scale of the summed task vectors (task-arithmetic, ties, dare). "
                    "[default: 1]")
 @generated.method_options("merge", skip=("models", "weights", "lam"))
-@click.option("--eval", "do_eval", is_flag=True, help="Score the result on the test split.")
-@options.data
-@options.output
-@options.device()
-@options.loading
-@options.common
+@options.writes_a_model
 def merge_command(models, base, method, weights, lam, do_eval, data_spec, out, overwrite,
                   device, allow_pickle, trust_remote_code, as_json, **settings):
     """Merge MODELS (fine-tunes of one base) into one model and write OUT; or, given one

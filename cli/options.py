@@ -143,6 +143,14 @@ def output(func):
     return func
 
 
+def writes_a_model(func):
+    """The options every command that writes a model by one step shares: --eval, the data,
+    -o / --overwrite, --device, the loading flags, and --json / --quiet / --debug."""
+    func = data(output(device()(loading(common(func)))))  # innermost shows last in --help
+    return click.option("--eval", "do_eval", is_flag=True,
+                        help="Score the result on the test split.")(func)
+
+
 def models_from(model: str) -> list[str]:
     """The model references to work on: MODEL itself, or one per stdin line for `-`."""
     from ..core.errors import shown

@@ -30,12 +30,7 @@ def _per_stack(values: dict) -> str:
 @options.model_argument
 @generated.method_option("prune")
 @generated.method_options("prune")
-@click.option("--eval", "do_eval", is_flag=True, help="Score the result on the test split.")
-@options.data
-@options.output
-@options.device()
-@options.loading
-@options.common
+@options.writes_a_model
 def prune_command(model, method, do_eval, data_spec, out, overwrite, device, allow_pickle,
                   trust_remote_code, as_json, **settings):
     """Prune MODEL and write OUT: zeroed weights (magnitude, wanda, nm), or a smaller model

@@ -70,12 +70,7 @@ def _human(r: dict) -> str:
               "'PATTERN=BITS,...,default=BITS' or a YAML / JSON file (16 keeps a layer float).")
 @generated.method_option("quantize")
 @generated.method_options("quantize", skip=("bits",))
-@click.option("--eval", "do_eval", is_flag=True, help="Score the result on the test split.")
-@options.data
-@options.output
-@options.device()
-@options.loading
-@options.common
+@options.writes_a_model
 def quantize_command(model, bits, method, do_eval, data_spec, out, overwrite, device,
                      allow_pickle, trust_remote_code, as_json, **settings):
     """Quantize MODEL's Linear weights and write OUT (task heads stay in floating point)."""
