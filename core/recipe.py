@@ -58,6 +58,7 @@ class Recipe(BaseModel):
     # where the recipe came from, for messages: ("recipe.yaml", False), or ("quantize", True)
     # for a command's one-step recipe (errors then name its flags)
     _origin: tuple = PrivateAttr(default=("recipe", False))
+    _checked: list | None = PrivateAttr(default=None)  # core.steps.Step, once parsed
 
 
 class _LineDict(dict):
@@ -123,7 +124,7 @@ def parse_recipe(data: dict, where: str = "recipe", cli: bool = False) -> Recipe
         raise InputError(f"{where}: {msg}.") from None
     recipe.steps = list(raw_steps)  # pydantic copies the mappings; keep their YAML lines
     recipe._origin = (where, cli)
-    check_steps(recipe.steps, where, cli)
+    recipe._checked = check_steps(recipe.steps, where, cli)
     return recipe
 
 
@@ -235,7 +236,8 @@ def plan_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False, device: 
     where, cli = recipe._origin
     out = output_path(out)
     source, config, kind, task = peek(recipe.model, recipe.task, trust_remote_code)
-    steps = resolve_steps(check_steps(recipe.steps, where, cli), kind, device, where, cli)
+    checked = recipe._checked or check_steps(recipe.steps, where, cli)  # each step once
+    steps = resolve_steps(checked, kind, device, where, cli)
     check_kinds(steps, kind, recipe.model)
     _check_lengths(recipe, steps, config, kind)
     _check_chain(source, config, steps)
