@@ -12,7 +12,8 @@ def _human(r: dict) -> str:
         score = f"perplexity {r['perplexity']:.3f} over {r['tokens']} tokens"
     else:
         score = f"{options.score_line(r)}  ({r['examples']} examples)"
-    return f"{r['model']}  {r['task']}  {r['data']}:{r['split']}  {score}  [{r['seconds']:.1f} s]"
+    head = f" (head {r['head']})" if r.get("head") else ""
+    return f"{r['model']}{head}  {r['task']}  {r['data']}:{r['split']}  {score}  [{r['seconds']:.1f} s]"
 
 
 @click.command("eval", cls=options.Command)
@@ -47,4 +48,6 @@ def eval_command(ref, data_spec, split, batch_size, max_length, device, allow_pi
     result = {"model": ref, **evaluate(loaded, dataset, split, batch_size=batch_size,
                                        max_length=max_length),
               "fresh_head": loaded.fresh_head, "data_info": dataset.info}
+    if loaded.source.path != source.path:  # a model with several heads: the one that fits
+        result["head"] = loaded.source.path
     options.emit(result, as_json, _human)

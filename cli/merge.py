@@ -19,11 +19,23 @@ def _human(r: dict) -> str:
         line = (f"{r['artifact']}  merged the {rep['adapter_kind']} adapter {rep['adapter']} "
                 "into its base")
     else:
-        heads = {None: "", "merged": ", heads merged"}.get(rep.get("heads"), ", base's head kept "
-                                                                           "(other tasks)")
+        heads = _heads_said(rep.get("heads"))
         line = (f"{r['artifact']}  {rep['method']} of {len(rep['models'])} models onto "
                 f"{r['model']}: {rep['tensors_merged']} tensors merged{heads}")
     return line + options.metric_lines(r)
+
+
+def _heads_said(heads) -> str:
+    if heads is None:
+        return ""
+    if heads == "merged":
+        return ", heads merged"
+    extra = heads.get("extra") or {}
+    if not extra:
+        return ", heads averaged (the base's head is untrained)"
+    said = f"; main head: {', '.join(heads['main']['labels'] or [])}"
+    return said + "".join(f"; head {name} ({', '.join(h['labels'][:4])}) kept in heads/{name}"
+                          for name, h in extra.items())
 
 
 def _weights(value: str) -> list[float]:

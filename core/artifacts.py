@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from .refs import MANIFEST
 
 SCHEMA_VERSION = 1
 RECIPE_FILE = "recipe.yaml"
+log = logging.getLogger("mmkit")
 
 
 def file_hashes(folder: Path) -> dict:
@@ -56,15 +58,24 @@ def _weights_sha(folder: Path) -> str | None:
 
 
 def save_model_files(loaded, folder: Path) -> None:
-    """Write the model in the format it carries (`core.formats`), and its tokenizer /
-    processor."""
-    from .formats import save
+    """Write the model in the format it carries (`core.formats`), its tokenizer /
+    processor, and the extra task heads a merge of several tasks keeps (`core.heads`; they
+    point into plain weight files, so only a plain model keeps them)."""
+    from .formats import PLAIN, save
+    from .heads import write_heads
 
     save(loaded, folder)
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(folder)
     if loaded.image_processor is not None:
         loaded.image_processor.save_pretrained(folder)
+    if loaded.extra.get("heads"):
+        if loaded.extra.get("format", PLAIN) == PLAIN:
+            write_heads(loaded, folder)
+        else:
+            log.warning("the extra task heads (%s) are not written: a %s model keeps its main "
+                        "head only. Compress the model once per head (--data of that task "
+                        "picks it).", ", ".join(loaded.extra["heads"]), loaded.extra["format"])
 
 
 def write_artifact(loaded, out, *, recipe: dict, steps: list, metrics: list, data_info=None,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .errors import InputError, RuntimeFailure
 from .families import DEFAULT_TASK, head_task, model_kind
+from .heads import pick_head
 from . import formats
 from .layers import output_heads
 from .refs import ModelSource, resolve
@@ -257,6 +258,13 @@ class _Head:
         return not (self.has_head or self.bare or self.trained) and self.labels is not None
 
 
+def _trained_labels(config, task: str) -> list[str] | None:
+    """The labels of the checkpoint's own head for `task` (None when it has none)."""
+    if head_task(config) != task:
+        return None
+    return [str(config.id2label[i]) for i in range(config.num_labels)]
+
+
 def _plan_head(source, config, task, labels, task_head: bool) -> _Head:
     trained = None
     made = (source.adapter.manifest.get("task") or {}) if source.adapter is not None else {}
@@ -289,6 +297,10 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
     import torch
 
     source, config, kind, task = peek(ref, task, trust_remote_code)
+    if labels is not None and task.endswith("classification"):  # a model with several heads
+        picked = pick_head(source, _trained_labels(config, task), labels)
+        if picked is not source:
+            source, config, kind, task = peek(picked, task, trust_remote_code)
     adapter = source.adapter
     if adapter is not None:  # the seed and the QLoRA bits the adapter was made with
         seed = (adapter.manifest.get("parent") or {}).get("seed", seed)

@@ -237,6 +237,10 @@ def plan_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False, device: 
     out = output_path(out)
     source, config, kind, task = peek(recipe.model, recipe.task, trust_remote_code)
     checked = recipe._checked or check_steps(recipe.steps, where, cli)  # each step once
+    if recipe.task is None and not _own_task(source, config):  # a bare base: the task of the
+        named = _models_task(checked, trust_remote_code)          # models it merges
+        if named and named != task:
+            source, config, kind, task = peek(recipe.model, named, trust_remote_code)
     steps = resolve_steps(checked, kind, device, where, cli)
     check_kinds(steps, kind, recipe.model)
     _check_lengths(recipe, steps, config, kind)
@@ -275,6 +279,30 @@ def _load_options(steps) -> dict:
                              "model is loaded (a 4/8-bit QLoRA base); it must be the first step.")
         options.update(wanted)
     return options
+
+
+def _own_task(source, config) -> str | None:
+    """The task a model was made for: its artifact's, else its checkpoint head's."""
+    from .families import head_task
+
+    return ((source.adapter or source).manifest.get("task") or {}).get("name") or head_task(
+        config)
+
+
+def _models_task(steps, trust_remote_code: bool) -> str | None:
+    """The task of the first further model a step names (the models a merge merges)."""
+    from .loading import peek
+
+    for method, cfg, _ in steps:
+        for key in method.models:
+            value = getattr(cfg, key, None)
+            for ref in [value] if isinstance(value, str) else list(value or []):
+                try:
+                    source, config, _, _ = peek(ref, None, trust_remote_code)
+                except InputError:
+                    return None  # said with the step's name by _other_models
+                return _own_task(source, config)
+    return None
 
 
 def _other_models(steps, task: str, base_kind: str, trust_remote_code: bool) -> dict:

@@ -28,9 +28,9 @@ METHODS = {  # method -> the step's extra parameters (the defaults elsewhere)
 }
 
 
-def _finetune_copy(ref, out, seed, labels=None, scale=0.02):
+def _finetune_copy(ref, out, seed, labels=None, scale=0.02, task=None):
     """A stand-in fine-tune of `ref`: its weights plus seeded noise, saved as an artifact."""
-    loaded = load_model(ref, labels=labels or LABELS.get(ref))
+    loaded = load_model(ref, task, labels=labels or LABELS.get(ref))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for tensor in loaded.model.state_dict().values():
@@ -97,6 +97,9 @@ def test_each_method_matches_the_tensor_math_longhand(ref, finetunes, tmp_path):
     base = load_model(ref, labels=LABELS.get(ref)).model.state_dict()
     tied = set(tied_duplicates(base))
     names = [n for n, t in base.items() if t.is_floating_point() and n not in tied]
+    # the base's head is new (untrained): the models' heads are averaged, not task vectors
+    heads = [n for n in names if n.startswith(("classifier.", "score."))]
+    names = [n for n in names if n not in heads]
     inputs = [_state(path) for path in finetunes[ref]]
     for method, params in METHODS.items():
         result = _merge(ref, finetunes[ref], tmp_path / method, method, TINY_DATA[ref], **params)
@@ -105,7 +108,8 @@ def test_each_method_matches_the_tensor_math_longhand(ref, finetunes, tmp_path):
         assert set(report["inputs"].values()) == {"file"}
         merged = _state(result["artifact"])
         expected = _expected(method, params, base, inputs, names)
-        worst = max((merged[n] - expected[n]).abs().max().item() for n in names)
+        expected.update({n: (inputs[0][n] + inputs[1][n]) / 2 for n in heads})
+        worst = max((merged[n] - expected[n]).abs().max().item() for n in expected)
         assert worst <= 1e-6, f"{ref} {method}: {worst}"
         moved = max((merged[n] - base[n]).abs().max().item() for n in names)
         assert moved > 1e-3, f"{ref} {method} left the base as it was"
@@ -125,7 +129,7 @@ def test_large_tensors_merge_block_by_block_to_the_same_result(method, params, f
     monkeypatch.setattr(apply, "CHUNK_ENTRIES", 100)  # every matrix of tiny:bert in blocks
     assert apply.blocks((260, 32)) is not None
     base = load_model("tiny:bert", labels=LABELS["tiny:bert"]).model.state_dict()
-    names = [n for n, t in base.items() if t.is_floating_point()]
+    names = [n for n, t in base.items() if t.is_floating_point() and "classifier" not in n]
     result = _merge("tiny:bert", finetunes["tiny:bert"], tmp_path / "m", method, **params)
     merged = _state(result["artifact"])
     expected = _expected(method, params, base, [_state(p) for p in finetunes["tiny:bert"]],
@@ -168,16 +172,49 @@ def test_task_arithmetic_with_one_model_and_lambda_1_returns_it(ref, finetunes, 
                if want[k].is_floating_point()) <= 1e-6
 
 
-def test_heads_of_another_task_are_kept_from_the_base(finetunes, tmp_path):
+def test_heads_of_another_task_are_kept_beside_the_main_one(finetunes, tmp_path):
     other = _finetune_copy("tiny:bert", tmp_path / "other", 3, labels=["a", "b", "c"])
     a = finetunes["tiny:bert"][0]
     result = _merge(a, [a, other], tmp_path / "m", "linear")
-    report = result["steps"][0]["report"]
-    assert "heads of other tasks are not merged" in report["heads"] and "other" in report["heads"]
+    heads = result["steps"][0]["report"]["heads"]
+    assert heads["main"] == {"labels": ["negative", "positive"], "from": [a]}
+    assert heads["extra"] == {"other": {"labels": ["a", "b", "c"], "from": [other]}}
     merged, base, b = _state(result["artifact"]), _state(a), _state(other)
     assert torch.equal(merged["classifier.weight"], base["classifier.weight"])
     body = "bert.encoder.layer.0.attention.self.query.weight"
     assert torch.allclose(merged[body], (base[body] + b[body]) / 2, atol=1e-7)
+    # the extra head is a plain HF model: the merged backbone, the other model's head
+    from transformers import AutoModelForSequenceClassification
+
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m/heads/other")
+    assert plain.config.id2label == {0: "a", 1: "b", 2: "c"}
+    assert torch.equal(plain.classifier.weight, b["classifier.weight"])
+    assert torch.equal(plain.state_dict()[body], merged[body])
+    # mmkit loads the head whose labels fit the data; the main head otherwise
+    assert load_model(result["artifact"], labels=["c", "a"]).labels == ["a", "b", "c"]
+    assert load_model(result["artifact"]).labels == ["negative", "positive"]
+    with pytest.raises(InputError, match="cannot take"):
+        load_model(result["artifact"], labels=["z"])
+
+
+@pytest.mark.parametrize("ref", ["tiny:llama", "tiny:vit"])
+def test_a_base_without_a_head_takes_the_first_models_head_and_keeps_the_others(ref, tmp_path):
+    """Heads of three models, two tasks: the first task's two heads are averaged into the
+    model's head (resized from the base's fresh one), the other task's head is kept apart."""
+    first = ["x", "y", "z"] if ref == "tiny:llama" else [str(i) for i in range(4)]
+    task = "text-classification" if ref == "tiny:llama" else None
+    models = [_finetune_copy(ref, tmp_path / f"t1-{s}", s, first, task=task) for s in (1, 2)]
+    models.append(_finetune_copy(ref, tmp_path / "t2", 3, ["p", "q"], task=task))
+    result = _merge(ref, models, tmp_path / "m", "task-arithmetic", **{"lambda": 0.5})
+    heads = result["steps"][0]["report"]["heads"]
+    assert heads["main"]["labels"] == first and list(heads["extra"]) == ["t2"]
+    states = [_state(m) for m in models]
+    head = "score.weight" if ref == "tiny:llama" else "classifier.weight"
+    merged = load_model(result["artifact"])
+    assert merged.labels == first and not merged.fresh_head
+    assert torch.allclose(merged.model.state_dict()[head], (states[0][head] + states[1][head]) / 2)
+    other = load_model(result["artifact"], labels=["q"])
+    assert torch.equal(other.model.state_dict()[head], states[2][head])
 
 
 # ---------------------------------------------------------------- adapters
@@ -252,7 +289,8 @@ def test_two_lora_adapters_merge_with_ties(adapters, tmp_path):
     result = _merge("tiny:bert", [adapters["lora"], adapters["rslora"]], tmp_path / "m", "ties",
                     density=0.5)
     assert set(result["steps"][0]["report"]["inputs"].values()) == {"lora"}
-    assert result["steps"][0]["report"]["heads"] == "merged"
+    heads = result["steps"][0]["report"]["heads"]  # the base's head is untrained: averaged
+    assert heads["main"]["from"] == [adapters["lora"], adapters["rslora"]] and not heads["extra"]
 
 
 # ---------------------------------------------------------------- recipes
@@ -308,7 +346,7 @@ def test_merge_command_human_line_and_eval(finetunes, tmp_path):
     result = run_cli("merge", a, b, "--base", "tiny:bert", "--method", "ties", "--lambda", "0.5",
                      "--density", "0.3", "--eval", "--max-samples", "8", "-o", tmp_path / "m")
     assert result.exit_code == 0, result.output
-    assert "ties of 2 models onto tiny:bert: 41 tensors merged, heads merged" in result.stdout
+    assert "ties of 2 models onto tiny:bert: 39 tensors merged, heads averaged" in result.stdout
     assert "test: accuracy" in result.stdout
     params = read_manifest(tmp_path / "m")["steps"][0]["params"]
     assert params["lambda"] == 0.5 and params["density"] == 0.3 and params["models"] == [a, b]
@@ -338,3 +376,20 @@ def test_bad_input_exits_2_and_writes_nothing(case, finetunes, adapters, misfits
     assert said in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_of_a_multi_task_merge_uses_the_head_that_fits_the_data(tmp_path):
+    bbc = ["business", "entertainment", "politics", "sports", "tech"]
+    tweets = _finetune_copy("tiny:bert", tmp_path / "tweets", 1)
+    news = _finetune_copy("tiny:bert", tmp_path / "news", 2, labels=bbc)
+    out = tmp_path / "m"
+    made = run_cli("merge", tweets, news, "--base", "tiny:bert", "--method", "ties", "-o", out)
+    assert made.exit_code == 0, made.output
+    assert "head news (business, entertainment, politics, sports) kept in heads/news" in made.output
+    scores = {}
+    for data in ("bbc-news", "tweets-sentiment"):
+        r = run_cli("eval", out, "--data", data, "--max-samples", 20, "--json")
+        assert r.exit_code == 0, r.output
+        scores[data] = json.loads(r.stdout)
+    assert scores["bbc-news"]["head"] == str(out / "heads" / "news")
+    assert "head" not in scores["tweets-sentiment"]

@@ -5,9 +5,11 @@ base's own tensors. The result is a plain model, so every later step works on it
 Which tensors merge: the base's floating-point tensors, each shared (tied) tensor once; integer
 buffers (position ids) stay the base's. Every input must have each of them with the base's
 shape, or the merge stops naming the first that differs. Task heads (`classifier`, `score`)
-merge only when every input's head serves the base's labels (model soups of one task average
-their heads); otherwise the base's head is kept and the report says so: heads of different
-tasks are never averaged.
+merge with the method only when the base's head is trained and every input's head serves its
+labels (model soups of one task). Otherwise the inputs are grouped by their labels, each group
+gives one head (its members' mean; heads of different tasks are never averaged), the group
+with the base's labels (else the first model's) becomes the model's head and the others are
+kept as extra heads in the layout of `core.heads`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from contextlib import ExitStack
 
 from ...adapters.merging import has_adapter, merge_adapter_
 from ...core.errors import InputError, shown
+from ...core.heads import head_name
 from ...core.layers import is_task_head, new_heads
 from ...core.loading import peek
 from ...core.train import tied_duplicates
@@ -128,8 +131,11 @@ def _base_identity(loaded, ctx):
 
 
 def _plan_tensors(loaded, inputs):
-    """(names to merge, the report's word on task heads), after checking every input has
-    every tensor with the base's shape."""
+    """(names to merge with the method, the head groups or None), after checking every input
+    has every body tensor with the base's shape.
+
+    The heads merge with the method when the base has a trained head and every input's head
+    serves its labels (a soup of one task); otherwise they are grouped by labels (`_heads`)."""
     state = loaded.model.state_dict()
     tied = set(tied_duplicates(state))
     floats = [n for n, t in state.items() if n not in tied and t.is_floating_point()]
@@ -147,21 +153,75 @@ def _plan_tensors(loaded, inputs):
                                  "merge models fine-tuned from the same base.")
     if not heads:
         return body, None
-    others = [inp for inp in inputs if inp.labels != loaded.labels or loaded.labels is None
-              or any(inp.shape(n, state[n].shape) != tuple(state[n].shape) for n in heads)]
-    if others:
-        said = ", ".join(f"'{inp.ref}' ({_labels_said(inp.labels)})" for inp in others[:3])
-        note = (f"kept the base's head ({_labels_said(loaded.labels)}): heads of other tasks "
-                f"are not merged, and {said} differ")
-        log.warning("merge: %s", note)
-        return body, note
-    return body + heads, "merged"
+    trained = loaded.labels is not None and not loaded.fresh_head
+    if trained and all(inp.labels == loaded.labels and all(
+            inp.shape(n, state[n].shape) == tuple(state[n].shape) for n in heads)
+            for inp in inputs):
+        return body + heads, "method"
+    groups: dict[tuple, list] = {}
+    for inp in inputs:
+        if inp.labels and all(inp.shape(n, state[n].shape) is not None for n in heads):
+            groups.setdefault(tuple(inp.labels), []).append(inp)
+    return body, (heads, groups)
 
 
-def _labels_said(labels) -> str:
-    if not labels:
-        return "no head for this task"
-    return "labels " + ", ".join(map(str, labels[:5])) + (", ..." if len(labels) > 5 else "")
+def _heads(loaded, heads: list[str], groups: dict, manifests: dict) -> dict:
+    """Heads of several tasks: each group of inputs with the same labels gives one head (the
+    mean of its members' heads: heads of different tasks are never averaged). The group with
+    the base's trained labels (else the first model's) becomes the model's head; the others
+    are kept as extra heads (`core.heads`). Returns the report's account."""
+    trained = loaded.labels is not None and not loaded.fresh_head
+    main = tuple(loaded.labels) if trained else next(iter(groups), None)
+    state = loaded.model.state_dict()
+    extra, said = {}, {"main": {"labels": loaded.labels, "from": "base"}, "extra": {}}
+    for labels, members in groups.items():
+        w = [1.0 / len(members)] * len(members)
+        tensors = {n: tm.linear([m.tensor(n, state[n]).float() for m in members], w)
+                   for n in heads}
+        refs = [m.ref for m in members]
+        if labels == main:
+            _set_head(loaded, tensors, list(labels))
+            said["main"] = {"labels": list(labels), "from": refs}
+            loaded.extra["main_head_from"] = refs
+            continue
+        name = head_name(refs[0], manifests[refs[0]], set(extra))
+        extra[name] = {"labels": list(labels), "task": loaded.task, "from": refs,
+                       "tensors": tensors}
+        said["extra"][name] = {"labels": list(labels), "from": refs}
+    if extra:
+        loaded.extra["heads"] = extra
+        log.info("merge: kept %d extra task heads (%s) beside the main one", len(extra),
+                 ", ".join(extra))
+    return said
+
+
+def _set_head(loaded, tensors: dict, labels: list[str]) -> None:
+    """Make the model's head these tensors (a Linear layer is rebuilt when its number of
+    classes changes) and its labels these."""
+    import torch
+
+    model = loaded.model
+    for name, tensor in tensors.items():
+        path, attr = name.rsplit(".", 1)
+        module = model.get_submodule(path)
+        if tuple(getattr(module, attr).shape) != tuple(tensor.shape):
+            if not isinstance(module, torch.nn.Linear) or attr != "weight" and attr != "bias":
+                raise InputError(f"the task head {path} cannot be resized to {tuple(tensor.shape)}"
+                                 "; merge models whose heads have the base's labels.")
+            parent, _, child = path.rpartition(".")
+            new = torch.nn.Linear(tensors[f"{path}.weight"].shape[1],
+                                  tensors[f"{path}.weight"].shape[0],
+                                  bias=module.bias is not None, dtype=module.weight.dtype,
+                                  device=module.weight.device)
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+            module = new
+        with torch.no_grad():
+            getattr(module, attr).copy_(tensor.to(getattr(module, attr).dtype))
+    config = model.config
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {lab: i for i, lab in enumerate(labels)}
+    loaded.labels, loaded.fresh_head = labels, False
 
 
 def _thresholds(names, state, inputs, density: float) -> list[float]:
@@ -193,7 +253,7 @@ def merge_(method: str, loaded, cfg, ctx):
         inputs = [open_input(ref, ctx.models[ref], loaded, base_source, base_seed, ctx.seed,
                              stream_adapters, method not in ("linear", "slerp"), stack)
                   for ref in cfg.models]
-        names, heads = _plan_tensors(loaded, inputs)
+        names, grouped = _plan_tensors(loaded, inputs)
         state = loaded.model.state_dict()
         thresholds = None
         with torch.no_grad():
@@ -207,6 +267,11 @@ def merge_(method: str, loaded, cfg, ctx):
                     _merge_tensor(method, cfg, combine, name, base, xs)
                 except ValueError as exc:
                     raise InputError(f"merge {method}, tensor {name}: {exc}.") from None
+            heads = "merged" if grouped == "method" else None
+            if isinstance(grouped, tuple):
+                manifests = {ref: (src.adapter or src).manifest
+                             for ref, src in ((r, ctx.models[r]) for r in cfg.models)}
+                heads = _heads(loaded, *grouped, manifests)
     ctx.report.update({
         "method": method, "models": list(cfg.models), "weights": weights,
         "lambda": getattr(cfg, "lam", None), "density": getattr(cfg, "density", None),
