@@ -22,6 +22,14 @@ def _human(r: dict) -> str:
         heads = _heads_said(rep.get("heads"))
         line = (f"{r['artifact']}  {rep['method']} of {len(rep['models'])} models onto "
                 f"{r['model']}: {rep['tensors_merged']} tensors merged{heads}")
+    if rep.get("lambda_auto"):
+        line += f"; lambda auto: {rep['lambda_auto']['chosen']} on validation"
+    if rep["method"] == "greedy-soup":
+        line += (f"; soup of {len(rep['ingredients'])} (validation {rep['soup_score']:.4f}, best "
+                 f"single {max(rep['single'].values()):.4f})")
+    if rep["method"] == "atlas":
+        loss = rep["few_shot_loss"]
+        line += f"; few-shot loss {loss['start']:.4f} -> {loss['end']:.4f}"
     return line + options.metric_lines(r)
 
 
@@ -36,6 +44,40 @@ def _heads_said(heads) -> str:
     said = f"; main head: {', '.join(heads['main']['labels'] or [])}"
     return said + "".join(f"; head {name} ({', '.join(h['labels'][:4])}) kept in heads/{name}"
                           for name, h in extra.items())
+
+
+def _lambda(value: str):
+    if value == "auto":
+        return value
+    try:
+        lam = float(value)
+    except ValueError:
+        lam = float("nan")
+    if lam != lam or lam in (float("inf"), float("-inf")):
+        raise InputError(f"--lambda {shown(value)}: give a number (e.g. 0.3) or auto.")
+    return lam
+
+
+def _data(data_spec, method: str, lam) -> tuple:
+    """(the data spec of the recipe, the step's list of datasets or None): --data names one
+    dataset, or one per task comma-separated; the first is the recipe's data."""
+    import dataclasses
+
+    from ..compression.merge.configs import NEEDS_DATA
+
+    if data_spec.data is None:
+        if method in NEEDS_DATA or lam == "auto":
+            what = "--lambda auto" if lam == "auto" else f"--method {method}"
+            raise InputError(f"{what} chooses on labelled data: give --data, one dataset per "
+                             "task the models were fine-tuned on, comma-separated (e.g. --data "
+                             "tweets-sentiment,bbc-news). Its validation split is used, never "
+                             "test.")
+        return data_spec, None
+    names = [d.strip() for d in data_spec.data.split(",") if d.strip()]
+    if not names:
+        raise InputError(f"--data {shown(data_spec.data)} names no dataset.")
+    spec = dataclasses.replace(data_spec, data=names[0])
+    return spec, (names if len(names) > 1 else None)
 
 
 def _weights(value: str) -> list[float]:
@@ -86,7 +128,11 @@ def _merge_step(models: list[str], base, method: str, given: dict, settings: dic
             raise InputError(f"--weights gives {len(params['weights'])} weights for "
                              f"{len(models)} MODELS: give one weight per model.")
     if given["--lambda"] is not None:
-        params["lambda"] = given["--lambda"]
+        params["lambda"] = _lambda(given["--lambda"])
+        if params["lambda"] == "auto" and method not in ("task-arithmetic", "ties", "dare-linear",
+                                                         "dare-ties"):
+            raise InputError(f"--lambda auto applies to task-arithmetic, ties and dare; "
+                             f"--method {method} does not take it.")
     return base, {"step": "merge", "method": method, "models": models, **params}
 
 
@@ -94,23 +140,26 @@ def _merge_step(models: list[str], base, method: str, given: dict, settings: dic
 @click.argument("models", nargs=-1, required=True)
 @click.option("--base", default=None,
               help="The model MODELS were fine-tuned from: task vectors are taken against it, "
-                   "and it gives the architecture and the task head kept when heads differ. "
-                   "Needed by task-arithmetic, ties and dare; linear and slerp default to the "
-                   "first MODEL (not averaged unless listed).")
+                   "and it gives the architecture. Needed by task-arithmetic, ties, dare and "
+                   "atlas; linear, slerp and greedy-soup default to the first MODEL (not "
+                   "averaged unless listed).")
 @generated.method_option("merge")
 @click.option("--weights", default=None,
               help="One weight per MODEL, comma-separated (e.g. 0.7,0.3). [default: equal; "
                    "linear normalises them to sum 1]")
-@click.option("--lambda", "lam", type=float, default=None,
-              help="Scale of the summed task vectors (task-arithmetic, ties, dare). "
-                   "[default: 1]")
-@generated.method_options("merge", skip=("models", "weights", "lam"))
+@click.option("--lambda", "lam", default=None,
+              help="Scale of the summed task vectors (task-arithmetic, ties, dare), or auto: "
+                   "the value of 0.1 ... 1.5 scoring best on the validation split of --data; "
+                   "atlas: the coefficients' start. [default: 1; atlas 0.3]")
+@generated.method_options("merge", skip=("models", "weights", "lam", "data"))
 @options.writes_a_model
 def merge_command(models, base, method, weights, lam, do_eval, data_spec, out, overwrite,
                   device, allow_pickle, trust_remote_code, as_json, **settings):
     """Merge MODELS (fine-tunes of one base) into one model and write OUT; or, given one
-    adapter, fold it into its base. Task heads merge only when every model's head has the
-    base's labels."""
+    adapter, fold it into its base. Fine-tunes of one task average their heads; fine-tunes of
+    different tasks keep one head each (OUT/heads/NAME), and mmkit eval OUT --data X uses the
+    head that fits X. greedy-soup, atlas and --lambda auto choose on --data (validation
+    split; atlas learns from a few training examples per class)."""
     models = [ref for model in models for ref in options.models_from(model)]
     given = {"--weights": weights, "--lambda": lam}
     chosen = click.get_current_context().get_parameter_source("method")
@@ -119,6 +168,9 @@ def merge_command(models, base, method, weights, lam, do_eval, data_spec, out, o
         model, step = _adapter_step(models, base, given, settings)
     else:
         model, step = _merge_step(models, base, method, given, settings)
+        data_spec, datasets = _data(data_spec, method, step.get("lambda"))
+        if datasets:
+            step["data"] = datasets
     result = options.run_one_step(
         step, model=model, data_spec=data_spec, out=out, eval_split="test" if do_eval else None,
         run=options.run_options(device, allow_pickle, trust_remote_code, overwrite))

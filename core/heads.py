@@ -145,3 +145,32 @@ def pick_head(source, config_labels, labels):
                 str(folder), {}
             return picked
     return source
+
+
+def set_head(loaded, tensors: dict, labels: list[str]) -> None:
+    """Make the model's task head these tensors ({state-dict name: tensor}; a Linear layer is
+    rebuilt when its number of classes changes) and its labels these."""
+    import torch
+
+    model = loaded.model
+    for name, tensor in tensors.items():
+        path, attr = name.rsplit(".", 1)
+        module = model.get_submodule(path)
+        if tuple(getattr(module, attr).shape) != tuple(tensor.shape):
+            if not isinstance(module, torch.nn.Linear) or attr != "weight" and attr != "bias":
+                raise InputError(f"the task head {path} cannot be resized to {tuple(tensor.shape)}"
+                                 "; merge models whose heads have the base's labels.")
+            parent, _, child = path.rpartition(".")
+            new = torch.nn.Linear(tensors[f"{path}.weight"].shape[1],
+                                  tensors[f"{path}.weight"].shape[0],
+                                  bias=module.bias is not None, dtype=module.weight.dtype,
+                                  device=module.weight.device)
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+            module = new
+        with torch.no_grad():
+            getattr(module, attr).copy_(tensor.to(getattr(module, attr).dtype))
+    config = model.config
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {lab: i for i, lab in enumerate(labels)}
+    loaded.labels, loaded.fresh_head = labels, False

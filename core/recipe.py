@@ -345,9 +345,11 @@ def _plan_data(plan: Plan) -> None:
         plan.dataset = load_data(spec, task, max_samples=recipe.max_samples, **request)
         plan.resolved.update({"data": spec, **{k: v for k, v in request.items()
                                                if v is not None}})
-    for step in plan.steps:  # calibration data: readable and of the right kind, now
-        if getattr(step.config, "calib", None):
+    for step in plan.steps:  # calibration data, a merge's datasets: readable and of the
+        if getattr(step.config, "calib", None):  # right kind, now
             load_data(step.config.calib, task, max_samples=1)
+        for spec in getattr(step.config, "data", None) or []:
+            load_data(spec, task, max_samples=1)
 
 
 def run_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False, device: str = "cpu",
@@ -412,6 +414,7 @@ def _execute(plan: Plan, run: RunOptions, training: dict | None = None) -> dict:
                         trust_remote_code=run.trust_remote_code, allow_pickle=run.allow_pickle,
                         **plan.load_options)
     ctx = Context(device=run.device, seed=plan.seed, dataset=plan.dataset, models=plan.models,
+                  max_samples=recipe.max_samples,
                   **(training or {}))
     loaded, done = apply_steps(loaded, plan.steps, ctx)
     metrics = []

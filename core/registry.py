@@ -71,6 +71,7 @@ class Context:
     device: str = "cpu"
     seed: int = 0
     dataset: object = None
+    max_samples: int | None = None  # the recipe's cap on each split, for data a step loads
     workdir: object = None  # where a training step keeps its checkpoints
     fingerprint: str = ""  # identifies the run, so --resume refuses another run's checkpoints
     resume: bool = False

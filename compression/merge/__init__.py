@@ -1,9 +1,10 @@
-"""Model merging: weighted means (model soups), task arithmetic, TIES, DARE, SLERP, and folding
-an adapter into its base.
+"""Model merging: weighted means (model soups), task arithmetic, TIES, DARE, SLERP, the
+data-driven greedy soup and aTLAS, and folding an adapter into its base.
 
 Importing this package registers the merge methods. A merge step names the models it merges
 (`models`); the recipe's model is the base. The tensor math is in `tensors`, the reading of
-the inputs one tensor at a time in `inputs`, the step itself in `apply`.
+the inputs one tensor at a time in `inputs`, the step itself in `apply`, the data-driven
+choices (greedy soup, aTLAS, lambda auto) in `tuned`.
 """
 
 from ...core.registry import Method, lazy, register
@@ -14,7 +15,8 @@ _M = "mmkit.compression.merge.apply:"
 
 def _merge(name, function, summary, config=None, models=("models",)):
     return register(Method("merge", name, config or mc.CONFIGS[name], lazy(_M + function),
-                           summary, models=models), default=name == "linear")
+                           summary, models=models, needs_data=name in mc.NEEDS_DATA),
+                    default=name == "linear")
 
 
 _merge("linear", "linear_", "weighted mean of the models' weights, weights normalised to sum 1 "
@@ -27,5 +29,9 @@ _merge("dare-linear", "dare_linear_", "drop task-vector entries at random and re
 _merge("dare-ties", "dare_ties_", "DARE's random drop, then TIES's sign election and "
        "disjoint mean")
 _merge("slerp", "slerp_", "spherical interpolation between two models, per tensor")
+_merge("greedy-soup", "greedy_soup_", "add models to a uniform soup in order of validation "
+       "score, each only if the soup's validation score does not drop")
+_merge("atlas", "atlas_", "learn one coefficient per task vector and parameter block on a few "
+       "labelled examples per task (aTLAS)")
 _merge("adapter", "adapter_", "fold one adapter (LoRA, SVFit, ...) into its base; the "
        "default when MODELS is one adapter", config=mc.AdapterConfig, models=())

@@ -21,7 +21,7 @@ from contextlib import ExitStack
 
 from ...adapters.merging import has_adapter, merge_adapter_
 from ...core.errors import InputError, shown
-from ...core.heads import head_name
+from ...core.heads import head_name, set_head
 from ...core.layers import is_task_head, new_heads
 from ...core.loading import peek
 from ...core.train import tied_duplicates
@@ -180,7 +180,7 @@ def _heads(loaded, heads: list[str], groups: dict, manifests: dict) -> dict:
                    for n in heads}
         refs = [m.ref for m in members]
         if labels == main:
-            _set_head(loaded, tensors, list(labels))
+            set_head(loaded, tensors, list(labels))
             said["main"] = {"labels": list(labels), "from": refs}
             loaded.extra["main_head_from"] = refs
             continue
@@ -193,35 +193,6 @@ def _heads(loaded, heads: list[str], groups: dict, manifests: dict) -> dict:
         log.info("merge: kept %d extra task heads (%s) beside the main one", len(extra),
                  ", ".join(extra))
     return said
-
-
-def _set_head(loaded, tensors: dict, labels: list[str]) -> None:
-    """Make the model's head these tensors (a Linear layer is rebuilt when its number of
-    classes changes) and its labels these."""
-    import torch
-
-    model = loaded.model
-    for name, tensor in tensors.items():
-        path, attr = name.rsplit(".", 1)
-        module = model.get_submodule(path)
-        if tuple(getattr(module, attr).shape) != tuple(tensor.shape):
-            if not isinstance(module, torch.nn.Linear) or attr != "weight" and attr != "bias":
-                raise InputError(f"the task head {path} cannot be resized to {tuple(tensor.shape)}"
-                                 "; merge models whose heads have the base's labels.")
-            parent, _, child = path.rpartition(".")
-            new = torch.nn.Linear(tensors[f"{path}.weight"].shape[1],
-                                  tensors[f"{path}.weight"].shape[0],
-                                  bias=module.bias is not None, dtype=module.weight.dtype,
-                                  device=module.weight.device)
-            setattr(model.get_submodule(parent) if parent else model, child, new)
-            module = new
-        with torch.no_grad():
-            getattr(module, attr).copy_(tensor.to(getattr(module, attr).dtype))
-    config = model.config
-    config.num_labels = len(labels)
-    config.id2label = dict(enumerate(labels))
-    config.label2id = {lab: i for i, lab in enumerate(labels)}
-    loaded.labels, loaded.fresh_head = labels, False
 
 
 def _thresholds(names, state, inputs, density: float) -> list[float]:
@@ -238,23 +209,47 @@ def _on(tensor, like):
     return tensor if tensor.device == like.device else tensor.to(like.device)
 
 
-def merge_(method: str, loaded, cfg, ctx):
-    """Merge `cfg.models` into the loaded base in place (see the module's docstring)."""
-    import torch
-
-    start = time.perf_counter()
+def open_inputs(method: str, loaded, cfg, ctx, stack: ExitStack) -> list:
+    """Ready the base (an adapter it carries folded in; a quantized one refused) and open
+    every model of `cfg.models` for reading (`inputs.open_input`)."""
     stream_adapters = not has_adapter(loaded)  # a LoRA input's own base is the one loaded
     if not stream_adapters:
         merge_adapter_(loaded, "mmkit merge")
     _refuse_quantized_base(loaded)
     base_source, base_seed = _base_identity(loaded, ctx)
+    return [open_input(ref, ctx.models[ref], loaded, base_source, base_seed, ctx.seed,
+                       stream_adapters, method not in ("linear", "slerp", "greedy-soup"), stack)
+            for ref in cfg.models]
+
+
+def merge_heads(loaded, grouped, cfg, ctx):
+    """The heads part of a merge, after the body: the report's account of the heads."""
+    if not isinstance(grouped, tuple):
+        return "merged" if grouped == "method" else None
+    manifests = {ref: (ctx.models[ref].adapter or ctx.models[ref]).manifest
+                 for ref in cfg.models}
+    return _heads(loaded, *grouped, manifests)
+
+
+def merge_(method: str, loaded, cfg, ctx):
+    """Merge `cfg.models` into the loaded base in place (see the module's docstring). A base
+    whose Linear layers hold pruned zeros keeps them; `lambda: auto` merges at 1, then picks
+    the scale on the validation data (`tuned.choose_lambda`)."""
+    import torch
+
+    from ...core.sparsity import reapply_, zero_masks
+
+    start = time.perf_counter()
     weights = _weights(method, cfg)
+    auto = getattr(cfg, "lam", None) == "auto"
+    if auto:
+        cfg = cfg.model_copy(update={"lam": 1.0})
     with ExitStack() as stack:
-        inputs = [open_input(ref, ctx.models[ref], loaded, base_source, base_seed, ctx.seed,
-                             stream_adapters, method not in ("linear", "slerp"), stack)
-                  for ref in cfg.models]
+        inputs = open_inputs(method, loaded, cfg, ctx, stack)
+        masks = zero_masks(loaded.model)
         names, grouped = _plan_tensors(loaded, inputs)
         state = loaded.model.state_dict()
+        before = {n: state[n].detach().clone() for n in names} if auto else None
         thresholds = None
         with torch.no_grad():
             if method == "ties" and cfg.trim_scope == "model":
@@ -267,16 +262,18 @@ def merge_(method: str, loaded, cfg, ctx):
                     _merge_tensor(method, cfg, combine, name, base, xs)
                 except ValueError as exc:
                     raise InputError(f"merge {method}, tensor {name}: {exc}.") from None
-            heads = "merged" if grouped == "method" else None
-            if isinstance(grouped, tuple):
-                manifests = {ref: (src.adapter or src).manifest
-                             for ref, src in ((r, ctx.models[r]) for r in cfg.models)}
-                heads = _heads(loaded, *grouped, manifests)
+            heads = merge_heads(loaded, grouped, cfg, ctx)
+    if auto:
+        from .tuned import choose_lambda
+
+        ctx.report["lambda_auto"] = choose_lambda(loaded, before, cfg, ctx)
+        cfg = cfg.model_copy(update={"lam": ctx.report["lambda_auto"]["chosen"]})
+    reapply_(masks)
     ctx.report.update({
         "method": method, "models": list(cfg.models), "weights": weights,
         "lambda": getattr(cfg, "lam", None), "density": getattr(cfg, "density", None),
         "t": getattr(cfg, "t", None), "inputs": {inp.ref: inp.kind for inp in inputs},
-        "tensors_merged": len(names), "heads": heads,
+        "tensors_merged": len(names), "heads": heads, "pruned_layers_kept": len(masks) or None,
         "thresholds": thresholds, "seconds": round(time.perf_counter() - start, 3)})
     ctx.report = {k: v for k, v in ctx.report.items() if v is not None}
     return loaded
@@ -298,6 +295,20 @@ ties_ = make_apply("ties")
 dare_linear_ = make_apply("dare-linear")
 dare_ties_ = make_apply("dare-ties")
 slerp_ = make_apply("slerp")
+
+
+def greedy_soup_(loaded, cfg, ctx):
+    """`merge greedy-soup` (see `tuned.greedy_soup`)."""
+    from .tuned import greedy_soup
+
+    return greedy_soup(loaded, cfg, ctx)
+
+
+def atlas_(loaded, cfg, ctx):
+    """`merge atlas` (see `tuned.atlas`)."""
+    from .tuned import atlas
+
+    return atlas(loaded, cfg, ctx)
 
 
 def adapter_(loaded, cfg, ctx):

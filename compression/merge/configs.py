@@ -50,10 +50,19 @@ class LinearConfig(_Weighted):
         return self
 
 
+def _data(required: bool = False):
+    return Field(None, min_length=1, description="the datasets to choose or learn on, one per "
+                 "task (each scored with the head whose labels fit it)" + (
+                     "" if required else "; default: the recipe's data"))
+
+
 class TaskArithmeticConfig(_Weighted):
     """base + lambda x sum of w_i x (model_i - base) (Ilharco et al. 2023)."""
 
-    lam: float = Field(1.0, alias="lambda", description="scale of the summed task vectors")
+    lam: float | Literal["auto"] = Field(
+        1.0, alias="lambda", description="scale of the summed task vectors, or auto: the value "
+        "of 0.1, 0.2, ... 1.5 that scores best on the validation split of the data")
+    data: list[str] | None = _data()
 
 
 def _sign():
@@ -122,12 +131,36 @@ class SlerpConfig(_Models):
         return self
 
 
+class GreedySoupConfig(_Models):
+    """Greedy soup (Wortsman et al. 2022): rank the models by validation score, then add each
+    to the uniform soup only when the soup's validation score does not drop."""
+
+    data: list[str] | None = _data()
+
+
+class AtlasConfig(_Weighted):
+    """aTLAS (Zhang et al. 2024): one coefficient per task vector per parameter block, learned
+    by gradient on a few labelled examples of each task, the backbone frozen."""
+
+    lam: float = Field(0.3, alias="lambda", description="the coefficients' starting value (task "
+                       "arithmetic's scale)")
+    data: list[str] | None = _data()
+    shots: int = Field(16, ge=1, le=100_000, description="labelled training examples per class "
+                       "(documents, for a causal LM) the coefficients learn from (aTLAS's "
+                       "k-shot setting)")
+    steps: int = Field(60, ge=1, le=100_000, description="gradient steps over those examples")
+    lr: float = Field(0.05, gt=0, le=10, description="Adam's learning rate for the coefficients")
+    max_length: int = Field(128, ge=2, description="tokens per text example")
+
+
 class AdapterConfig(MethodConfig):
     """Fold the recipe model's adapter (LoRA, SVFit, ...) into its base weights."""
 
 
 CONFIGS = {"linear": LinearConfig, "task-arithmetic": TaskArithmeticConfig,
            "ties": TiesConfig, "dare-linear": DareLinearConfig, "dare-ties": DareTiesConfig,
-           "slerp": SlerpConfig}
+           "slerp": SlerpConfig, "greedy-soup": GreedySoupConfig, "atlas": AtlasConfig}
 # the methods whose task vectors are taken against the base: they need one
-NEEDS_BASE = ("task-arithmetic", "ties", "dare-linear", "dare-ties")
+NEEDS_BASE = ("task-arithmetic", "ties", "dare-linear", "dare-ties", "atlas")
+# the methods that choose or learn on data: they need --data
+NEEDS_DATA = ("greedy-soup", "atlas")
