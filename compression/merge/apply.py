@@ -27,6 +27,7 @@ from ...core.loading import peek
 from ...core.train import tied_duplicates
 from . import tensors as tm
 from .inputs import open_input
+from .quantized import dequantize_, requantize_
 
 log = logging.getLogger("mmkit")
 CHUNK_ENTRIES = 1 << 22  # 4M entries: a float32 temporary of a block is at most 16 MB
@@ -111,14 +112,6 @@ def _weights(method: str, cfg) -> list[float] | None:
         total = sum(weights)
         weights = [w / total for w in weights]
     return weights
-
-
-def _refuse_quantized_base(loaded) -> None:
-    fmt = loaded.extra.get("format")
-    if fmt in ("mmkit-quantized", "mmkit-ptq") or getattr(loaded.model, "is_quantized", False):
-        raise InputError(f"The base '{loaded.source.ref}' is quantized; mmkit merge does not "
-                         "dequantize yet. Merge onto the floating-point model, then quantize "
-                         "the result.")
 
 
 def _base_identity(loaded, ctx):
@@ -209,17 +202,32 @@ def _on(tensor, like):
     return tensor if tensor.device == like.device else tensor.to(like.device)
 
 
-def open_inputs(method: str, loaded, cfg, ctx, stack: ExitStack) -> list:
-    """Ready the base (an adapter it carries folded in; a quantized one refused) and open
-    every model of `cfg.models` for reading (`inputs.open_input`)."""
+def open_inputs(method: str, loaded, cfg, ctx, stack: ExitStack):
+    """Ready the base (an adapter it carries folded in; a quantized one dequantized) and open
+    every model of `cfg.models` for reading (`inputs.open_input`). Returns (the inputs, how
+    to quantize the result again, or None)."""
     stream_adapters = not has_adapter(loaded)  # a LoRA input's own base is the one loaded
     if not stream_adapters:
         merge_adapter_(loaded, "mmkit merge")
-    _refuse_quantized_base(loaded)
+    requantize = dequantize_(loaded, f"the base '{loaded.source.ref}'")
     base_source, base_seed = _base_identity(loaded, ctx)
-    return [open_input(ref, ctx.models[ref], loaded, base_source, base_seed, ctx.seed,
-                       stream_adapters, method not in ("linear", "slerp", "greedy-soup"), stack)
-            for ref in cfg.models]
+    inputs = [open_input(ref, ctx.models[ref], loaded, base_source, base_seed, ctx.seed,
+                         stream_adapters, method not in ("linear", "slerp", "greedy-soup"),
+                         stack) for ref in cfg.models]
+    return inputs, requantize
+
+
+def finish_(loaded, masks, requantize, ctx) -> None:
+    """After the weights are merged: a pruned base's zeros back in place, and a quantized
+    base's format again (the error reported). A quantized base has no masks: its grid
+    rounds many weights to exactly zero, which is no pruning."""
+    from ...core.sparsity import reapply_
+
+    reapply_(masks)
+    if masks:
+        ctx.report["pruned_layers_kept"] = len(masks)
+    if requantize is not None:
+        ctx.report["requantized"] = requantize_(loaded, requantize, ctx)
 
 
 def merge_heads(loaded, grouped, cfg, ctx):
@@ -237,7 +245,7 @@ def merge_(method: str, loaded, cfg, ctx):
     the scale on the validation data (`tuned.choose_lambda`)."""
     import torch
 
-    from ...core.sparsity import reapply_, zero_masks
+    from ...core.sparsity import zero_masks
 
     start = time.perf_counter()
     weights = _weights(method, cfg)
@@ -245,8 +253,8 @@ def merge_(method: str, loaded, cfg, ctx):
     if auto:
         cfg = cfg.model_copy(update={"lam": 1.0})
     with ExitStack() as stack:
-        inputs = open_inputs(method, loaded, cfg, ctx, stack)
-        masks = zero_masks(loaded.model)
+        inputs, requantize = open_inputs(method, loaded, cfg, ctx, stack)
+        masks = zero_masks(loaded.model) if requantize is None else []  # see finish_
         names, grouped = _plan_tensors(loaded, inputs)
         state = loaded.model.state_dict()
         before = {n: state[n].detach().clone() for n in names} if auto else None
@@ -268,12 +276,12 @@ def merge_(method: str, loaded, cfg, ctx):
 
         ctx.report["lambda_auto"] = choose_lambda(loaded, before, cfg, ctx)
         cfg = cfg.model_copy(update={"lam": ctx.report["lambda_auto"]["chosen"]})
-    reapply_(masks)
+    finish_(loaded, masks, requantize, ctx)
     ctx.report.update({
         "method": method, "models": list(cfg.models), "weights": weights,
         "lambda": getattr(cfg, "lam", None), "density": getattr(cfg, "density", None),
         "t": getattr(cfg, "t", None), "inputs": {inp.ref: inp.kind for inp in inputs},
-        "tensors_merged": len(names), "heads": heads, "pruned_layers_kept": len(masks) or None,
+        "tensors_merged": len(names), "heads": heads,
         "thresholds": thresholds, "seconds": round(time.perf_counter() - start, 3)})
     ctx.report = {k: v for k, v in ctx.report.items() if v is not None}
     return loaded

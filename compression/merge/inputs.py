@@ -13,11 +13,10 @@ state dict:
   exact delta B·A·scaling per layer (scaling lora_alpha / r, or lora_alpha / sqrt(r) with
   rsLoRA; transposed for GPT-2's Conv1D), and the tensors it saves whole (a task head).
 - `MemoryInput`: anything else (mmkit's own adapters such as SVFit, DoRA and the other peft
-  types, a `tiny:` or hub reference, a pruned or PTQ folder): loaded whole with `load_model`,
-  its adapter merged in memory. Correct for every format mmkit loads, at the cost of holding
-  that whole model in memory while the merge runs.
-
-Quantized models are refused (their weights are not floating point).
+  types, a `tiny:` or hub reference, a pruned folder, a quantized model): loaded whole with
+  `load_model`, its adapter merged and its quantized layers dequantized in memory
+  (`quantized`). Correct for every format mmkit loads, at the cost of holding that whole
+  model in memory while the merge runs.
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ from .reading import TensorFile
 
 PEFT_PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
-QUANTIZED_FORMATS = ("mmkit-quantized",)
 
 
 class _NeedsLoading(Exception):
@@ -202,10 +200,13 @@ class MemoryInput:
     kind = "memory"
 
     def __init__(self, ref: str, source, task: str, model, seed: int):
+        from .quantized import dequantize_
+
         loaded = load_model(source, task, task_head=False, seed=seed)
-        _refuse_quantized(ref, loaded.model.config, loaded.extra.get("format"))
         if has_adapter(loaded):
             merge_adapter_(loaded, "mmkit merge")
+        if dequantize_(loaded, f"'{ref}'") is not None:
+            self.kind = "dequantized"
         self.ref = ref
         self.labels = loaded.labels if loaded.task == task else None
         self._state = loaded.model.state_dict()
@@ -231,12 +232,6 @@ def _pattern_value(patterns: dict, module: str, default):
 
 
 # ------------------------------------------------------------------ choosing the input kind
-
-
-def _refuse_quantized(ref: str, config, fmt: str | None) -> None:
-    if fmt in QUANTIZED_FORMATS or getattr(config, "quantization_config", None) is not None:
-        raise InputError(f"'{ref}' is quantized; mmkit merge does not dequantize models yet. "
-                         "Merge the floating-point models, then quantize the result.")
 
 
 def _peft_config(folder) -> dict:
@@ -323,8 +318,9 @@ def open_input(ref: str, source, loaded, base_source, base_seed: int, seed: int,
                              stack)
         return MemoryInput(ref, source, task, model, trained_seed)
     fmt = detect(source.path) if source.kind not in ("tiny", "hub") else None
-    _refuse_quantized(ref, config, fmt.name if fmt else None)
-    if fmt is not None and fmt.name == PLAIN and any(Path(source.path).glob("*.safetensors")):
+    quantized = getattr(config, "quantization_config", None) is not None
+    if (fmt is not None and fmt.name == PLAIN and not quantized
+            and any(Path(source.path).glob("*.safetensors"))):
         check_weights(source, allow_pickle=False)
         try:
             return FileInput(ref, source.path, model, _labels(source, config, task), stack)

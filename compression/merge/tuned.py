@@ -17,8 +17,8 @@ from contextlib import ExitStack
 from ...core.errors import InputError
 from ...core.heads import fits, set_head
 from ...core.layers import is_task_head, new_heads
-from ...core.sparsity import reapply_, zero_masks
-from .apply import _plan_tensors, merge_heads, open_inputs
+from ...core.sparsity import zero_masks
+from .apply import _plan_tensors, finish_, merge_heads, open_inputs
 
 log = logging.getLogger("mmkit")
 GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5)  # lambda: auto's values
@@ -153,14 +153,14 @@ def greedy_soup(loaded, cfg, ctx):
     start = time.perf_counter()
     datasets = task_datasets(loaded, cfg, ctx)
     with ExitStack() as stack, torch.no_grad():
-        inputs = open_inputs("greedy-soup", loaded, cfg, ctx, stack)
+        inputs, requantize = open_inputs("greedy-soup", loaded, cfg, ctx, stack)
         if len({tuple(inp.labels or ()) for inp in inputs}) > 1:
             said = "; ".join(f"{inp.ref}: {', '.join(inp.labels or ['no head'])}"
                              for inp in inputs)
             raise InputError(f"greedy-soup averages fine-tunes of one task, but the models' "
                              f"heads differ ({said}). Merge models of different tasks with "
                              "task-arithmetic, ties or atlas.")
-        masks = zero_masks(loaded.model)
+        masks = zero_masks(loaded.model) if requantize is None else []  # see finish_
         names = _soup_names(loaded, inputs)
         state = loaded.model.state_dict()
         heads = Heads(loaded)
@@ -190,7 +190,7 @@ def greedy_soup(loaded, cfg, ctx):
                     soup[n] += x[n]
                 count, best = count + 1, value
         put({n: soup[n] / count for n in names})
-        reapply_(masks)
+    finish_(loaded, masks, requantize, ctx)
     ctx.report.update({
         "method": "greedy-soup", "models": list(cfg.models),
         "inputs": {inp.ref: inp.kind for inp in inputs},
@@ -265,8 +265,8 @@ def atlas(loaded, cfg, ctx):
     datasets = task_datasets(loaded, cfg, ctx)
     weights = list(cfg.weights) if cfg.weights is not None else [1.0] * len(cfg.models)
     with ExitStack() as stack:
-        inputs = open_inputs("atlas", loaded, cfg, ctx, stack)
-        masks = zero_masks(loaded.model)
+        inputs, requantize = open_inputs("atlas", loaded, cfg, ctx, stack)
+        masks = zero_masks(loaded.model) if requantize is None else []  # see finish_
         names, grouped = _plan_tensors(loaded, inputs)
         state = loaded.model.state_dict()
         with torch.no_grad():
@@ -286,8 +286,9 @@ def atlas(loaded, cfg, ctx):
             merged = state[n].float() + sum(coef[i, b] * tau[n] for i, tau in enumerate(taus))
             state[n].copy_(merged.to(state[n].dtype))
     heads.restore()
-    reapply_(masks)
-    table = {inp.ref: {n: round(float(coef[i, b]), 5) for b, n in enumerate(names)}
+    finish_(loaded, masks, requantize, ctx)
+    values = coef.detach()
+    table = {inp.ref: {n: round(float(values[i, b]), 5) for b, n in enumerate(names)}
              for i, inp in enumerate(inputs)}
     ctx.report.update({
         "method": "atlas", "models": list(cfg.models), "weights": weights,
@@ -328,7 +329,7 @@ def few_shot_loss(loaded, params, tasks, heads, backward: bool = False) -> float
             share = loss * len(labels) / examples / len(tasks)
             if backward:
                 share.backward()
-            total += float(share)
+            total += float(share.detach())
     return total
 
 

@@ -91,6 +91,7 @@ def _quantize_layer(module, bits, group_size, symmetric, kernel="dequant"):
     codes, scales, zeros = grid.quantize_rows(w, bits, group_size, symmetric)
     g_idx = grid.group_index(w.shape[1], group_size)
     layer = QuantLinear.from_codes(codes, scales, zeros, g_idx, bits, module.bias, kernel)
+    layer.conv1d, layer.symmetric = type(module).__name__ == "Conv1D", symmetric
     return layer.to(w.device), _weight_error(w, layer)
 
 
@@ -153,6 +154,7 @@ def gptq_(loaded, cfg: GPTQConfig, ctx):
                 w.cpu(), h, plan[n], cfg.group_size, cfg.symmetric, cfg.act_order, cfg.damp)
             layer = QuantLinear.from_codes(codes, scales.float(), zeros.float(), g_idx, plan[n],
                                            m.bias).to(device)
+            layer.conv1d, layer.symmetric = type(m).__name__ == "Conv1D", cfg.symmetric
             errors[n] = {**_weight_error(w, layer), **_output_error(w, layer, h)}
             how[n] = "gptq"
             set_module(model, n, layer)

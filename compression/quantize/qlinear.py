@@ -26,6 +26,8 @@ class QuantLinear(torch.nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
         self.kernel = kernel
+        self.conv1d = False  # it replaced a GPT-2 Conv1D (weight in x out): dequantizing says so
+        self.symmetric = None  # the grid's kind when known (a merge quantizes on it again)
         words = -(-in_features * bits // 32)
         self.register_buffer("qweight", torch.zeros(out_features, words, dtype=torch.int32))
         # fp16 scales and zero points (zero points are small integers, exact in fp16)

@@ -3,7 +3,8 @@
 The folder holds config.json, `mmkit_quantized.safetensors` (the model's state dict:
 QuantLinear layers as `qweight` int32 words + `scales`, `zeros`, `g_idx`, `bias`; every other
 tensor as is) and `mmkit_quant.json` ({"format_version": 1, "layers": {name: {bits,
-in_features, out_features, groups, bias, kernel}}}). Loading builds the model from its config,
+in_features, out_features, groups, bias, kernel, symmetric}}}; `symmetric`, the grid's kind,
+is absent in files of mmkit 0.1). Loading builds the model from its config,
 swaps those layers for QuantLinear and loads the state dict strictly: the same outputs as
 before saving. The weights are not in `model.safetensors` on purpose: plain transformers would
 load that with random weights in every quantized layer; this way it says it finds no weights.
@@ -30,7 +31,8 @@ def save_quantized(model, folder: Path) -> None:
 
     layers = {name: {"bits": m.bits, "in_features": m.in_features,
                      "out_features": m.out_features, "groups": m.scales.shape[1],
-                     "bias": m.bias is not None, "kernel": m.kernel}
+                     "bias": m.bias is not None, "kernel": m.kernel,
+                     **({"symmetric": m.symmetric} if m.symmetric is not None else {})}
               for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     state = model.state_dict()
     for key in tied_duplicates(state):
@@ -73,6 +75,8 @@ def load_quantized(cls, folder, config):
             raise InputError(f"{Path(folder, QUANT_JSON)}: layer {name[:200]} names an unknown "
                              f"kernel {str(layer.kernel)[:40]}; this mmkit knows "
                              f"{', '.join(KERNELS)}.")
+        layer.conv1d = type(modules[name]).__name__ == "Conv1D"
+        layer.symmetric = s.get("symmetric") if isinstance(s.get("symmetric"), bool) else None
         set_module(model, name, layer)
     weights = Path(folder, WEIGHTS)
     if not weights.is_file():  # written by mmkit 0.1.0 before the file was renamed
