@@ -48,6 +48,6 @@ def eval_command(ref, data_spec, split, batch_size, max_length, device, allow_pi
     result = {"model": ref, **evaluate(loaded, dataset, split, batch_size=batch_size,
                                        max_length=max_length),
               "fresh_head": loaded.fresh_head, "data_info": dataset.info}
-    if loaded.source.path != source.path:  # a model with several heads: the one that fits
+    if loaded.source.path != (source.adapter or source).path:  # one of several heads
         result["head"] = loaded.source.path
     options.emit(result, as_json, _human)

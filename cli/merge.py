@@ -18,6 +18,10 @@ def _human(r: dict) -> str:
     if rep["method"] == "adapter":
         line = (f"{r['artifact']}  merged the {rep['adapter_kind']} adapter {rep['adapter']} "
                 "into its base")
+    elif rep.get("as_adapter"):
+        line = (f"{r['artifact']}  {rep['method']} of {len(rep['models'])} LoRA adapters as one "
+                f"{rep['as_adapter']} adapter of {r['model']} (max rank {rep['max_rank']}, "
+                f"{rep['layers']} layers)")
     else:
         heads = _heads_said(rep.get("heads"))
         line = (f"{r['artifact']}  {rep['method']} of {len(rep['models'])} models onto "

@@ -285,6 +285,64 @@ def test_linear_takes_an_adapter_of_another_base_as_the_model_it_makes(adapters,
                if full[k].is_floating_point()) <= 1e-6
 
 
+def _folded(ref):
+    """A model's weights with its adapter folded in (peft's merge_and_unload)."""
+    from mmkit.adapters.merging import merge_adapter_
+
+    loaded = load_model(str(ref))
+    merge_adapter_(loaded, "test")
+    return loaded.model.state_dict()
+
+
+@pytest.mark.parametrize("how", ["cat", "svd"])
+def test_as_adapter_equals_the_full_weight_merge(adapters, how, tmp_path):
+    """One LoRA adapter from two (rsLoRA, a negative weight): folded into the base it gives
+    the full-weight task-arithmetic merge, computed by the streaming path from each adapter's
+    exact delta."""
+    pair = [adapters["lora"], adapters["rslora"]]
+    args = ["--base", "tiny:bert", "--method", "task-arithmetic", "--lambda", 0.7,
+            "--weights", "1,-0.5"]
+    r = run_cli("merge", *pair, *args, "--as-adapter", how, *(["--rank", 8] if how == "svd"
+                                                              else []), "-o", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    assert f"as one {how} adapter of tiny:bert (max rank 8" in r.output
+    assert read_manifest(tmp_path / "a")["format"] == "peft-adapter"
+    full = run_cli("merge", *pair, *args, "--max-samples", 8, "-o", tmp_path / "f")
+    assert full.exit_code == 0, full.output
+    got, want = _folded(tmp_path / "a"), _state(tmp_path / "f")
+    body = [k for k in want if want[k].is_floating_point() and "classifier" not in k]
+    assert max((got[k] - want[k]).abs().max().item() for k in body) <= 1e-5
+
+
+def test_one_adapter_with_weight_1_as_adapter_reproduces_it(adapters, tmp_path):
+    r = run_cli("merge", adapters["rslora"], "--base", "tiny:bert", "--method", "linear",
+                "--as-adapter", "svd", "-o", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    got, want = _folded(tmp_path / "a"), _folded(adapters["rslora"])
+    assert max((got[k] - want[k]).abs().max().item() for k in want
+               if want[k].is_floating_point()) <= 1e-6
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--method", "ties", "--as-adapter", "cat"], "--as-adapter"),
+    (["--method", "linear", "--as-adapter", "cat", "--rank", 2], "--rank sets the rank"),
+    (["--method", "task-arithmetic", "--lambda", "auto", "--as-adapter", "cat", "--data",
+      "tweets-sentiment"], "give a number with --as-adapter"),
+])
+def test_bad_as_adapter_requests_exit_2(adapters, extra, needle, tmp_path):
+    r = run_cli("merge", adapters["lora"], adapters["rslora"], "--base", "tiny:bert", *extra,
+                "-o", tmp_path / "out")
+    assert r.exit_code == 2 and needle in r.output, r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_as_adapter_refuses_a_full_model_among_the_inputs(adapters, finetunes, tmp_path):
+    r = run_cli("merge", adapters["lora"], finetunes["tiny:bert"][0], "--base", "tiny:bert",
+                "--method", "linear", "--as-adapter", "cat", "-o", tmp_path / "out")
+    assert r.exit_code == 2 and "not a plain LoRA adapter" in r.output, r.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_two_lora_adapters_merge_with_ties(adapters, tmp_path):
     result = _merge("tiny:bert", [adapters["lora"], adapters["rslora"]], tmp_path / "m", "ties",
                     density=0.5)

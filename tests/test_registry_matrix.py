@@ -15,7 +15,7 @@ OTHER = {
     ("cast", "dtype"): "tests/conftest.py's tiny_artifacts casts every tiny family to float32 "
                        "and test_artifacts reloads them; test_recipe runs recipes/fp16-eval.yaml",
     ("merge", "linear"): "tests/test_merge.py: every tiny family against tensors.linear "
-                         "longhand, identical models, heads of other tasks kept",
+                         "longhand, identical models, heads of other tasks kept, --as-adapter",
     ("merge", "task-arithmetic"): "tests/test_merge.py: every tiny family longhand; one model "
                                   "at lambda 1; one LoRA / rsLoRA / SVFit adapter = its merge",
     ("merge", "ties"): "tests/test_merge.py: every tiny family longhand (model-scope trim); "
@@ -27,6 +27,10 @@ OTHER = {
     ("merge", "slerp"): "tests/test_merge.py: every tiny family against tensors.slerp "
                         "longhand; identical models",
     ("merge", "adapter"): "tests/test_merge.py: `mmkit merge ADAPTER` equals finetune --merge",
+    ("merge", "greedy-soup"): "tests/test_merge_tuned.py: keeps what helps, never below the "
+                              "best single on validation, weights = mean of the ingredients",
+    ("merge", "atlas"): "tests/test_merge_tuned.py: beats task arithmetic on its few-shot data "
+                        "(measured by plain forwards), weights = base + reported coefficients",
 }
 # `mmkit COMMAND` and the step whose methods it offers
 COMMANDS = {"finetune": "finetune", "quantize": "quantize", "prune": "prune", "merge": "merge"}

@@ -249,6 +249,8 @@ def merge_(method: str, loaded, cfg, ctx):
 
     start = time.perf_counter()
     weights = _weights(method, cfg)
+    if getattr(cfg, "as_adapter", None):
+        return _as_adapter(method, loaded, cfg, ctx, weights, start)
     auto = getattr(cfg, "lam", None) == "auto"
     if auto:
         cfg = cfg.model_copy(update={"lam": 1.0})
@@ -283,6 +285,48 @@ def merge_(method: str, loaded, cfg, ctx):
         "t": getattr(cfg, "t", None), "inputs": {inp.ref: inp.kind for inp in inputs},
         "tensors_merged": len(names), "heads": heads,
         "thresholds": thresholds, "seconds": round(time.perf_counter() - start, 3)})
+    ctx.report = {k: v for k, v in ctx.report.items() if v is not None}
+    return loaded
+
+
+def _as_adapter(method: str, loaded, cfg, ctx, weights, start):
+    """`--as-adapter`: the LoRA adapters combined into one LoRA adapter on the base
+    (`lora_sum`), whose delta is the merge's sum_i w_i x delta_i (task arithmetic: lambda x
+    w_i); the result is that adapter on the base, written as a peft adapter."""
+    import tempfile
+
+    from peft import PeftModel
+
+    from .lora_sum import combine_loras, write_adapter
+
+    if has_adapter(loaded):
+        raise InputError(f"--as-adapter writes an adapter of the base; the base "
+                         f"'{loaded.source.ref}' is itself an adapter. Pass its base model as "
+                         "--base (or merge it first with `mmkit merge ADAPTER -o OUT`).")
+    with ExitStack() as stack:
+        inputs, requantize = open_inputs("task-arithmetic", loaded, cfg, ctx, stack)
+        others = [inp.ref for inp in inputs if inp.kind != "lora"]
+        if others or requantize is not None:
+            what = (f"'{others[0]}' is not a plain LoRA adapter of the base" if others else
+                    f"the base '{loaded.source.ref}' is quantized")
+            raise InputError(f"--as-adapter combines plain LoRA adapters of one floating-point "
+                             f"base into one; {what}. Merge full weights instead (drop "
+                             "--as-adapter).")
+    scale = cfg.lam if method == "task-arithmetic" else 1.0
+    folders = [ctx.models[ref].adapter.path for ref in cfg.models]
+    info: dict = {}
+    config, state = combine_loras(folders, [scale * w for w in weights], cfg.as_adapter,
+                                  cfg.rank, info)
+    with tempfile.TemporaryDirectory(prefix="mmkit-merge-") as tmp:
+        write_adapter(config, state, tmp)
+        loaded.model = PeftModel.from_pretrained(loaded.model, tmp)
+    loaded.model.peft_config["default"].base_model_name_or_path = config.get(
+        "base_model_name_or_path")
+    loaded.extra["format"] = "peft-adapter"
+    ctx.report.update({"method": method, "models": list(cfg.models), "weights": weights,
+                       "lambda": getattr(cfg, "lam", None), "as_adapter": cfg.as_adapter,
+                       "inputs": {inp.ref: inp.kind for inp in inputs}, **info,
+                       "seconds": round(time.perf_counter() - start, 3)})
     ctx.report = {k: v for k, v in ctx.report.items() if v is not None}
     return loaded
 

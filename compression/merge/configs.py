@@ -40,7 +40,23 @@ class _Weighted(_Models):
         return self
 
 
-class LinearConfig(_Weighted):
+class _AsAdapter(MethodConfig):
+    as_adapter: Literal["cat", "svd"] | None = Field(
+        None, description="LoRA adapters of the base only: write one LoRA adapter instead of "
+        "full weights; cat stacks the ranks (exact), svd keeps the best rank --rank "
+        "approximation")
+    rank: int | None = Field(None, ge=1, description="rank of an --as-adapter svd merge "
+                             "[default: the largest input rank]")
+
+    @model_validator(mode="after")
+    def _rank_needs_svd(self):
+        if self.rank is not None and self.as_adapter != "svd":
+            raise ValueError("--rank sets the rank of --as-adapter svd; cat keeps every rank "
+                             "(their sum)")
+        return self
+
+
+class LinearConfig(_Weighted, _AsAdapter):
     """Weighted mean of the models' weights (a uniform model soup with equal weights)."""
 
     @model_validator(mode="after")
@@ -56,13 +72,22 @@ def _data(required: bool = False):
                      "" if required else "; default: the recipe's data"))
 
 
-class TaskArithmeticConfig(_Weighted):
-    """base + lambda x sum of w_i x (model_i - base) (Ilharco et al. 2023)."""
-
+class _TaskVectors(_Weighted):
     lam: float | Literal["auto"] = Field(
         1.0, alias="lambda", description="scale of the summed task vectors, or auto: the value "
         "of 0.1, 0.2, ... 1.5 that scores best on the validation split of the data")
     data: list[str] | None = _data()
+
+
+class TaskArithmeticConfig(_TaskVectors, _AsAdapter):
+    """base + lambda x sum of w_i x (model_i - base) (Ilharco et al. 2023)."""
+
+    @model_validator(mode="after")
+    def _auto_needs_weights(self):
+        if self.as_adapter and self.lam == "auto":
+            raise ValueError("--lambda auto scores full merged weights; give a number with "
+                             "--as-adapter")
+        return self
 
 
 def _sign():
@@ -85,7 +110,7 @@ Divide = Literal["count", "weights"]
 Tie = Literal["zero", "positive"]
 
 
-class TiesConfig(TaskArithmeticConfig):
+class TiesConfig(_TaskVectors):
     """TIES-merging: trim, elect sign, disjoint mean (Yadav et al. 2023)."""
 
     density: float = Field(0.2, gt=0, le=1, description=DENSITY)
@@ -97,7 +122,7 @@ class TiesConfig(TaskArithmeticConfig):
     tie: Tie = _tie()
 
 
-class DareLinearConfig(TaskArithmeticConfig):
+class DareLinearConfig(_TaskVectors):
     """DARE: drop task-vector entries at random, rescale, then task arithmetic (Yu et al.
     2024)."""
 

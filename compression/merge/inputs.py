@@ -134,7 +134,10 @@ class LoraInput:
     def __init__(self, ref: str, folder: str, config: dict, model, labels, stack: ExitStack):
         self.ref, self.labels = ref, labels
         self._handle = stack.enter_context(TensorFile(Path(folder, "adapter_model.safetensors")))
-        self._fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+        # peft stores B·A as (out, in) and transposes it for GPT-2's Conv1D layers (weight in x
+        # out), whatever the saved config's fan_in_fan_out says: decide per layer by its type
+        self._conv1d = {f"{name}.weight" for name, module in model.named_modules()
+                        if type(module).__name__ == "Conv1D"}
         parts, whole = {}, {}
         for key in self._handle.keys():
             body = key.removeprefix(PEFT_PREFIX)
@@ -172,7 +175,7 @@ class LoraInput:
         if name in self._lora:
             a, b, _ = self._lora[name]
             out, inp = self._handle.shape(b)[0], self._handle.shape(a)[1]
-            return (inp, out) if self._fan_in_fan_out else (out, inp)
+            return (inp, out) if name in self._conv1d else (out, inp)
         if name in self._whole:
             return self._handle.shape(self._whole[name])
         return tuple(base_shape)
@@ -181,7 +184,7 @@ class LoraInput:
         """The exact update of an adapted layer, B·A·scaling (float32)."""
         a, b, scaling = self._lora[name]
         update = self._handle.get(b).float() @ self._handle.get(a).float()
-        return (update.T if self._fan_in_fan_out else update) * scaling
+        return (update.T if name in self._conv1d else update) * scaling
 
     def tensor(self, name, base):
         """The adapted model's tensor: the base's plus the delta, kept in float32 (or the

@@ -78,14 +78,17 @@ class _Adapter:
 
 
 def combine_loras(folders: list[str], weights: list[float] | None,
-                  how: Literal["cat", "svd"], rank: int | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+                  how: Literal["cat", "svd"], rank: int | None = None,
+                  info: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """One peft LoRA adapter whose delta is Σ wᵢ·ΔWᵢ of the adapters in `folders` (all
     trained on the same base): (its adapter_config.json as a dict, its state dict under peft's
     saved names). `how="cat"` is exact (output rank Σrᵢ per layer); `how="svd"` keeps the best
     rank-`rank` approximation per layer (default: the largest input rank). Task heads saved
     whole (modules_to_save) are averaged with the weights normalised to sum 1. Weights may be
-    negative; None means 1 each. Raises InputError for adapters that are not plain LoRA, or that do not fit one
-    base or one task."""
+    negative; None means 1 each. Raises InputError for adapters that are not plain LoRA, or
+    that do not fit one base or one task. `info`, when given, receives the layers, their
+    largest rank, the heads averaged and their weights, and (svd) the largest relative error
+    of a layer's delta."""
     folders, weights = _check_arguments(folders, weights, how, rank)
     with ExitStack() as stack:
         adapters = [_open_adapter(str(folder), stack) for folder in folders]
@@ -103,11 +106,20 @@ def combine_loras(folders: list[str], weights: list[float] | None,
             state[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.to(dtype).contiguous()
             state[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.to(dtype).contiguous()
             ranks[module] = a.shape[0]
-        state.update(_heads(adapters, weights))
+        heads = _heads(adapters, weights)
+        state.update(heads)
         config = _config(adapters, ranks)
     if how == "svd":
         log.info("merge --as-adapter: SVD to rank %d; largest relative error of a layer's "
                  "delta %.3g (%s)", rank, worst[0], worst[1] or "none")
+    if info is not None:
+        total = sum(weights)
+        info.update({"layers": len(ranks), "max_rank": max(ranks.values(), default=0),
+                     **({"heads_averaged": sorted(k.removeprefix(PEFT_PREFIX) for k in heads),
+                         "heads_weights": [round(w / total, 6) for w in weights]}
+                        if heads else {}),
+                     **({"svd_rank": rank, "svd_worst_rel_error": round(worst[0], 6),
+                         "svd_worst_layer": worst[1]} if how == "svd" else {})})
     return config, state
 
 
