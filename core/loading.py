@@ -280,7 +280,7 @@ def _plan_head(source, config, task, labels, task_head: bool) -> _Head:
 def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str] | None = None,
                *, dtype=None, device: str = "cpu", seed: int = 0, allow_pickle: bool = False,
                trust_remote_code: bool = False, task_head: bool = True,
-               bits: int | None = None) -> LoadedModel:
+               bits: int | None = None, lazy: bool = False) -> LoadedModel:
     """Load a model reference for a task.
 
     `bits` (4 or 8) loads the Linear layers through bitsandbytes (nf4 with double
@@ -288,6 +288,10 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
 
     With `task_head=False` a classification model with no trained head is loaded as its bare
     backbone (for inspecting it) instead of growing a new head.
+
+    `lazy=True` builds only the model's structure (on the meta device, no weights read) when
+    the reference is a folder of plain safetensors files: for a step that streams the weights
+    from the files itself (a merge). `materialize` loads such a model whole after all.
 
     The task defaults to the artifact's, then the checkpoint head's, then the kind's default.
     For classification, `labels` (class names from the data) create a new head when the
@@ -312,7 +316,15 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
     opts = LoadOptions(dtype, allow_pickle, trust_remote_code,
                        task.endswith("classification") and not head.has_head,
                        _bnb_config(bits, device) if bits else {})
-    model, extra = _load_weights(cls, source, config, opts)
+    if lazy and _streamable(source, config, adapter, opts):
+        check_weights(source, allow_pickle)
+        with torch.device("meta"):
+            model = cls.from_config(config)
+        extra = {"lazy": dict(task=task, labels=labels, dtype=dtype, device=device, seed=seed,
+                              allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                              task_head=task_head)}
+    else:
+        model, extra = _load_weights(cls, source, config, opts)
     if adapter is not None:
         check_weights(adapter, allow_pickle)
         model, more = formats.detect(adapter.path, adapter=True).load(model, adapter)
@@ -332,6 +344,23 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
     return LoadedModel(model=model, source=source, kind=kind, task=task, tokenizer=tokenizer,
                        image_processor=image_processor, labels=head.labels, fresh_head=fresh,
                        config_kind=config.model_type, extra=extra)
+
+
+def _streamable(source: ModelSource, config, adapter, opts: LoadOptions) -> bool:
+    """True when a model's weights can be read straight from plain safetensors files."""
+    return (adapter is None and not opts.quant and not opts.new_head and opts.dtype is None
+            and source.kind in ("artifact", "folder", "embedded")
+            and getattr(config, "quantization_config", None) is None
+            and formats.detect(source.path) is formats.get_format(formats.PLAIN)
+            and any(Path(source.path).glob("*.safetensors")))
+
+
+def materialize(loaded: LoadedModel) -> LoadedModel:
+    """A lazily loaded model (`load_model(lazy=True)`) loaded whole; any other as it is."""
+    options = loaded.extra.get("lazy")
+    if not options:
+        return loaded
+    return load_model(loaded.source, **options)
 
 
 def _load_weights(cls, source: ModelSource, config, opts: LoadOptions):
@@ -411,7 +440,19 @@ def from_pretrained(cls, source: ModelSource, config, opts: LoadOptions):
 
 
 def _save_plain(loaded, folder: Path) -> None:
-    loaded.model.save_pretrained(folder)
+    written = loaded.extra.get("weights_files")  # a step wrote the weight files already
+    if not written:
+        loaded.model.save_pretrained(folder)
+        return
+    import shutil
+
+    model = loaded.model
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    for path in written:
+        shutil.move(path, folder / Path(path).name)
 
 
 formats.register_format(formats.Format(

@@ -246,7 +246,7 @@ def plan_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False, device: 
     _check_lengths(recipe, steps, config, kind)
     _check_chain(source, config, steps)
     models = _other_models(steps, task, kind, trust_remote_code)
-    plan = Plan(recipe, out, source, task, steps, load_options=_load_options(steps),
+    plan = Plan(recipe, out, source, task, steps, load_options=_load_options(steps, recipe),
                 models=models)
     _plan_data(plan)
     plan.inputs = _input_paths(source, plan.dataset, steps, models)
@@ -269,11 +269,15 @@ def _check_lengths(recipe: Recipe, steps, config, kind: str) -> None:
                  recipe.model)
 
 
-def _load_options(steps) -> dict:
-    """How the base model is loaded (a QLoRA step's 4/8-bit base): the first step's say."""
+def _load_options(steps, recipe: Recipe) -> dict:
+    """How the base model is loaded (a QLoRA step's 4/8-bit base, a streaming merge's lazy
+    base): the first step's say. A lazy base (its structure only) is for a recipe whose one
+    step writes the weights itself: with more steps or an evaluation it is loaded whole."""
     options = {}
     for i, (method, cfg, _) in enumerate(steps):
         wanted = method.load_options(cfg) if method.load_options else {}
+        if wanted.get("lazy") and (len(steps) > 1 or recipe.eval is not None):
+            wanted = {k: v for k, v in wanted.items() if k != "lazy"}
         if wanted and i > 0:
             raise InputError(f"step {i + 1} ({method.step} {method.name}) changes how the base "
                              "model is loaded (a 4/8-bit QLoRA base); it must be the first step.")

@@ -451,3 +451,47 @@ def test_eval_of_a_multi_task_merge_uses_the_head_that_fits_the_data(tmp_path):
         scores[data] = json.loads(r.stdout)
     assert scores["bbc-news"]["head"] == str(out / "heads" / "news")
     assert "head" not in scores["tweets-sentiment"]
+
+
+@pytest.mark.parametrize("ref", ["tiny:bert", "tiny:gpt2"])
+def test_a_streamed_merge_writes_what_the_in_memory_merge_computes(ref, finetunes, tmp_path,
+                                                                   monkeypatch):
+    """A one-step merge onto a base folder streams file to file (the base never loaded), in
+    row blocks; the same recipe with an evaluation merges in memory: same tensors."""
+    from mmkit.compression.merge import apply
+
+    monkeypatch.setattr(apply, "CHUNK_ENTRIES", 300)  # the larger matrices in several blocks
+    base = _finetune_copy(ref, tmp_path / "base", 7, scale=0.0)
+    data = TINY_DATA[ref]
+    for method, params in {**METHODS, "ties-tensor": {"density": 0.3, "trim_scope": "tensor"}
+                           }.items():
+        name = method.removesuffix("-tensor")
+        streamed = _merge(base, finetunes[ref], tmp_path / f"s-{method}", name, **params)
+        assert streamed["steps"][0]["report"].get("streamed") is True, method
+        recipe = {"model": base, "data": data, "max_samples": 8, "eval": {"split": "test"},
+                  "steps": [{"step": "merge", "method": name, "models": finetunes[ref],
+                             **params}]}
+        in_memory = run_recipe(recipe, tmp_path / f"m-{method}")
+        assert "streamed" not in in_memory["steps"][0]["report"]
+        got, want = _state(streamed["artifact"]), _state(in_memory["artifact"])
+        worst = max((got[k] - want[k]).abs().max().item() for k in want
+                    if want[k].is_floating_point())
+        assert worst <= 1e-6, f"{ref} {method}: {worst}"
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "s-linear" / "model.safetensors"), "pt") as f, \
+            safe_open(str(tmp_path / "base" / "model.safetensors"), "pt") as g:
+        assert sorted(f.keys()) == sorted(g.keys())  # the base's own layout
+
+
+@pytest.mark.parametrize("ref, names", [("tiny:bert", ["lora", "rslora"]),
+                                        ("tiny:gpt2", ["gpt2"])])  # GPT-2: Conv1D layers
+def test_lora_inputs_merge_the_same_in_row_blocks(ref, names, adapters, tmp_path, monkeypatch):
+    from mmkit.compression.merge import apply
+
+    models = [adapters[n] for n in names]
+    whole = _state(_merge(ref, models, tmp_path / "w", "ties", density=0.5)["artifact"])
+    monkeypatch.setattr(apply, "CHUNK_ENTRIES", 300)
+    parts = _state(_merge(ref, models, tmp_path / "p", "ties", density=0.5)["artifact"])
+    assert max((whole[k] - parts[k]).abs().max().item() for k in whole
+               if whole[k].is_floating_point()) <= 1e-6

@@ -13,9 +13,17 @@ from . import configs as mc
 _M = "mmkit.compression.merge.apply:"
 
 
+def _streams(cfg) -> dict:
+    """A data-free merge writes its result file to file: the base is loaded lazily (when the
+    merge is the recipe's only step and nothing evaluates the result)."""
+    full = getattr(cfg, "as_adapter", None) or getattr(cfg, "lam", None) == "auto"
+    return {} if full else {"lazy": True}
+
+
 def _merge(name, function, summary, config=None, models=("models",)):
     return register(Method("merge", name, config or mc.CONFIGS[name], lazy(_M + function),
-                           summary, models=models, needs_data=name in mc.NEEDS_DATA),
+                           summary, models=models, needs_data=name in mc.NEEDS_DATA,
+                           load_options=None if name in mc.NEEDS_DATA else _streams),
                     default=name == "linear")
 
 

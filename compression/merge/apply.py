@@ -14,6 +14,7 @@ kept as extra heads in the layout of `core.heads`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import zlib
@@ -28,9 +29,10 @@ from ...core.train import tied_duplicates
 from . import tensors as tm
 from .inputs import open_input
 from .quantized import dequantize_, requantize_
+from .streamed import tied_sources
 
 log = logging.getLogger("mmkit")
-CHUNK_ENTRIES = 1 << 22  # 4M entries: a float32 temporary of a block is at most 16 MB
+CHUNK_ENTRIES = 1 << 20  # 1M entries: a float32 temporary of a block is at most 4 MB
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -85,21 +87,51 @@ def blocks(shape) -> list[slice] | None:
     return [slice(i, i + step) for i in range(0, shape[0], step)]
 
 
-def _merge_tensor(method: str, cfg, combine, name: str, base, xs) -> None:
-    """Merge one tensor into `base` in place, block by block when it is large (slerp needs
-    the whole tensor's norms and angle)."""
-    parts = None if method == "slerp" else blocks(tuple(base.shape))
-    if parts is None:
-        base.copy_(combine(name, base, xs, None).to(base.dtype))
-        return
-    cuts = None
-    if method == "ties" and cfg.trim_scope == "tensor" and cfg.density < 1:
-        # the tensor's own threshold, found on all of it, then applied block by block
-        cuts = [tm.magnitude_threshold([tm.task_vectors(base, [x])[0]], cfg.density)
-                for x in xs]
-    for i, rows in enumerate(parts):
-        merged = combine(f"{name}[{i}]", base[rows], [x[rows] for x in xs], cuts)
-        base[rows].copy_(merged.to(base.dtype))
+def parts_of(method: str, shape) -> list:
+    """The row blocks a tensor merges in ([None]: whole; slerp needs the whole tensor's
+    norms and angle)."""
+    return (None if method == "slerp" else blocks(tuple(shape))) or [None]
+
+
+def merge_block(method: str, cfg, combine, inputs, name: str, i, rows, base, cuts) -> None:
+    """Merge block `rows` of tensor `name` (its i-th; None: the whole tensor) into `base`,
+    that block of the base, in place; the inputs' blocks are read now."""
+    xs = [_on(inp.tensor(name, base, rows), base) for inp in inputs]
+    label = name if rows is None else f"{name}[{i}]"  # DARE draws with the block's own seed
+    try:
+        base.copy_(combine(label, base, xs, cuts).to(base.dtype))
+    except ValueError as exc:
+        raise InputError(f"merge {method}, tensor {name}: {exc}.") from None
+
+
+def tensor_cuts(method: str, cfg, inputs, name: str, shape, base_of) -> list | None:
+    """TIES at tensor scope on a tensor merged in blocks: each model's threshold over the
+    whole tensor, read block by block."""
+    if method != "ties" or cfg.trim_scope != "tensor" or cfg.density >= 1:
+        return None
+    parts = parts_of(method, shape)
+    if parts == [None]:
+        return None
+    return [tm.magnitude_threshold(lambda inp=inp: tau_blocks(inp, name, shape, base_of),
+                                   cfg.density) for inp in inputs]
+
+
+def tau_blocks(inp, name: str, shape, base_of):
+    """An input's task vector of one tensor, block by block. `base_of(name, rows)`: the
+    base's block."""
+    for rows in blocks(tuple(shape)) or [None]:
+        base = base_of(name, rows)
+        yield tm.task_vectors(base, [_on(inp.tensor(name, base, rows), base)])[0]
+
+
+def _merge_tensor(method: str, cfg, combine, inputs, name: str, base) -> None:
+    """Merge one in-memory tensor `base` in place, block by block when it is large."""
+    def base_of(_, rows):
+        return base if rows is None else base[rows]
+
+    cuts = tensor_cuts(method, cfg, inputs, name, base.shape, base_of)
+    for i, rows in enumerate(parts_of(method, base.shape)):
+        merge_block(method, cfg, combine, inputs, name, i, rows, base_of(name, rows), cuts)
 
 
 def _weights(method: str, cfg) -> list[float] | None:
@@ -130,7 +162,8 @@ def _plan_tensors(loaded, inputs):
     The heads merge with the method when the base has a trained head and every input's head
     serves its labels (a soup of one task); otherwise they are grouped by labels (`_heads`)."""
     state = loaded.model.state_dict()
-    tied = set(tied_duplicates(state))
+    meta = any(t.is_meta for t in state.values())  # a lazy base: no addresses to compare
+    tied = set(tied_sources(loaded.model)) if meta else set(tied_duplicates(state))
     floats = [n for n, t in state.items() if n not in tied and t.is_floating_point()]
     heads = [n for n in floats if is_task_head(n.rsplit(".", 1)[0], new_heads())]
     body = [n for n in floats if n not in heads]
@@ -188,12 +221,12 @@ def _heads(loaded, heads: list[str], groups: dict, manifests: dict) -> dict:
     return said
 
 
-def _thresholds(names, state, inputs, density: float) -> list[float]:
-    """TIES at model scope: each model's magnitude threshold over all its task vectors,
-    streamed twice (a histogram pass, then one bucket)."""
+def _thresholds(names, shapes, base_of, inputs, density: float) -> list[float]:
+    """TIES at model scope: each model's magnitude threshold over all its task vectors, read
+    block by block a few times (`tensors.magnitude_threshold`). `base_of(name, rows)`: the
+    base's block."""
     def taus(inp):
-        return lambda: (tm.task_vectors(state[n], [_on(inp.tensor(n, state[n]), state[n])])[0]
-                        for n in names)
+        return lambda: (tau for n in names for tau in tau_blocks(inp, n, shapes[n], base_of))
 
     return [tm.magnitude_threshold(taus(inp), density) for inp in inputs]
 
@@ -240,39 +273,52 @@ def merge_heads(loaded, grouped, cfg, ctx):
 
 
 def merge_(method: str, loaded, cfg, ctx):
-    """Merge `cfg.models` into the loaded base in place (see the module's docstring). A base
-    whose Linear layers hold pruned zeros keeps them; `lambda: auto` merges at 1, then picks
-    the scale on the validation data (`tuned.choose_lambda`)."""
+    """Merge `cfg.models` into the loaded base (see the module's docstring); a lazily loaded
+    base is merged file to file (`streamed`). A base whose Linear layers hold pruned zeros
+    keeps them; `lambda: auto` merges at 1, then picks the scale on the validation data
+    (`tuned.choose_lambda`)."""
     import torch
 
+    from ...core.loading import materialize
     from ...core.sparsity import zero_masks
+    from . import streamed
 
     start = time.perf_counter()
     weights = _weights(method, cfg)
     if getattr(cfg, "as_adapter", None):
-        return _as_adapter(method, loaded, cfg, ctx, weights, start)
+        return _as_adapter(method, materialize(loaded), cfg, ctx, weights, start)
     auto = getattr(cfg, "lam", None) == "auto"
     if auto:
         cfg = cfg.model_copy(update={"lam": 1.0})
-    with ExitStack() as stack:
+    with ExitStack() as stack, torch.no_grad():
+        files = streamed.open_base(loaded, stack) if loaded.extra.get("lazy") else None
         inputs, requantize = open_inputs(method, loaded, cfg, ctx, stack)
-        masks = zero_masks(loaded.model) if requantize is None else []  # see finish_
         names, grouped = _plan_tensors(loaded, inputs)
+        if loaded.extra.get("lazy") and (files is None or isinstance(grouped, tuple)):
+            loaded = materialize(loaded)  # the heads of several tasks are set in memory
+            names, grouped = _plan_tensors(loaded, inputs)
+        masks = zero_masks(loaded.model) if files is None and requantize is None else []
         state = loaded.model.state_dict()
-        before = {n: state[n].detach().clone() for n in names} if auto else None
+        if files is not None:
+            base_of = files.tensor
+        else:
+            def base_of(name, rows):
+                return state[name] if rows is None else state[name][rows]
         thresholds = None
-        with torch.no_grad():
-            if method == "ties" and cfg.trim_scope == "model":
-                thresholds = _thresholds(names, state, inputs, cfg.density)
-            combine = _combiner(method, cfg, weights, ctx.seed, thresholds)
+        if method == "ties" and cfg.trim_scope == "model":
+            shapes = {n: tuple(state[n].shape) for n in names}
+            thresholds = _thresholds(names, shapes, base_of, inputs, cfg.density)
+        combine = _combiner(method, cfg, weights, ctx.seed, thresholds)
+        if files is not None:
+            merge = functools.partial(merge_block, method, cfg, combine, inputs)
+            cuts = functools.partial(tensor_cuts, method, cfg, inputs)
+            ctx.report.update(streamed.stream(loaded, files, names, merge, cuts,
+                                              functools.partial(parts_of, method)))
+        else:
+            before = {n: state[n].detach().clone() for n in names} if auto else None
             for name in names:
-                base = state[name]
-                xs = [_on(inp.tensor(name, base), base) for inp in inputs]
-                try:
-                    _merge_tensor(method, cfg, combine, name, base, xs)
-                except ValueError as exc:
-                    raise InputError(f"merge {method}, tensor {name}: {exc}.") from None
-            heads = merge_heads(loaded, grouped, cfg, ctx)
+                _merge_tensor(method, cfg, combine, inputs, name, state[name])
+        heads = merge_heads(loaded, grouped, cfg, ctx)
     if auto:
         from .tuned import choose_lambda
 

@@ -1,8 +1,8 @@
 """The models being merged, read one tensor at a time under the BASE model's tensor names.
 
 Each input answers `shape(name, base_shape)` (None when it lacks the tensor) and
-`tensor(name, base)` (that model's tensor, given the base's) for the names of the base's
-state dict:
+`tensor(name, base, rows=None)` (that model's tensor, or the block `rows` of its first
+dimension, given the base's same block) for the names of the base's state dict:
 
 - `FileInput`: a full model saved as plain safetensors (an mmkit artifact, a Hugging Face
   folder, an embedded model). Only the tensor asked for is read (`reading.TensorFile`); the
@@ -120,10 +120,10 @@ class FileInput:
         handle, key = self._where[name]
         return handle.shape(key)
 
-    def tensor(self, name, base):
-        """The model's tensor `name`, read from disk now."""
+    def tensor(self, name, base, rows=None):
+        """The model's tensor `name` (or its block `rows`), read from disk now."""
         handle, key = self._where[name]
-        return handle.get(key)
+        return handle.get(key, rows)
 
 
 class LoraInput:
@@ -180,21 +180,25 @@ class LoraInput:
             return self._handle.shape(self._whole[name])
         return tuple(base_shape)
 
-    def delta(self, name):
-        """The exact update of an adapted layer, B·A·scaling (float32)."""
+    def delta(self, name, rows=None):
+        """The exact update of an adapted layer, B·A·scaling (float32), or the block `rows`
+        of its first dimension (the layer's: B's rows, or A's columns for a Conv1D)."""
         a, b, scaling = self._lora[name]
-        update = self._handle.get(b).float() @ self._handle.get(a).float()
-        return (update.T if name in self._conv1d else update) * scaling
+        a, b = self._handle.get(a).float(), self._handle.get(b).float()
+        if name in self._conv1d:  # the layer's weight is (in, out): update.T
+            return (b @ (a if rows is None else a[:, rows])).T * scaling
+        return ((b if rows is None else b[rows]) @ a) * scaling
 
-    def tensor(self, name, base):
-        """The adapted model's tensor: the base's plus the delta, kept in float32 (or the
-        base's float64) so a float16 base does not round the delta away."""
+    def tensor(self, name, base, rows=None):
+        """The adapted model's tensor (or its block `rows`; `base` is the base's same
+        block): the base's plus the delta, kept in float32 (or the base's float64) so a
+        float16 base does not round the delta away."""
         if name in self._whole:
-            return self._handle.get(self._whole[name])
+            return self._handle.get(self._whole[name], rows)
         if name not in self._lora:
             return base
         wide = base.double() if base.dtype.itemsize > 4 else base.float()
-        return wide + self.delta(name).to(wide.device, wide.dtype)
+        return wide + self.delta(name, rows).to(wide.device, wide.dtype)
 
 
 class MemoryInput:
@@ -220,9 +224,10 @@ class MemoryInput:
         key = self._names.get(name)
         return None if key is None else tuple(self._state[key].shape)
 
-    def tensor(self, name, base):
-        """The model's tensor `name`."""
-        return self._state[self._names[name]]
+    def tensor(self, name, base, rows=None):
+        """The model's tensor `name` (or its block `rows`)."""
+        tensor = self._state[self._names[name]]
+        return tensor if rows is None else tensor[rows]
 
 
 def _pattern_value(patterns: dict, module: str, default):

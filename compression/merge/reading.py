@@ -40,6 +40,34 @@ class TensorFile:
                              "re-create it.") from None
         self._start = 8 + size
         self._meta = {k: v for k, v in header.items() if k != "__metadata__"}
+        for key, meta in self._meta.items():
+            try:
+                begin, end = meta["data_offsets"]
+                assert 0 <= begin <= end
+            except (KeyError, TypeError, ValueError, AssertionError):
+                self._file.close()
+                raise InputError(f"{self.path}: the header entry of {key[:200]} is damaged; "
+                                 "re-create the file.") from None
+
+    def header(self) -> bytes:
+        """The file's first bytes up to its data: the length and the JSON header."""
+        self._file.seek(0)
+        return self._file.read(self._start)
+
+    def span(self, key: str) -> tuple[int, int]:
+        """Where a tensor's bytes lie in the file: (begin, end) from the file's start."""
+        begin, end = self._meta[key]["data_offsets"]
+        return self._start + begin, self._start + end
+
+    def copy_bytes(self, begin: int, end: int, out, block: int = 1 << 24) -> None:
+        """Copy the file's bytes [begin, end) to the open file `out`, a block at a time."""
+        self._file.seek(begin)
+        while begin < end:
+            data = self._file.read(min(block, end - begin))
+            if not data:
+                raise InputError(f"{self.path} is truncated; re-create it.")
+            out.write(data)
+            begin += len(data)
 
     def keys(self) -> list[str]:
         """The tensor names the file holds."""
@@ -49,8 +77,9 @@ class TensorFile:
         """A tensor's shape, from the header."""
         return tuple(self._meta[key]["shape"])
 
-    def get(self, key: str):
-        """A tensor, read from disk now into memory of its own."""
+    def get(self, key: str, rows: slice | None = None):
+        """A tensor, or the block `rows` of its first dimension, read from disk now into
+        memory of its own."""
         import torch
 
         meta = self._meta[key]
@@ -59,14 +88,20 @@ class TensorFile:
                              "which mmkit merge does not read.")
         dtype = getattr(torch, _DTYPES[meta["dtype"]])
         begin, end = meta["data_offsets"]
+        shape = list(meta["shape"])
+        if rows is not None and shape:
+            first, last, _ = rows.indices(shape[0])
+            row_bytes = (end - begin) // max(1, shape[0])
+            begin, end = begin + first * row_bytes, begin + last * row_bytes
+            shape[0] = last - first
         if end == begin:
-            return torch.empty(meta["shape"], dtype=dtype)
+            return torch.empty(shape, dtype=dtype)
         self._file.seek(self._start + begin)
         data = bytearray(end - begin)
         if self._file.readinto(data) != len(data):
             raise InputError(f"{self.path} ends inside the tensor {key}: the file is truncated; "
                              "re-create it.")
-        return torch.frombuffer(data, dtype=dtype).reshape(meta["shape"])
+        return torch.frombuffer(data, dtype=dtype).reshape(shape)
 
     def close(self) -> None:
         """Close the file."""

@@ -158,7 +158,7 @@ def task_arithmetic(base: torch.Tensor, tensors: Sequence[torch.Tensor],
 
 def _magnitude_key(x: torch.Tensor) -> torch.Tensor:
     """Bucket index of |x|: monotone in |x| (float32 rounding and the bit pattern both are)."""
-    return (x.abs().to(torch.float32).view(torch.int32) >> _BUCKET_SHIFT).reshape(-1)
+    return _float32_bits(x) >> _BUCKET_SHIFT
 
 
 def magnitude_threshold(taus: Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]],
@@ -172,25 +172,27 @@ def magnitude_threshold(taus: Iterable[torch.Tensor] | Callable[[], Iterable[tor
     the threshold are all kept, so ties in magnitude can keep slightly more than k entries.
 
     ``taus`` is a sequence of tensors, or a function returning a fresh iterable of them: it is
-    read twice (a histogram pass, then one bucket's values), one tensor at a time, so a caller
-    streaming from disk never holds all the model's magnitudes at once.
+    read a few times (a histogram of the top bits, one of the low bits inside the bucket
+    found, and for float64 input the few values rounding to the float32 found), one tensor at
+    a time, so a caller streaming from disk never holds all the model's magnitudes at once.
     """
     d = _check_density(density)
     again = taus if callable(taus) else None
     if again is None:
         if isinstance(taus, torch.Tensor) or not isinstance(taus, Sequence):
             raise ValueError("taus must be a list of tensors or a function returning them "
-                             "(it is read twice)")
+                             "(it is read more than once)")
         taus = list(taus)
         again = lambda: taus  # noqa: E731
     counts = None
-    n = 0
+    n, wide = 0, False
     for tau in again():
         if not isinstance(tau, torch.Tensor) or not tau.is_floating_point():
             raise ValueError("taus must hold floating-point tensors")
         hist = torch.bincount(_magnitude_key(tau), minlength=_BUCKETS).cpu()
         counts = hist if counts is None else counts + hist
         n += tau.numel()
+        wide = wide or tau.dtype == torch.float64
     if not n:
         raise ValueError("taus holds no entries")
     k = min(n, max(1, math.floor(d * n + 0.5)))
@@ -198,10 +200,32 @@ def magnitude_threshold(taus: Iterable[torch.Tensor] | Callable[[], Iterable[tor
     above = torch.flip(torch.cumsum(torch.flip(counts, [0]), 0), [0])  # entries in buckets ≥ b
     bucket = int((above >= k).nonzero().max())
     rank = k - (int(above[bucket + 1]) if bucket + 1 < _BUCKETS else 0)  # rank inside bucket
-    inside = [tau.reshape(-1)[_magnitude_key(tau) == bucket].abs().cpu() for tau in again()]
-    dtype = torch.float64 if any(v.dtype == torch.float64 for v in inside) else torch.float32
-    values = torch.cat([v.to(dtype) for v in inside])
+    # a second histogram over the bucket's low bits: each of its cells is one float32 value,
+    # so no pass ever holds a bucket's entries (all of them, when a model equals the base)
+    low = (1 << _BUCKET_SHIFT) - 1
+    cells = None
+    for tau in again():
+        bits = _float32_bits(tau)
+        hist = torch.bincount(bits[(bits >> _BUCKET_SHIFT) == bucket] & low,
+                              minlength=low + 1).cpu()
+        cells = hist if cells is None else cells + hist
+    above = torch.flip(torch.cumsum(torch.flip(cells, [0]), 0), [0])
+    cell = int((above >= rank).nonzero().max())
+    rank -= int(above[cell + 1]) if cell < low else 0
+    key = (bucket << _BUCKET_SHIFT) | cell
+    value = float(torch.tensor([key], dtype=torch.int32).view(torch.float32))
+    if not wide:
+        return value
+    # float64 magnitudes: the k-th largest of those that round to this float32 value
+    inside = [tau.reshape(-1)[_float32_bits(tau) == key].abs().double().cpu()
+              for tau in again()]
+    values = torch.cat(inside)
     return float(torch.kthvalue(values, values.numel() - rank + 1).values)
+
+
+def _float32_bits(x: torch.Tensor) -> torch.Tensor:
+    """The float32 bit pattern of |x|, flat: it orders like the value."""
+    return x.abs().to(torch.float32).view(torch.int32).reshape(-1)
 
 
 def _elect_and_merge(taus: list[torch.Tensor], weights: list[float], sign: str, divide: str,
