@@ -276,6 +276,16 @@ def _publish_mode(folder: Path) -> None:
             os.chmod(os.path.join(root, f), 0o666 & ~umask)
 
 
+def scratch_folder(out: Path | None) -> Path:
+    """A folder for a step's large temporary files: a hidden sibling of OUT (same file
+    system, so they move into the artifact by a rename; named like a staging folder, so the
+    next run on OUT removes it if this one is killed), or a system temporary folder."""
+    if out is None:
+        return Path(tempfile.mkdtemp(prefix="mmkit-"))
+    out = output_path(out)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.{TMP}-", dir=out.parent))
+
+
 @contextmanager
 def staging(out: Path, overwrite: bool):
     """Yield a hidden sibling folder to write into; on success it becomes OUT in one step, on

@@ -72,6 +72,7 @@ class Context:
     seed: int = 0
     dataset: object = None
     max_samples: int | None = None  # the recipe's cap on each split, for data a step loads
+    out: object = None  # the artifact's path: a step's large scratch files go beside it
     workdir: object = None  # where a training step keeps its checkpoints
     fingerprint: str = ""  # identifies the run, so --resume refuses another run's checkpoints
     resume: bool = False

@@ -495,3 +495,19 @@ def test_lora_inputs_merge_the_same_in_row_blocks(ref, names, adapters, tmp_path
     parts = _state(_merge(ref, models, tmp_path / "p", "ties", density=0.5)["artifact"])
     assert max((whole[k] - parts[k]).abs().max().item() for k in whole
                if whole[k].is_floating_point()) <= 1e-6
+
+
+def test_scratch_files_of_a_killed_streamed_merge_are_removed_by_the_next_run(finetunes,
+                                                                              tmp_path):
+    """A streamed merge writes beside OUT under a staging name; killed (-9), it leaves that
+    folder, which the next run on OUT removes. The finished run leaves no scratch behind."""
+    from mmkit.core.outputs import scratch_folder
+
+    base = _finetune_copy("tiny:gpt2", tmp_path / "base", 7, scale=0.0)
+    out = tmp_path / "m"
+    killed = scratch_folder(out)
+    (killed / "model.safetensors").write_bytes(b"half a file")
+    result = _merge(base, finetunes["tiny:gpt2"], out, "linear")
+    assert result["steps"][0]["report"]["streamed"] is True
+    assert not killed.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".m.")) == []

@@ -313,7 +313,7 @@ def merge_(method: str, loaded, cfg, ctx):
             merge = functools.partial(merge_block, method, cfg, combine, inputs)
             cuts = functools.partial(tensor_cuts, method, cfg, inputs)
             ctx.report.update(streamed.stream(loaded, files, names, merge, cuts,
-                                              functools.partial(parts_of, method)))
+                                              functools.partial(parts_of, method), ctx.out))
         else:
             before = {n: state[n].detach().clone() for n in names} if auto else None
             for name in names:

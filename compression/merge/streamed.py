@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 import weakref
 from contextlib import ExitStack
 from pathlib import Path
 
 from ...core.layers import is_linear
+from ...core.outputs import scratch_folder
 from ...core.sparsity import MIN_ZERO_FRACTION
 from .inputs import _NeedsLoading, name_map
 from .reading import TensorFile
@@ -69,16 +69,17 @@ def open_base(loaded, stack: ExitStack) -> BaseFiles | None:
         return None
 
 
-def stream(loaded, base: BaseFiles, names: list[str], merge, cuts, parts) -> dict:
+def stream(loaded, base: BaseFiles, names: list[str], merge, cuts, parts, out=None) -> dict:
     """Write the merged model's files into a scratch folder and mark them on `loaded` for the
     artifact writer. Each tensor goes in the row blocks `parts(shape)` gives:
     `merge(name, i, rows, base_block, cuts)` merges one block in place, `cuts(name, shape,
-    base.tensor)` gives the tensor's TIES thresholds when they span its blocks. Returns the
-    report's account."""
+    base.tensor)` gives the tensor's TIES thresholds when they span its blocks. The files are
+    written beside the artifact `out` (`core.outputs.scratch_folder`). Returns the report's
+    account."""
     merged = set(names)
     tied = {d: s for d, s in tied_sources(loaded.model).items() if s in merged}
     modules = dict(loaded.model.named_modules())
-    scratch = Path(tempfile.mkdtemp(prefix="mmkit-merge-"))
+    scratch = scratch_folder(out)
     weakref.finalize(loaded, shutil.rmtree, scratch, True)  # also on errors and at exit
     written, pruned = [], 0
     for handle in base.files:
