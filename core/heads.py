@@ -157,7 +157,7 @@ def set_head(loaded, tensors: dict, labels: list[str]) -> None:
         path, attr = name.rsplit(".", 1)
         module = model.get_submodule(path)
         if tuple(getattr(module, attr).shape) != tuple(tensor.shape):
-            if not isinstance(module, torch.nn.Linear) or attr != "weight" and attr != "bias":
+            if not isinstance(module, torch.nn.Linear) or attr not in ("weight", "bias"):
                 raise InputError(f"the task head {path} cannot be resized to {tuple(tensor.shape)}"
                                  "; merge models whose heads have the base's labels.")
             parent, _, child = path.rpartition(".")

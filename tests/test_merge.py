@@ -173,16 +173,19 @@ def test_task_arithmetic_with_one_model_and_lambda_1_returns_it(ref, finetunes, 
 
 
 def test_heads_of_another_task_are_kept_beside_the_main_one(finetunes, tmp_path):
+    """Onto a base folder (which would stream) two fine-tunes of its task and one of another:
+    the two heads are averaged into the model's head, the other is kept apart."""
     other = _finetune_copy("tiny:bert", tmp_path / "other", 3, labels=["a", "b", "c"])
-    a = finetunes["tiny:bert"][0]
-    result = _merge(a, [a, other], tmp_path / "m", "linear")
+    a, a2 = finetunes["tiny:bert"]
+    result = _merge(a, [a, a2, other], tmp_path / "m", "linear")
     heads = result["steps"][0]["report"]["heads"]
-    assert heads["main"] == {"labels": ["negative", "positive"], "from": [a]}
+    assert heads["main"] == {"labels": ["negative", "positive"], "from": [a, a2]}
     assert heads["extra"] == {"other": {"labels": ["a", "b", "c"], "from": [other]}}
-    merged, base, b = _state(result["artifact"]), _state(a), _state(other)
-    assert torch.equal(merged["classifier.weight"], base["classifier.weight"])
+    merged, base, base2, b = _state(result["artifact"]), _state(a), _state(a2), _state(other)
+    assert torch.allclose(merged["classifier.weight"],
+                          (base["classifier.weight"] + base2["classifier.weight"]) / 2)
     body = "bert.encoder.layer.0.attention.self.query.weight"
-    assert torch.allclose(merged[body], (base[body] + b[body]) / 2, atol=1e-7)
+    assert torch.allclose(merged[body], (base[body] + base2[body] + b[body]) / 3, atol=1e-7)
     # the extra head is a plain HF model: the merged backbone, the other model's head
     from transformers import AutoModelForSequenceClassification
 

@@ -295,7 +295,7 @@ def merge_(method: str, loaded, cfg, ctx):
         inputs, requantize = open_inputs(method, loaded, cfg, ctx, stack)
         names, grouped = _plan_tensors(loaded, inputs)
         if loaded.extra.get("lazy") and (files is None or isinstance(grouped, tuple)):
-            loaded = materialize(loaded)  # the heads of several tasks are set in memory
+            loaded, files = materialize(loaded), None  # heads of several tasks: in memory
             names, grouped = _plan_tensors(loaded, inputs)
         masks = zero_masks(loaded.model) if files is None and requantize is None else []
         state = loaded.model.state_dict()
