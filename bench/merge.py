@@ -77,12 +77,13 @@ def mmkit(args: list[str], timed: bool = False) -> dict:
     object printed ("json"), {"skipped": message} on exit 2, or {"error": message}. With
     `timed`, the command runs under /usr/bin/time and the row adds its peak RSS."""
     argv = [sys.executable, "-m", "mmkit.cli.main", *args, "--json", "-q"]
-    shown = "HF_HUB_OFFLINE=1 " + shlex.join(["python", *argv[1:]])
+    shown = shlex.join(["python", *argv[1:]])
     stats = None
     if timed:
         stats = Path(args[args.index("-o") + 1] + ".time")
         argv = ["/usr/bin/time", "-f", "%e %M", "-o", str(stats), *argv]
         shown = f"/usr/bin/time -f '%e %M' {shown}"
+    shown = f"HF_HUB_OFFLINE=1 {shown}"
     start = time.perf_counter()
     proc = subprocess.run(argv, cwd=REPO, env=ENV, capture_output=True, text=True)
     row = {"command": shown, "rc": proc.returncode,
@@ -109,10 +110,11 @@ def _time_stats(path: Path) -> dict:
 
 
 def finetune(work: Path, name: str, model: str, args: list[str]) -> dict:
-    """Fine-tune `model` into work/name, or reuse that folder when it holds mmkit.json.
-    Fails loudly: nothing downstream means anything without the fine-tune."""
+    """Fine-tune `model` into work/name, or reuse that folder when it holds mmkit.json (the
+    names carry the settings, so changed settings train anew). Fails loudly: nothing
+    downstream means anything without the fine-tune."""
     out = work / name
-    command = ["finetune", model, *args, "-o", str(out)]
+    command = ["finetune", model, *args, "-o", str(out), "--eval-split", "none"]
     if (out / "mmkit.json").exists():
         manifest = json.loads((out / "mmkit.json").read_text())
         step = manifest["steps"][0]
@@ -120,7 +122,7 @@ def finetune(work: Path, name: str, model: str, args: list[str]) -> dict:
                 "command": "HF_HUB_OFFLINE=1 " + shlex.join(["python", "-m", "mmkit.cli.main",
                                                              *command, "--json", "-q"]),
                 "seconds": step.get("seconds"), "train_loss": step["report"].get("train_loss")}
-    row = mmkit([*command, "--eval-split", "none"])
+    row = mmkit(command)
     if "json" not in row:
         raise SystemExit(f"fine-tune {name} failed: {row.get('skipped') or row.get('error')}")
     step = row.pop("json")["steps"][0]
@@ -193,8 +195,8 @@ def _multitask_kind(args, work: Path, kind: str, lr: float) -> dict:
     """One kind (full / lora): the two fine-tunes, their scores, each method's merge."""
     singles, single_acc = {}, {}
     for task in TASKS:
-        ft = finetune(work, f"mt-{kind}-{task}", "minilm",
-                      ["--data", task, *_classifier_args(args, kind, lr)])
+        name = f"mt-{kind}-{task}-n{args.max_samples}-e{args.epochs}-lr{lr}"
+        ft = finetune(work, name, "minilm", ["--data", task, *_classifier_args(args, kind, lr)])
         ft["test"] = evaluate(ft["artifact"], task, "test", ["--max-samples",
                                                              str(args.max_samples)])
         singles[task], single_acc[task] = ft, ft["test"].get("accuracy")
@@ -257,7 +259,7 @@ def soups(args, work: Path) -> dict:
     # different seeds would train some members on the others' test examples.
     singles = {}
     for i, lr in enumerate(lrs):
-        ft = finetune(work, f"soup-{i}", "minilm",
+        ft = finetune(work, f"soup-n{args.max_samples}-e{args.epochs}-lr{lr}", "minilm",
                       ["--data", "tweets-sentiment", "--full", "--max-samples",
                        str(args.max_samples), "--epochs", str(args.epochs), "--lr", str(lr),
                        "--seed", "0"])
@@ -328,7 +330,8 @@ def lm(args, work: Path) -> dict:
     common = ["--task", "causal-lm", "--max-samples", str(args.lm_samples)]
     train = [*common, "--lora", "--lr", str(args.lm_lr), "--epochs", str(args.lm_epochs),
              "--max-length", str(args.lm_length), "--batch-size", "8", "--seed", "0"]
-    singles = {d: finetune(work, f"lm-{d}", "smollm2", ["--data", files[d], *train])
+    tag = f"n{args.lm_samples}-e{args.lm_epochs}-lr{args.lm_lr}-len{args.lm_length}"
+    singles = {d: finetune(work, f"lm-{d}-{tag}", "smollm2", ["--data", files[d], *train])
                for d in LM_DOMAINS}
     scored = {"base (smollm2)": {"command": None}}
     scored.update({f"single {d}": dict(singles[d]) for d in LM_DOMAINS})
@@ -377,10 +380,12 @@ def _noisy_copies(work: Path, copies: int, noise: float) -> tuple[Path, list[Pat
     if all((p / "config.json").exists() for p in paths):
         return paths[0], paths[1:]
     import torch
+    import transformers
     from transformers import LlamaForCausalLM
 
     from mmkit.core.loading import load_model
 
+    transformers.utils.logging.disable_progress_bar()  # stderr stays the bench's log
     loaded = load_model("smollm2")
     config = loaded.model.config
     if hasattr(config, "quantization_config"):  # GGUF-loaded: save_pretrained refuses it
@@ -446,7 +451,7 @@ def _machine() -> dict:
     import torch
 
     return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_average_at_start": os.getloadavg(), "python": sys.version.split()[0],
+            "load_average_when_recorded": os.getloadavg(), "python": sys.version.split()[0],
             "torch": torch.__version__}
 
 
@@ -455,7 +460,7 @@ def _record(out: Path, name: str, part: dict, settings: dict) -> None:
     result = json.loads(out.read_text()) if out.exists() else {}
     result.setdefault("parts", {})[name] = part
     result["machine"] = _machine()
-    result.setdefault("runs", {})[name] = settings
+    result.setdefault("arguments", {})[name] = settings
     write_result(result, out)
 
 
@@ -474,7 +479,7 @@ def _arguments():
     parser.add_argument("--lr-lora", type=float, default=2e-3)
     parser.add_argument("--soup-lrs", type=lambda s: [float(x) for x in s.split(",")],
                         default=[3e-5, 4e-5, 5e-5, 6e-5, 8e-5])
-    parser.add_argument("--lm-samples", type=int, default=200)
+    parser.add_argument("--lm-samples", type=int, default=100, help="documents per split")
     parser.add_argument("--lm-epochs", type=float, default=1)
     parser.add_argument("--lm-lr", type=float, default=1e-3)
     parser.add_argument("--lm-length", type=int, default=256)
