@@ -81,6 +81,7 @@ def mmkit(args: list[str], timed: bool = False) -> dict:
     stats = None
     if timed:
         stats = Path(args[args.index("-o") + 1] + ".time")
+        stats.parent.mkdir(parents=True, exist_ok=True)  # time exits 125 if it cannot write
         argv = ["/usr/bin/time", "-f", "%e %M", "-o", str(stats), *argv]
         shown = f"/usr/bin/time -f '%e %M' {shown}"
     shown = f"HF_HUB_OFFLINE=1 {shown}"
