@@ -8,7 +8,8 @@ from ..core.sparsity import reapply_
 from ..core.train import clip_classifier, train
 
 
-def train_adapted(loaded, model, cfg, ctx, default_lr: float, masks, merge=None) -> bool:
+def train_adapted(loaded, model, cfg, ctx, default_lr: float, masks, merge=None,
+                  loss=None) -> bool:
     """Train `model` (the loaded model, or it with an adapter) on ctx.dataset and add the
     training report to ctx.report; the model ends in eval mode. A CLIP model trains as a
     classifier of the data's labels (image vs. prompt similarity).
@@ -20,7 +21,7 @@ def train_adapted(loaded, model, cfg, ctx, default_lr: float, masks, merge=None)
     trained = model
     if loaded.task == "zero-shot-image-classification":
         trained = clip_classifier(model, loaded.tokenizer, ctx.dataset.label_names)
-    ctx.report.update(train(loaded, trained, cfg, ctx, default_lr, masks))
+    ctx.report.update(train(loaded, trained, cfg, ctx, default_lr, masks, loss))
     model.eval()
     if not (cfg.merge and merge is not None):
         return False

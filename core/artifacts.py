@@ -59,8 +59,10 @@ def _weights_sha(folder: Path) -> str | None:
 
 def save_model_files(loaded, folder: Path) -> None:
     """Write the model in the format it carries (`core.formats`), its tokenizer /
-    processor, and the extra task heads a merge of several tasks keeps (`core.heads`; they
-    point into plain weight files, so only a plain model keeps them)."""
+    processor, an elastic super-network's space (`core.elastic_space`), and the extra task
+    heads a merge of several tasks keeps (`core.heads`; they point into plain weight files,
+    so only a plain model keeps them)."""
+    from .elastic_space import write_elastic
     from .formats import PLAIN, save
     from .heads import write_heads
 
@@ -69,6 +71,8 @@ def save_model_files(loaded, folder: Path) -> None:
         loaded.tokenizer.save_pretrained(folder)
     if loaded.image_processor is not None:
         loaded.image_processor.save_pretrained(folder)
+    if loaded.extra.get("elastic") is not None:  # an elastic super-network's space
+        write_elastic(loaded.extra["elastic"], folder)
     if loaded.extra.get("heads"):
         if loaded.extra.get("format", PLAIN) == PLAIN:
             write_heads(loaded, folder)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .errors import InputError, RuntimeFailure
 from .families import DEFAULT_TASK, head_task, model_kind
+from .elastic_space import read_elastic
 from .heads import pick_head
 from . import formats
 from .layers import output_heads
@@ -325,6 +326,9 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
                               task_head=task_head)}
     else:
         model, extra = _load_weights(cls, source, config, opts)
+    elastic = read_elastic(source.path) if adapter is None else None
+    if elastic is not None:  # a super-network: `extract` and `search` read its space
+        extra["elastic"] = elastic
     if adapter is not None:
         check_weights(adapter, allow_pickle)
         model, more = formats.detect(adapter.path, adapter=True).load(model, adapter)

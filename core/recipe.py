@@ -418,7 +418,7 @@ def _execute(plan: Plan, run: RunOptions, training: dict | None = None) -> dict:
                         trust_remote_code=run.trust_remote_code, allow_pickle=run.allow_pickle,
                         **plan.load_options)
     ctx = Context(device=run.device, seed=plan.seed, dataset=plan.dataset, models=plan.models,
-                  max_samples=recipe.max_samples, out=plan.out,
+                  max_samples=recipe.max_samples, out=plan.out, origin=plan.source,
                   **(training or {}))
     loaded, done = apply_steps(loaded, plan.steps, ctx)
     metrics = []

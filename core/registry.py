@@ -78,6 +78,9 @@ class Context:
     resume: bool = False
     callbacks: list = field(default_factory=list)  # extra HF TrainerCallbacks
     models: dict = field(default_factory=dict)  # further models the step names: ref -> source
+    # the model the steps started from (a LoadedModel, or a source to load): the teacher a
+    # distillation step uses when it names none
+    origin: object = None
     report: dict = field(default_factory=dict)
 
 

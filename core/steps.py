@@ -86,7 +86,9 @@ def apply_steps(loaded, steps: list[Step], ctx, announce: bool = True):
 
     Returns the model and one record per step (method, parameters, seconds, report). When the
     context has a work folder, each step gets its own below it (`step-N`), so a training step
-    keeps its checkpoints apart from another's.
+    keeps its checkpoints apart from another's. An elastic super-network stays one only
+    through `extract` steps (or an elastic fine-tuning, which describes it anew): any other
+    step drops its space.
     """
     workdir = ctx.workdir
     done = []
@@ -99,6 +101,8 @@ def apply_steps(loaded, steps: list[Step], ctx, announce: bool = True):
             if announce:
                 log.info("step %s:%s", method.step, method.name)
             start = time.perf_counter()
+            if method.step != "extract":  # any other step changes what the space describes
+                loaded.extra.pop("elastic", None)
             loaded = method.apply(loaded, step.config, ctx)
             if loaded.extra.pop("merged_adapter", None):  # a prune / quantize merged it first
                 ctx.report["merged_adapter_first"] = True

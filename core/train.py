@@ -154,12 +154,15 @@ def _compute_metrics(task):
     return None if task == "causal-lm" else compute
 
 
-def train(loaded, model, cfg: TrainingConfig, ctx, default_lr: float, masks=None) -> dict:
+def train(loaded, model, cfg: TrainingConfig, ctx, default_lr: float, masks=None,
+          loss=None) -> dict:
     """Train `model` (the loaded model, possibly wrapped) on ctx.dataset; return a report.
 
     Evaluates on the validation split each epoch and ends with the best epoch's weights.
     `masks` are the zeros of the base model's pruned layers (`zero_masks` taken before any
-    adapter was added); with `keep_sparsity` they are re-applied after every step.
+    adapter was added); with `keep_sparsity` they are re-applied after every step. `loss`
+    (model, inputs) -> (loss, outputs) replaces the model's own training loss (distillation,
+    elastic training); evaluation keeps the model's own.
     """
     from transformers import set_seed
 
@@ -173,7 +176,7 @@ def train(loaded, model, cfg: TrainingConfig, ctx, default_lr: float, masks=None
     total = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
     args = _training_arguments(cfg, ctx, workdir, total, default_lr, loaded.task != "causal-lm",
                                "input_ids" in train_items[0])
-    trainer = _trainer(loaded, model, args, train_items, eval_items, ctx, cfg, masks)
+    trainer = _trainer(loaded, model, args, train_items, eval_items, ctx, cfg, masks, loss)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
     length = (f"{total} steps ({total / steps_per_epoch:.2f} epochs)" if cfg.max_steps
@@ -242,13 +245,28 @@ def _training_arguments(cfg: TrainingConfig, ctx, workdir: Path, total: int, def
     )
 
 
-def _trainer(loaded, model, args, train_items, eval_items, ctx, cfg: TrainingConfig, masks):
+def _loss_trainer(loss):
+    """A Trainer whose training loss is `loss(model, inputs) -> (loss, outputs)`."""
+    from transformers import Trainer
+
+    class LossTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not model.training:  # evaluation scores the model as it is
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            value, outputs = loss(model, inputs)
+            return (value, outputs) if return_outputs else value
+
+    return LossTrainer
+
+
+def _trainer(loaded, model, args, train_items, eval_items, ctx, cfg: TrainingConfig, masks,
+             loss=None):
     """The HF Trainer with mmkit's callbacks: kept zeros, progress on stderr only, our log."""
     from transformers import PrinterCallback, ProgressCallback, Trainer
 
     from . import progress
 
-    trainer = Trainer(model=raw_checkpoints(model), args=args, train_dataset=train_items,
+    trainer = (Trainer if loss is None else _loss_trainer(loss))(model=raw_checkpoints(model), args=args, train_dataset=train_items,
                       eval_dataset=eval_items, data_collator=Collator(loaded),
                       compute_metrics=_compute_metrics(loaded.task),
                       callbacks=list(ctx.callbacks))
