@@ -26,13 +26,25 @@ def _human(r: dict) -> str:
         lines.append("exported: " + ", ".join(r["exported"]))
     again = r.get("best_remeasured")
     if again:
-        budget = r["best"]["latency_ms"]
-        lines.append(f"best (trial {r['best']['trial']}): {budget:.2f} ms in the search, "
-                     f"{again['median_ms']:.2f} ms measured again alone (p90 "
-                     f"{again['p90_ms']:.2f} ms, {again['threads']} threads, load "
-                     f"{again['load_per_cpu']} per CPU)"
-                     + ("" if again["steady"] else "; unsteady: the machine is busy"))
+        lines.append(_side_by_side(r["best"], again))
     return "\n".join(lines)
+
+
+def _ratio(value) -> str:
+    return "no ratio" if value is None else f"{value:.3g}x"
+
+
+def _side_by_side(best: dict, again: dict) -> str:
+    """The best model's latency in the search beside the one measured again at the end, each
+    in ms and as a ratio to the unmodified model's (timed interleaved with it)."""
+    return (f"best (trial {best['trial']}), latency against the unmodified model:\n"
+            f"  {'in the search':<16}{best['latency_ms']:>9.2f} ms  "
+            f"{_ratio(best.get('latency_ratio'))}\n"
+            f"  {'measured again':<16}{again['median_ms']:>9.2f} ms  {_ratio(again['ratio'])} "
+            f"(p10-p90 {again['ratio_p10']:.3g}-{again['ratio_p90']:.3g}x; unmodified "
+            f"{again['reference_median_ms']:.2f} ms; {again['threads']} threads, load "
+            f"{again['load_per_cpu']} per CPU)"
+            + ("" if again["steady"] else "; unsteady: the machine is busy"))
 
 
 @click.group("search", cls=SearchGroup)
@@ -44,8 +56,10 @@ def search_group():
 @search_group.command("run", cls=options.Command)
 @options.model_argument
 @options.data
-@click.option("--latency-budget", help="Slowest acceptable median latency, e.g. 20ms or 0.5s. "
-                                       "Slower candidates are not evaluated.")
+@click.option("--latency-budget", help="Slowest acceptable median latency: a time (20ms, 0.5s) "
+                                       "or a ratio to the unmodified model's latency (0.5x, "
+                                       "the two timed interleaved). Slower candidates are not "
+                                       "evaluated.")
 @click.option("--objectives", default="accuracy,latency,size", show_default=True,
               help="Comma-separated: accuracy | macro_f1 | perplexity, latency, size.")
 @click.option("--knobs", help="Comma-separated knobs with their default values: layers, heads, "
@@ -99,9 +113,10 @@ def search_run(model, data_spec, latency_budget, objectives, knobs, space_file, 
 
 @search_group.command("pick", cls=options.Command)
 @click.argument("out", type=click.Path())
-@click.option("--latency-budget", required=True, help="The new budget, e.g. 10ms.")
+@click.option("--latency-budget", required=True, help="The new budget, e.g. 10ms or 0.5x.")
 @click.option("-o", "--output", "dest", type=click.Path(),
-              help="Where to write the model. [default: OUT/pick-<budget>ms]")
+              help="Where to write the model. [default: OUT/pick-<budget>ms or "
+                   "OUT/pick-<ratio>x]")
 @click.option("--overwrite", is_flag=True, help="Replace the output if it exists.")
 @options.common
 def search_pick(out, latency_budget, dest, overwrite, as_json):
@@ -114,4 +129,6 @@ def search_pick(out, latency_budget, dest, overwrite, as_json):
     options.emit(pick(out, latency_budget, dest, overwrite), as_json,
                  lambda r: f"{r['artifact']}  trial {r['trial']} ({point_text(r['params'])}): "
                            + ", ".join(f"{k} {v:.4g}" for k, v in r["values"].items())
-                           + f"; median latency {r['latency_ms']:.2f} ms")
+                           + f"; median latency {r['latency_ms']:.2f} ms"
+                           + ("" if r.get("latency_ratio") is None
+                              else f", {r['latency_ratio']:.3g}x the unmodified model"))

@@ -79,7 +79,9 @@ class Trial:
         import optuna
 
         from ..core.evaluate import evaluate
-        from ..core.profile import profile
+        from ..core.layers import weight_bytes
+        from ..core.profile import megabytes, profile_pair
+        from .results import budget_text
         from .space import point_key, steps_for
 
         start = time.perf_counter()
@@ -103,12 +105,16 @@ class Trial:
             trial.set_user_attr("invalid", str(exc))
             self._stop_when_all_tried(trial, {key, *settled})
             raise optuna.TrialPruned(str(exc)) from None
-        prof = profile(loaded, self.device, batch_size=self.batch_size, seq_len=self.seq_len,
-                       warmup=2, repeats=self.repeats)
-        latency, size = prof["latency_ms"]["median"], prof["weights_mb"]
-        over = latency - self.budget_ms if self.budget_ms else 0.0
+        # timed interleaved with the unmodified model, so that the ratio holds while the
+        # machine's speed drifts between (and during) trials
+        prof = profile_pair(loaded, self.base, self.device, batch_size=self.batch_size,
+                            seq_len=self.seq_len, warmup=2, rounds=self.repeats)
+        latency, size = prof["candidate_ms"]["median"], megabytes(weight_bytes(loaded.model))
+        over = self._over_budget(latency, prof["ratio"])
         trial.set_user_attr("latency_ms", latency)
-        trial.set_user_attr("latency_p90_ms", prof["latency_ms"]["p90"])
+        trial.set_user_attr("reference_latency_ms", prof["reference_ms"]["median"])
+        trial.set_user_attr("latency_ratio", prof["ratio"])
+        trial.set_user_attr("latency_p90_ms", prof["candidate_ms"]["p90"])
         trial.set_user_attr("latency_steady", prof["stable"])
         trial.set_user_attr("threads", prof["environment"]["threads"])
         trial.set_user_attr("load_per_cpu", prof["environment"]["load_per_cpu"])
@@ -117,19 +123,30 @@ class Trial:
         measured = {"latency": latency, "size": size}
         if over > 0:  # over the budget: no need to pay for the evaluation
             trial.set_user_attr("evaluated", False)
-            log.info("trial %d: %.1f ms, over the %.1f ms budget; not evaluated", trial.number,
-                     latency, self.budget_ms)
+            log.info("trial %d: %.1f ms, %.2fx the unmodified model, over the %s budget; not "
+                     "evaluated", trial.number, latency, prof["ratio"],
+                     budget_text(self.budget_ms, self.settings.budget_ratio))
         else:
             metrics = evaluate(loaded, self.dataset, "validation")
             measured.update({k: metrics[k] for k in QUALITY if k in metrics})
             trial.set_user_attr("evaluated", True)
             trial.set_user_attr("metrics", {k: metrics[k] for k in QUALITY if k in metrics})
-            log.info("trial %d (%s): %s, %.1f ms, %.1f MB", trial.number, key,
+            log.info("trial %d (%s): %s, %.1f ms (%.2fx the unmodified model), %.1f MB",
+                     trial.number, key,
                      ", ".join(f"{k} {v:.4f}" for k, v in trial.user_attrs["metrics"].items()),
-                     latency, size)
+                     latency, prof["ratio"], size)
         trial.set_user_attr("seconds", time.perf_counter() - start)
         self._stop_when_all_tried(trial, {key, *settled})
         return tuple(measured.get(n, OBJECTIVES[n][1]) for n in self.objectives)
+
+    def _over_budget(self, latency_ms: float, ratio: float) -> float:
+        """How far over the budget a candidate is (Optuna's constraint: feasible at 0 or
+        below): in the ratio to the unmodified model's latency when the budget is a ratio,
+        in ms when it is a time."""
+        budget_ratio = self.settings.budget_ratio
+        if budget_ratio is not None:
+            return ratio - budget_ratio
+        return latency_ms - self.budget_ms if self.budget_ms else 0.0
 
     def nothing_left(self, study) -> bool:
         """True when every point of the (listable) space has been tried."""

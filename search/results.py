@@ -28,6 +28,10 @@ def trial_rows(study, objectives: list[str]) -> list[dict]:
         rows.append({"trial": t.number, "params": t.params,
                      "values": dict(zip(objectives, t.values)),
                      "latency_ms": a.get("latency_ms"), "latency_p90_ms": a.get("latency_p90_ms"),
+                     # the unmodified model's latency, timed interleaved with the candidate's,
+                     # and their ratio (None in a study of an earlier mmkit)
+                     "reference_latency_ms": a.get("reference_latency_ms"),
+                     "latency_ratio": a.get("latency_ratio"),
                      "size_mb": a.get("size_mb"), "evaluated": a.get("evaluated", False),
                      "feasible": a.get("constraint", [0.0])[0] <= 0, "metrics": a.get("metrics"),
                      "steps": a.get("steps", []), "seconds": a.get("seconds"),
@@ -36,17 +40,25 @@ def trial_rows(study, objectives: list[str]) -> list[dict]:
     return rows
 
 
+REMEASURE_ROUNDS = 20  # twice a trial's: this figure checks the search's
+
+
 def remeasure(artifact: str, job: SearchJob) -> dict:
-    """The exported model's latency measured again, on its own, as `mmkit bench` would: the
-    figure the search's own (taken between other trials) is checked against."""
+    """The exported model's latency measured again at the end, interleaved with the
+    unmodified model (loaded as the search loads it): the figures the search's own (taken
+    between other trials) are checked against. Milliseconds of both, and their ratio."""
     from ..core.loading import load_model
-    from ..core.profile import profile
+    from ..core.profile import profile_pair
+    from .run import load_base
 
     s = job.settings
     loaded = load_model(artifact, s.task, device=s.device, **job.loading.model_dump())
-    prof = profile(loaded, s.device, batch_size=s.batch_size, seq_len=s.seq_len,
-                   threads=s.threads)
-    return {"median_ms": prof["latency_ms"]["median"], "p90_ms": prof["latency_ms"]["p90"],
+    base = load_base(job, labels=loaded.labels)
+    prof = profile_pair(loaded, base, s.device, batch_size=s.batch_size, seq_len=s.seq_len,
+                        warmup=3, rounds=REMEASURE_ROUNDS, threads=s.threads)
+    return {"median_ms": prof["candidate_ms"]["median"], "p90_ms": prof["candidate_ms"]["p90"],
+            "reference_median_ms": prof["reference_ms"]["median"], "ratio": prof["ratio"],
+            "ratio_p10": prof["ratio_p10"], "ratio_p90": prof["ratio_p90"],
             "steady": prof["stable"], "threads": prof["environment"]["threads"],
             "load_per_cpu": prof["environment"]["load_per_cpu"]}
 
@@ -71,12 +83,22 @@ def pareto_front(rows: list[dict], objectives: list[str]) -> list[dict]:
     return sorted(front, key=lambda r: (r["latency_ms"], r["trial"]))
 
 
-def best_under(rows: list[dict], objectives: list[str], budget_ms: float | None):
-    """The most accurate evaluated trial within the budget (ties: the faster)."""
+def within_budget(row: dict, budget_ms: float | None, budget_ratio: float | None) -> bool:
+    """True when a trial meets the budget: its latency in ms, or its ratio to the unmodified
+    model's (a row without one, of an earlier mmkit, meets no ratio)."""
+    if budget_ratio is not None:
+        ratio = row.get("latency_ratio")
+        return ratio is not None and ratio <= budget_ratio
+    return budget_ms is None or row["latency_ms"] <= budget_ms
+
+
+def best_under(rows: list[dict], objectives: list[str], budget_ms: float | None,
+               budget_ratio: float | None = None):
+    """The most accurate evaluated trial within the budget, in ms or (`budget_ratio`) as a
+    ratio to the unmodified model's latency (ties: the faster)."""
     quality = next(n for n in objectives if n in QUALITY)
     sign = 1 if OBJECTIVES[quality][0] == "maximize" else -1
-    pool = [r for r in rows if r["evaluated"]
-            and (budget_ms is None or r["latency_ms"] <= budget_ms)]
+    pool = [r for r in rows if r["evaluated"] and within_budget(r, budget_ms, budget_ratio)]
     if not pool:
         return None
     return max(pool, key=lambda r: (sign * r["values"][quality], -r["latency_ms"]))
@@ -87,7 +109,8 @@ def write_outputs(out: Path, study, rows, front, settings: SearchSettings, stats
     objectives = settings.objectives
     summary = {"objectives": objectives,
                "directions": [OBJECTIVES[n][0] for n in objectives],
-               "latency_budget_ms": settings.budget_ms, "device": settings.device,
+               "latency_budget_ms": settings.budget_ms,
+               "latency_budget_ratio": settings.budget_ratio, "device": settings.device,
                "model": settings.model, "data": settings.data,
                "measured_at": {"batch_size": settings.batch_size,
                                "seq_len": settings.seq_len,
@@ -100,7 +123,7 @@ def write_outputs(out: Path, study, rows, front, settings: SearchSettings, stats
     tmp.write_text(json.dumps(summary, indent=2, default=str))
     os.replace(tmp, out / "pareto.json")
     _csv(out / "pareto.csv", rows, front, objectives)
-    _plots(out, study, rows, front, objectives, settings.budget_ms)
+    _plots(out, study, rows, front, objectives, _budget_line(rows, settings))
     return summary
 
 
@@ -110,23 +133,38 @@ def _csv(path: Path, rows, front, objectives) -> None:
     knobs = sorted({k for r in rows for k in r["params"]})
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["trial", *knobs, *objectives, "latency_p90_ms", "evaluated",
-                         "within_budget", "on_front", "steps"])
+        writer.writerow(["trial", *knobs, *objectives, "latency_p90_ms", "latency_ratio",
+                         "reference_latency_ms", "evaluated", "within_budget", "on_front",
+                         "steps"])
         for r in rows:
             writer.writerow([r["trial"], *[r["params"].get(k) for k in knobs],
                              *[_rounded(r["values"][n]) for n in objectives],
-                             _rounded(r["latency_p90_ms"]), r["evaluated"], r["feasible"],
-                             r["trial"] in on_front, json.dumps(r["steps"])])
+                             _rounded(r["latency_p90_ms"]), _rounded(r.get("latency_ratio")),
+                             _rounded(r.get("reference_latency_ms")), r["evaluated"],
+                             r["feasible"], r["trial"] in on_front, json.dumps(r["steps"])])
 
 
 def _rounded(value):
     return round(value, 4) if isinstance(value, float) else value
 
 
-def _plots(out, study, rows, front, objectives, budget_ms) -> None:
+def _budget_line(rows: list[dict], settings: SearchSettings) -> tuple[float, str] | None:
+    """Where pareto.png draws the budget on its latency axis (ms), and its legend: a ratio
+    budget at that ratio of the unmodified model's median latency over the trials."""
+    if settings.budget_ratio is None:
+        return (settings.budget_ms, "latency budget") if settings.budget_ms else None
+    refs = sorted(r["reference_latency_ms"] for r in rows if r.get("reference_latency_ms"))
+    if not refs:
+        return None
+    return (settings.budget_ratio * refs[len(refs) // 2],
+            f"latency budget ({settings.budget_ratio:g}x the unmodified model)")
+
+
+def _plots(out, study, rows, front, objectives, budget: tuple[float, str] | None) -> None:
     """pareto.png: one panel per pair of objectives (quality against each cost), every
-    evaluated trial, the front, the unmodified model (trial 0) and the budget; pareto.html:
-    optuna's interactive plot with plotly embedded (it opens offline)."""
+    evaluated trial, the front, the unmodified model (trial 0) and the budget (`budget`: ms
+    and legend); pareto.html: optuna's interactive plot with plotly embedded (it opens
+    offline)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,8 +184,8 @@ def _plots(out, study, rows, front, objectives, budget_ms) -> None:
         if base is not None:
             ax.scatter([base["values"][cost]], [base["values"][quality]], marker="*", s=160,
                        c="k", label="unmodified model", zorder=4)
-        if budget_ms and cost == "latency":
-            ax.axvline(budget_ms, ls="--", c="k", lw=1, label="latency budget")
+        if budget and cost == "latency":
+            ax.axvline(budget[0], ls="--", c="k", lw=1, label=budget[1])
         ax.set_xlabel({"latency": "latency (ms, median)", "size": "size (MB)"}.get(cost, cost))
         ax.set_ylabel(quality)
         ax.legend(fontsize=8)
@@ -191,16 +229,34 @@ def export(row: dict, job: SearchJob, dest: Path, overwrite: bool = True) -> str
                       lock_wait=EXPORT_LOCK_WAIT_S, **job.loading.model_dump())["artifact"]
 
 
-def no_candidate(rows: list[dict], budget_ms: float) -> RuntimeFailure:
+def budget_text(budget_ms: float | None, budget_ratio: float | None = None) -> str:
+    """A budget as the user wrote it: '20 ms' or '0.5x'."""
+    return f"{budget_ratio:g}x" if budget_ratio is not None else f"{budget_ms:g} ms"
+
+
+def no_candidate(rows: list[dict], budget_ms: float | None,
+                 budget_ratio: float | None = None) -> RuntimeFailure:
     """The error when nothing meets the budget, naming the fastest point seen."""
+    budget = budget_text(budget_ms, budget_ratio)
     if not rows:
-        return RuntimeFailure(f"No candidate met the {budget_ms:g} ms latency budget: the search "
+        return RuntimeFailure(f"No candidate met the {budget} latency budget: the search "
                               "evaluated no point. Run more trials, or raise the budget.")
-    fastest = min(rows, key=lambda r: r["latency_ms"])
-    return RuntimeFailure(f"No candidate met the {budget_ms:g} ms latency budget. The fastest "
-                          f"point seen ran in {fastest['latency_ms']:.2f} ms (trial "
-                          f"{fastest['trial']}: {fastest['params']}). Raise the budget, add "
-                          "stronger cuts to the space, or run more trials.")
+    if budget_ratio is not None:
+        rated = [r for r in rows if r.get("latency_ratio") is not None]
+        if not rated:
+            return RuntimeFailure(f"No candidate met the {budget} latency budget: this search "
+                                  "measured no latency ratios (it was made by an earlier "
+                                  "mmkit). Give the budget as a time, such as 20ms.")
+        fastest = min(rated, key=lambda r: r["latency_ratio"])
+        seen = (f"at {fastest['latency_ratio']:.3g}x the unmodified model's latency, "
+                f"{fastest['latency_ms']:.2f} ms")
+    else:
+        fastest = min(rows, key=lambda r: r["latency_ms"])
+        seen = f"in {fastest['latency_ms']:.2f} ms"
+    return RuntimeFailure(f"No candidate met the {budget} latency budget. The fastest point "
+                          f"seen ran {seen} (trial {fastest['trial']}: {fastest['params']}). "
+                          "Raise the budget, add stronger cuts to the space, or run more "
+                          "trials.")
 
 
 # ---------------------------------------------------------------- reading a search back
@@ -242,6 +298,9 @@ def _check_row(row, objectives: list[str]) -> str | None:
               and isinstance(row.get("params"), dict) and isinstance(row.get("evaluated"), bool))
     if not shaped:
         return f"trial {shown(row.get('trial'), 20)} lacks latency_ms, steps, params or evaluated"
+    for key in ("latency_ratio", "reference_latency_ms"):  # absent from earlier mmkits' rows
+        if row.get(key) is not None and not _number(row[key]):
+            return f"trial {shown(row.get('trial'), 20)}'s {key} is not a number"
     return None
 
 
@@ -254,9 +313,9 @@ def check_summary(summary) -> str | None:
             or not all(isinstance(n, str) and n in OBJECTIVES for n in objectives) \
             or not any(n in QUALITY for n in objectives):
         return "'objectives' is not a list of known objectives with a quality measure"
-    budget = summary.get("latency_budget_ms")
-    if budget is not None and not _number(budget):
-        return "'latency_budget_ms' is not a number"
+    for key in ("latency_budget_ms", "latency_budget_ratio"):  # the ratio: absent before
+        if summary.get(key) is not None and not _number(summary[key]):
+            return f"'{key}' is not a number"
     for key in ("evaluated", "front"):
         if not isinstance(summary.get(key), list):
             return f"'{key}' is not a list"

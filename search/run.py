@@ -38,17 +38,41 @@ class Prepared:
     dataset: object
 
 
-def parse_duration_ms(text: str | None, what: str = "--latency-budget") -> float | None:
-    """'20ms', '0.02s', '1.5 s' or a bare number of milliseconds."""
+TIME_FORMS = "a positive time such as 20ms, 0.5s or 20 (milliseconds)"
+BUDGET_FORMS = f"{TIME_FORMS}, or a ratio to the unmodified model's latency such as 0.5x"
+MAX_RATIO = 10.0  # a budget ratio above this is a typo, not a budget
+
+
+def parse_duration_ms(text: str | None, what: str = "--latency-budget",
+                      forms: str = TIME_FORMS) -> float | None:
+    """'20ms', '0.02s', '1.5 s' or a bare number of milliseconds; `forms` is what the error
+    says may be written instead."""
     if text is None:
         return None
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|us)?\s*", str(text))
     value = float(m.group(1)) * {"ms": 1.0, None: 1.0, "s": 1000.0, "us": 0.001}[m.group(2)] \
         if m else math.nan
     if not 0 < value < math.inf:
-        raise InputError(f"{what} '{shown(text, 60)}' cannot be parsed: write a positive time such "
-                         "as 20ms, 0.5s or 20 (milliseconds).")
+        raise InputError(f"{what} '{shown(text, 60)}' cannot be parsed: write {forms}.")
     return value
+
+
+def parse_budget(text: str | None, what: str = "--latency-budget") \
+        -> tuple[float | None, float | None]:
+    """A latency budget as (milliseconds, ratio), one of them set: '20ms' / '0.5s' / '20' is
+    absolute, '0.5x' relative (the candidate's latency over the unmodified model's, the two
+    measured interleaved); (None, None) when there is no budget."""
+    if text is None:
+        return None, None
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*[xX]\s*", str(text))
+    if m is None:
+        return parse_duration_ms(text, what, BUDGET_FORMS), None
+    ratio = float(m.group(1))
+    if not 0 < ratio <= MAX_RATIO:
+        raise InputError(f"{what} '{shown(text, 60)}' is out of range: a ratio to the unmodified "
+                         f"model's latency must be above 0 and at most {MAX_RATIO:g}, such as "
+                         "0.5x (half its latency); or write a time such as 20ms.")
+    return None, ratio
 
 
 def parse_seconds(text: str | None) -> float | None:
@@ -134,25 +158,29 @@ def load_dataset(settings: SearchSettings):
                      max_samples=settings.max_samples, **settings.columns)
 
 
-def load_base(job: SearchJob, dataset):
-    """The model every trial starts from; an adapter is merged into its base first."""
+def load_base(job: SearchJob, dataset=None, labels: list[str] | None = None):
+    """The model every trial starts from; an adapter is merged into its base first. Its class
+    names are the dataset's, or `labels` when no dataset is at hand (re-measuring an exported
+    model against it)."""
     from ..adapters.merging import merge_adapter_
     from ..core.loading import load_model
 
     s = job.settings
-    labels = dataset.label_names if s.task in ("text-classification", "image-classification") \
-        else None
+    if dataset is not None:
+        labels = dataset.label_names
+    if s.task not in ("text-classification", "image-classification"):
+        labels = None
     loaded = load_model(s.model, s.task, labels, device=s.device, seed=s.seed,
                         **job.loading.model_dump())
     return merge_adapter_(loaded, "search")
 
 
 def _check_options(request: SearchRequest, device: str):
-    """The options that need no model: (budget in ms, device, space)."""
+    """The options that need no model: ((budget in ms, budget ratio), device, space)."""
     from ..core.loading import resolve_device
     from . import study as studies
 
-    budget_ms = parse_duration_ms(request.budget)
+    budget = parse_budget(request.budget)
     check_workers(request.workers)
     device = resolve_device(device)
     if request.sampler not in studies.SAMPLERS:
@@ -163,7 +191,7 @@ def _check_options(request: SearchRequest, device: str):
     spaces.check_baseline(space)
     if "quant" in space and any(q in ("nf4", "int8") for q in space["quant"]) and device == "cpu":
         log.info("bitsandbytes quantization on CPU is slower than fp32; the search will see it")
-    return budget_ms, device, space
+    return budget, device, space
 
 
 def _data_settings(source, task: str, spec) -> dict:
@@ -202,7 +230,7 @@ def prepare(request: SearchRequest, run) -> Prepared:
     from ..core.outputs import check_not_an_input, output_path
     from . import study as studies
 
-    budget_ms, device, space = _check_options(request, run.device)
+    (budget_ms, budget_ratio), device, space = _check_options(request, run.device)
     out = output_path(request.out)
     _check_output(out, run.overwrite)
     model, spec = request.model, request.data
@@ -213,7 +241,8 @@ def prepare(request: SearchRequest, run) -> Prepared:
         check_length(config, request.seq_len, "--seq-len", model)
     settings = SearchSettings(model=model, task=task, max_samples=spec.max_samples,
                               **_data_settings(source, task, spec), space=space,
-                              objectives=objectives, budget_ms=budget_ms, device=device,
+                              objectives=objectives, budget_ms=budget_ms,
+                              budget_ratio=budget_ratio, device=device,
                               batch_size=request.batch_size, seq_len=request.seq_len,
                               sampler=request.sampler, threads=request.threads)
     url = studies.storage_url(out, request.storage)
@@ -381,14 +410,14 @@ def finish(job: SearchJob, seconds: float, export: str) -> dict:
              if rows else None}
     with output_lock(out, LOCK_WAIT_S):  # another search on OUT may be writing them too
         summary = results.write_outputs(out, study, rows, front, s, stats)
-    best = results.best_under(rows, s.objectives, s.budget_ms)
+    best = results.best_under(rows, s.objectives, s.budget_ms, s.budget_ratio)
     exported = []
     if best is None and rows:
-        raise results.no_candidate(rows, s.budget_ms)
+        raise results.no_candidate(rows, s.budget_ms, s.budget_ratio)
     remeasured = None
     if export == "best" and best is not None:
         exported.append(results.export(best, job, out / "best"))
-        remeasured = results.remeasure(exported[-1], job)
+        remeasured = results.remeasure(exported[-1], job)  # shown beside best's own figures
     elif export == "pareto":
         for r in front:
             exported.append(results.export(r, job, out / "pareto" / f"trial-{r['trial']}"))
@@ -397,9 +426,20 @@ def finish(job: SearchJob, seconds: float, export: str) -> dict:
             "table": results.table(front, s.objectives), "objectives": summary["objectives"]}
 
 
+def _warn_unevaluated(summary: dict, budget_ms: float | None, ratio: float | None) -> None:
+    """Picking under a looser (or another kind of) budget than the search's own cannot reach
+    the trials that budget rejected: they were never evaluated."""
+    old_ms, old_ratio = summary.get("latency_budget_ms"), summary.get("latency_budget_ratio")
+    if (old_ms and (budget_ms is None or budget_ms > old_ms)) or \
+            (old_ratio and (ratio is None or ratio > old_ratio)):
+        log.warning("trials over the search's own %s budget were never evaluated, so they "
+                    "cannot be picked", results.budget_text(old_ms, old_ratio))
+
+
 def pick(out: str, budget: str, dest: str | None, overwrite: bool) -> dict:
-    """Export the best evaluated point under a (new) budget from a finished search."""
-    budget_ms = parse_duration_ms(budget)
+    """Export the best evaluated point under a (new) budget, a time or a ratio to the
+    unmodified model's latency, from a finished search."""
+    budget_ms, ratio = parse_budget(budget)
     out = Path(out).expanduser()
     if not out.is_dir():
         raise InputError(f"'{shown(out)}' is not a search folder (it does not exist or is a "
@@ -407,14 +447,12 @@ def pick(out: str, budget: str, dest: str | None, overwrite: bool) -> dict:
     job = SearchJob.model_validate(results.read_search_file(out / SETTINGS_FILE, "search",
                                                             results.check_job))
     summary = results.read_search_file(out / "pareto.json", "pareto", results.check_summary)
-    old = summary.get("latency_budget_ms")
-    if old and budget_ms > old:
-        log.warning("trials over the search's own %.3g ms budget were never evaluated, so they "
-                    "cannot be picked", old)
-    best = results.best_under(summary["evaluated"], summary["objectives"], budget_ms)
+    _warn_unevaluated(summary, budget_ms, ratio)
+    best = results.best_under(summary["evaluated"], summary["objectives"], budget_ms, ratio)
     if best is None:
-        raise results.no_candidate(summary["evaluated"] or summary["front"], budget_ms)
-    target = Path(dest) if dest else out / f"pick-{budget_ms:g}ms"
-    artifact = results.export(best, job, target, overwrite=overwrite)
+        raise results.no_candidate(summary["evaluated"] or summary["front"], budget_ms, ratio)
+    name = f"pick-{ratio:g}x" if ratio is not None else f"pick-{budget_ms:g}ms"
+    artifact = results.export(best, job, Path(dest) if dest else out / name, overwrite=overwrite)
     return {"artifact": artifact, "trial": best["trial"], "params": best["params"],
-            "values": best["values"], "latency_ms": best["latency_ms"]}
+            "values": best["values"], "latency_ms": best["latency_ms"],
+            "latency_ratio": best.get("latency_ratio")}

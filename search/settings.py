@@ -12,9 +12,9 @@ from pydantic import BaseModel, ConfigDict, model_serializer
 
 from ..core.data import DataSpec
 
-# settings written only when set, so that studies of earlier versions (which had neither)
-# still resume: their stored settings compare equal to a command that sets neither
-WRITTEN_WHEN_SET = ("columns", "threads")
+# settings written only when set, so that studies of earlier versions (which had none of
+# them) still resume: their stored settings compare equal to a command that sets none
+WRITTEN_WHEN_SET = ("columns", "threads", "budget_ratio")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,7 +24,7 @@ class SearchRequest:
     out: str | Path  # the search folder (-o)
     model: str = "minilm"
     data: DataSpec = field(default_factory=DataSpec)
-    budget: str | None = None  # --latency-budget as written, e.g. '20ms'
+    budget: str | None = None  # --latency-budget as written, e.g. '20ms' or '0.5x'
     objectives: str = "accuracy,latency,size"  # comma-separated
     knobs: str | None = None  # comma-separated knob names (or space_file)
     space_file: str | None = None
@@ -50,7 +50,10 @@ class SearchSettings(BaseModel):
     columns: dict[str, str] = {}  # load_data's column keywords, from the model's manifest
     space: dict[str, list[int | float | str]]  # knob -> values, in the order trials ask them
     objectives: list[str]
-    budget_ms: float | None
+    budget_ms: float | None  # an absolute budget (--latency-budget 20ms)
+    # a relative one (--latency-budget 0.5x): the candidate's latency over the unmodified
+    # model's, the two measured interleaved
+    budget_ratio: float | None = None
     device: str
     batch_size: int
     seq_len: int

@@ -1,0 +1,146 @@
+"""Latency you can trust: two models timed interleaved (profile_pair), a relative latency
+budget (`--latency-budget 0.5x`) parsed, stored and enforced by a search, and the exported
+model measured again against the unmodified one."""
+
+import csv
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from mmkit.cli.main import cli
+from mmkit.core.errors import InputError
+
+BASE = ["tiny:bert", "--max-samples", "24", "--seq-len", "16"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and a shared machine loses much by it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cli(*args):
+    return CliRunner().invoke(cli, ["search", *[str(a) for a in args]])
+
+
+@pytest.fixture(scope="module")
+def bert_pair(tmp_path_factory):
+    """tiny:bert (2 layers) and a tiny:bert whose config has 4x the layers (8): the same
+    layers, four times as many of them to run."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    from mmkit.core.loading import load_model
+    from mmkit.core.tiny import byte_tokenizer, tiny_config
+
+    folder = tmp_path_factory.mktemp("deep-bert")
+    config = tiny_config("bert")
+    config.num_hidden_layers, config.num_labels = 4 * config.num_hidden_layers, 2
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    byte_tokenizer("bert").save_pretrained(folder)
+    return load_model("tiny:bert", labels=["neg", "pos"]), load_model(str(folder))
+
+
+def test_profile_pair_finds_the_slower_model_and_a_model_equal_to_itself(bert_pair):
+    from mmkit.core.profile import profile_pair
+
+    fast, slow = bert_pair
+    assert len(slow.model.bert.encoder.layer) == 4 * len(fast.model.bert.encoder.layer)
+    deep = profile_pair(slow, fast, "cpu", 1, 16, rounds=10)
+    assert deep["ratio"] > 1.5  # four times the layers; embeddings and head are shared costs
+    assert deep["ratio_p10"] <= deep["ratio"] <= deep["ratio_p90"]
+    assert deep["candidate_ms"]["median"] > deep["reference_ms"]["median"]
+    assert deep["rounds"] == 10 and deep["environment"]["threads"] == 1
+    # the other way round: the reciprocal, as far as two separate measurements agree
+    shallow = profile_pair(fast, slow, "cpu", 1, 16, rounds=10)
+    assert shallow["ratio"] < 1 / 1.5 and 0.6 < deep["ratio"] * shallow["ratio"] < 1.6
+    alone = profile_pair(fast, fast, "cpu", 1, 16, rounds=10)
+    assert 0.6 < alone["ratio"] < 1.6
+    with pytest.raises(InputError, match="--rounds must be at least 1"):
+        profile_pair(fast, fast, "cpu", 1, 16, rounds=0)
+
+
+def test_budget_parser_reads_times_and_ratios_and_refuses_the_rest():
+    from mmkit.search.run import parse_budget
+    from mmkit.search.settings import SearchSettings
+
+    assert parse_budget("0.5x") == (None, 0.5) and parse_budget(" 2 X ") == (None, 2.0)
+    assert parse_budget("10x") == (None, 10.0)
+    assert parse_budget("20ms") == (20.0, None) and parse_budget("0.5s") == (500.0, None)
+    assert parse_budget("20") == (20.0, None) and parse_budget(None) == (None, None)
+    for bad in ("fast", "0x", "10.5x", "-1x", "x", "0.5xx", "nanx", "9" * 400 + "x", "0ms"):
+        with pytest.raises(InputError) as caught:
+            parse_budget(bad)
+        assert "20ms" in str(caught.value) and "0.5x" in str(caught.value), bad
+    # a ratio is written to the study's settings only when set, so that studies of earlier
+    # versions (which had no such setting) compare equal to an absolute-budget command
+    fields = dict(model="tiny:bert", task="text-classification", max_samples=24,
+                  data="tweets-sentiment", seed=0, space={"layers": [0, 1]},
+                  objectives=["accuracy", "latency"], device="cpu", batch_size=1, seq_len=16,
+                  sampler="tpe")
+    assert "budget_ratio" not in SearchSettings(**fields, budget_ms=20.0).plain()
+    assert SearchSettings(**fields, budget_ms=None, budget_ratio=0.5).plain()["budget_ratio"] == 0.5
+
+
+def test_a_bad_budget_is_refused_through_the_cli_in_one_paragraph(tmp_path):
+    for bad in ("fast", "12x"):
+        result = _cli(*BASE, "--latency-budget", bad, "--trials", 1, "-o", tmp_path / "out")
+        assert result.exit_code == 2, result.stderr
+        message = result.stderr.strip()
+        assert "20ms" in message and "0.5x" in message and "Traceback" not in message
+        assert len(message.splitlines()) == 1, message  # one paragraph
+        assert not (tmp_path / "out").exists()
+
+
+def test_search_under_a_relative_budget(tmp_path):
+    import optuna
+
+    from mmkit.search import results
+
+    space = tmp_path / "space.yaml"  # four points: the unmodified model and three cuts
+    space.write_text("knobs:\n  layers: [0, 1]\n  heads: [0, 0.5]\n")
+    out = tmp_path / "s"
+    result = _cli(*BASE, "--space", space, "--sampler", "grid", "--trials", 4,
+                  "--latency-budget", "0.9x", "-o", out, "--json")
+    assert result.exit_code in (0, 1), result.stderr
+    assert json.loads((out / "search.json").read_text())["settings"]["budget_ratio"] == 0.9
+    summary = json.loads((out / "pareto.json").read_text())
+    assert summary["latency_budget_ratio"] == 0.9 and summary["latency_budget_ms"] is None
+    with open(out / "pareto.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4 and all(float(r["latency_ratio"]) > 0 for r in rows)
+    study = optuna.load_study(study_name="mmkit-search", storage=f"sqlite:///{out}/study.db")
+    for t in study.trials:  # the ratio, not the time, decides which trials are evaluated
+        if t.state.name == "COMPLETE":
+            ratio, evaluated = t.user_attrs["latency_ratio"], t.user_attrs["evaluated"]
+            assert t.user_attrs["reference_latency_ms"] > 0 and ratio > 0
+            assert evaluated == (ratio <= 0.9) == (t.user_attrs["constraint"][0] <= 0)
+    for row in summary["evaluated"] + summary["front"]:
+        assert row["latency_ratio"] <= 0.9 and row["reference_latency_ms"] > 0
+    if result.exit_code == 1:  # possible on a busy machine; then the command says so
+        assert "No candidate met the 0.9x latency budget" in result.stderr
+        return
+    assert result.exit_code == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["best"]["latency_ratio"] <= 0.9
+    again = shown["best_remeasured"]  # the exported model against the unmodified one
+    assert again["ratio_p10"] <= again["ratio"] <= again["ratio_p90"]
+    assert again["median_ms"] > 0 and again["reference_median_ms"] > 0
+    # pick reads ratios back; pareto.json of an earlier mmkit (no ratios) is still accepted
+    picked = _cli("pick", out, "--latency-budget", "0.9x", "--json")
+    assert picked.exit_code == 0, picked.stderr
+    assert json.loads(picked.stdout)["latency_ratio"] <= 0.9
+    assert (out / "pick-0.9x" / "mmkit.json").is_file()
+    for row in summary["evaluated"] + summary["front"]:
+        del row["latency_ratio"], row["reference_latency_ms"]
+    del summary["latency_budget_ratio"]
+    assert results.check_summary(summary) is None
+    assert results.best_under(summary["evaluated"], summary["objectives"], None, 0.9) is None
+    assert "earlier mmkit" in str(results.no_candidate(summary["evaluated"], None, 0.9))
