@@ -19,8 +19,12 @@ def _human(r: dict) -> str:
 @click.command("finetune", cls=options.Command)
 @options.model_argument
 @options.data
-@generated.method_flags("finetune", "Fine-tune")
-@generated.method_options("finetune", skip=("dora",))  # DoRA is its own method
+@generated.method_flags("finetune", "Fine-tune", skip=("elastic",))
+@click.option("--elastic", "elastic_mode", type=click.Choice(["nested", "sampled"]),
+              help="Fine-tune an elastic super-network: every weight, with nested (MatFormer) "
+                   "or sampled (InstaTune) sub-networks trained alongside; cut them out with "
+                   "`mmkit extract`.")
+@generated.method_options("finetune", skip=("dora", "mode"))  # DoRA is its own method
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of this same command "
                                              "from its last checkpoint (in OUT.checkpoints).")
 @click.option("--eval-split", type=click.Choice(["validation", "test", "none"]), default="test",
@@ -29,16 +33,23 @@ def _human(r: dict) -> str:
 @options.device()
 @options.loading
 @options.common
-def finetune_command(model, data_spec, method, eval_split, out, overwrite, resume, device,
-                     allow_pickle, trust_remote_code, as_json, **settings):
+def finetune_command(model, data_spec, method, elastic_mode, eval_split, out, overwrite, resume,
+                     device, allow_pickle, trust_remote_code, as_json, **settings):
     """Fine-tune MODEL with a PEFT method (LoRA by default) or fully, and write OUT: a peft
-    adapter folder, or a full model with --merge / --full."""
+    adapter folder, or a full model with --merge / --full / --distill / --elastic."""
+    from ..core.errors import InputError
     from ..core.registry import default_method
 
-    method = method or default_method("finetune")
+    if elastic_mode and method:
+        raise InputError(f"--elastic and --{method} are two methods; elastic training is full "
+                         "fine-tuning. Drop one of them.")
+    method = "elastic" if elastic_mode else method or default_method("finetune")
     if model == "-":
         model = options.models_from(model)[0]
-    params = generated.step_params("finetune", method, settings, f"--{method}")
+    flag = f"--elastic {elastic_mode}" if elastic_mode else f"--{method}"
+    params = generated.step_params("finetune", method, settings, flag)
+    if elastic_mode:
+        params["mode"] = elastic_mode
     result = options.run_one_step(
         {"step": "finetune", "method": method, **params}, model=model, data_spec=data_spec,
         out=out, eval_split=None if eval_split == "none" else eval_split, resume=resume,

@@ -13,7 +13,8 @@ import signal
 import click
 
 from ..core.errors import MmkitError, Terminated
-from . import bench, eval as eval_cmd, finetune, inspect, merge, prune, quantize, run, search
+from . import (bench, eval as eval_cmd, extract, finetune, inspect, merge, prune, quantize,
+               run, search)
 
 
 class _StderrHandler(logging.Handler):
@@ -130,6 +131,7 @@ def cli(ctx, debug):
 
 cli.add_command(eval_cmd.eval_command)
 cli.add_command(bench.bench_command)
+cli.add_command(extract.extract_command)
 cli.add_command(finetune.finetune_command)
 cli.add_command(inspect.inspect_command)
 cli.add_command(merge.merge_command)

@@ -188,8 +188,9 @@ def method_option(step: str):
     return _later(build)
 
 
-def method_flags(step: str, verb: str):
-    """A decorator adding one flag per method (`--lora`, `--dora`, ...) setting `method`."""
+def method_flags(step: str, verb: str, skip=()):
+    """A decorator adding one flag per method (`--lora`, `--dora`, ...) setting `method`;
+    methods in `skip` have an option of their own."""
     def build():
         from ..core.registry import default_method
 
@@ -197,7 +198,7 @@ def method_flags(step: str, verb: str):
         return [click.Option([f"--{name}", "method"], flag_value=name, default=None,
                              help=f"{verb} with {name}"
                                   + (" (default)." if name == default else "."))
-                for name in method_choice(step)]
+                for name in method_choice(step) if name not in skip]
 
     return _later(build)
 
@@ -231,6 +232,13 @@ def _literals(annotation) -> tuple:
     return tuple(v for a in typing.get_args(annotation) for v in _literals(a))
 
 
+def _takes_numbers(annotation) -> bool:
+    """A list of numbers (list[int], list[float], also inside Optional)."""
+    lists = [annotation] + list(typing.get_args(annotation))
+    return any(typing.get_origin(a) is list and typing.get_args(a)[0] in (int, float)
+               for a in lists)
+
+
 def _takes_list(annotation) -> bool:
     return typing.get_origin(annotation) is list or any(
         typing.get_origin(a) is list for a in typing.get_args(annotation))
@@ -242,7 +250,9 @@ def _convert(value, info):
     all-linear), repeated flags as a list, a choice back to its typed literal (4, not '4')."""
     if _cli_extra(info).get("zero_is_none") and value == 0:
         return None
-    if isinstance(value, tuple):
+    if isinstance(value, tuple):  # a repeated flag; numbers may also be comma-separated
+        if _takes_numbers(info.annotation):
+            return [v.strip() for item in value for v in str(item).split(",") if v.strip()]
         return list(value)
     if isinstance(value, str) and _takes_list(info.annotation) and value != info.default:
         return [v.strip() for v in value.split(",") if v.strip()]

@@ -59,11 +59,11 @@ def load_teacher(ref: str | None, ctx, student):
                          "is the teacher.")
     teacher = origin if isinstance(origin, LoadedModel) else load_model(
         origin, student.task, student.labels, device=ctx.device, seed=ctx.seed)
-    where = f"the teacher '{ref}'" if ref else f"the teacher (the run's input model)"
+    where = f"the teacher '{ref}'" if ref else "the teacher (the run's input model)"
     if teacher.fresh_head or (student.labels and teacher.labels != student.labels):
-        raise InputError(f"{where} has no trained head for the student's labels "
-                         f"({', '.join(map(str, student.labels or [])[:6])}); a teacher must be "
-                         "fine-tuned on the same task. Name one with --teacher.")
+        labels = ", ".join(list(map(str, student.labels or []))[:6])
+        raise InputError(f"{where} has no trained head for the student's labels ({labels}); a "
+                         "teacher must be fine-tuned on the same task. Name one with --teacher.")
     _check_inputs_match(teacher, student, where)
     teacher.model.eval()
     for p in teacher.model.parameters():

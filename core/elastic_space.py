@@ -45,7 +45,7 @@ class ElasticSpace(BaseModel):
     format_version: int = FORMAT_VERSION
     mode: str
     family: str
-    space: dict[str, list[float]]  # ffn, heads (fractions kept), depth (layers kept)
+    space: dict[str, list[int | float]]  # ffn, heads (fractions kept), depth (layers kept)
     stacks: dict[str, StackSpace]
 
     def text(self) -> str:

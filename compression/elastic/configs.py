@@ -18,8 +18,8 @@ class DistillSettings(MethodConfig):
                                                   "tokenizer); default: elastic training's "
                                                   "largest sub-network, or the run's input "
                                                   "model for distill")
-    alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation term "
-                                                      "(1 - alpha: the labels' cross-entropy)")
+    distill_weight: float = Field(0.5, ge=0, le=1, description="weight of the distillation "
+                                  "term (the rest: the labels' cross-entropy)")
     temperature: float = Field(1.0, gt=0, le=20, description="softmax temperature of the "
                                                              "distillation term")
 
@@ -47,8 +47,8 @@ class ElasticConfig(TrainingConfig, DistillSettings):
     heads: list[float] = Field([0.5, 0.75, 1.0], description="attention widths trained "
                                                              "(fractions of the heads)")
     depth: list[int] | None = Field(None, description="layer counts trained; default: all "
-                                                      "layers (nested), the last two "
-                                                      "removed or not (sampled)")
+                                                      "layers (nested); all, and one or two "
+                                                      "fewer (sampled)")
     samples: int = Field(1, ge=0, le=8, description="random sub-networks per step besides "
                                                     "the full one (and the smallest)")
     importance_samples: int = Field(64, ge=1, description="training examples that score "

@@ -90,15 +90,16 @@ def sandwich_loss(loaded, stacks_, drop_orders, sampler: Sampler, cfg, teacher=N
         if teacher is not None:
             with torch.no_grad():
                 soft = logits_of(teacher(**inputs))
-            total = distillation_loss(logits_of(out), soft, labels, alpha=cfg.alpha,
-                                      temperature=cfg.temperature, causal=causal)
+            total = distillation_loss(logits_of(out), soft, labels, causal=causal,
+                                      alpha=cfg.distill_weight, temperature=cfg.temperature)
         else:
             soft, total = logits_of(out).detach(), out["loss"]
         for cut in cuts[1:]:
             with active(stacks_, cut, drop_orders):
                 sub = model(**inputs)
-            total = total + distillation_loss(logits_of(sub), soft, labels, alpha=cfg.alpha,
-                                              temperature=cfg.temperature, causal=causal)
+            total = total + distillation_loss(logits_of(sub), soft, labels, causal=causal,
+                                              alpha=cfg.distill_weight,
+                                              temperature=cfg.temperature)
         return total, out
 
     return loss
@@ -114,8 +115,8 @@ def teacher_loss(loaded, teacher, cfg):
         out = model(**inputs)
         with torch.no_grad():
             soft = logits_of(teacher(**inputs))
-        return distillation_loss(logits_of(out), soft, inputs.get("labels"), alpha=cfg.alpha,
-                                 temperature=cfg.temperature, causal=causal), out
+        return distillation_loss(logits_of(out), soft, inputs.get("labels"), causal=causal,
+                                 alpha=cfg.distill_weight, temperature=cfg.temperature), out
 
     return loss
 

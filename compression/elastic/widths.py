@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...core.errors import InputError
-from ..prune.structured import check_family, head_layout, stacks
+from ..prune.structured import PARTS, head_layout, stacks
 
 
 class ElasticLinear(torch.nn.Linear):
@@ -94,7 +94,12 @@ class Stack:
 
 def model_stacks(loaded, what: str = "Elastic training") -> list[Stack]:
     """The model's stacks of blocks, or a clear error for a family mmkit cannot slice."""
-    parts = check_family(loaded.family, what)
+    if loaded.family not in PARTS:
+        raise InputError(f"{what} slices the blocks of {', '.join(PARTS)} models; this is a "
+                         f"{loaded.family} model. Fine-tune it with --full (or a PEFT method) "
+                         "and make it smaller with `mmkit prune` (unstructured methods work on "
+                         "every family) or `mmkit quantize`.")
+    parts = PARTS[loaded.family]
     out = []
     for name, blocks, config in stacks(loaded.model):
         heads, kv, head_dim = head_layout(config, loaded.family)
