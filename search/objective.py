@@ -70,7 +70,7 @@ class Trial:
         loaded = copy.deepcopy(self.base)
         with tempfile.TemporaryDirectory(prefix="mmkit-trial-") as tmp:
             ctx = Context(device=self.device, dataset=self.dataset, workdir=tmp,
-                          fingerprint="search")
+                          fingerprint="search", origin=self.base)  # recovery's teacher
             loaded, _ = apply_steps(loaded, checked, ctx, announce=False)
         return loaded
 
@@ -97,7 +97,7 @@ class Trial:
             log.info("trial %d: %s is trial %d's point; skipped", trial.number, key, twin)
             self._move_on(trial, {key, *settled, *running})
             raise optuna.TrialPruned(f"the point {key} is trial {twin}'s")
-        steps = steps_for(params, self.depth, self.calib)
+        steps = steps_for(params, self.depth, self.calib, self.base.extra.get("elastic"))
         trial.set_user_attr("steps", steps)
         try:
             loaded = self.build(steps)

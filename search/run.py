@@ -225,6 +225,7 @@ def prepare(request: SearchRequest, run) -> Prepared:
     """Check every input of `request` (options, space, output, model, data; the model is
     loaded with `run`, a core.recipe.RunOptions), and only then create OUT, the study and
     search.json."""
+    from ..core.elastic_space import read_elastic
     from ..core.families import check_length
     from ..core.loading import peek
     from ..core.outputs import check_not_an_input, output_path
@@ -239,6 +240,9 @@ def prepare(request: SearchRequest, run) -> Prepared:
                                    if o.strip()], task)
     if kind in ("text-encoder", "causal-lm"):
         check_length(config, request.seq_len, "--seq-len", model)
+    elastic = read_elastic(source.path) if source.adapter is None else None
+    if elastic is not None:  # a super-network: its trained sub-networks are the cuts
+        space = spaces.for_elastic(space, elastic, from_file=bool(request.space_file))
     settings = SearchSettings(model=model, task=task, max_samples=spec.max_samples,
                               **_data_settings(source, task, spec), space=space,
                               objectives=objectives, budget_ms=budget_ms,

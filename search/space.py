@@ -8,7 +8,10 @@ A space file (YAML, safe-loaded) names knobs and their values:
       ffn: [0, 0.25, 0.5]        # fraction of FFN neurons removed
       sparsity: [0, 0.5]         # unstructured magnitude sparsity
       quant: [none, dynamic-int8, rtn-8, rtn-4, gptq-4, nf4, int8]
-      recovery: [0, 50]          # full fine-tuning steps after the cuts
+      recovery: [0, 50]          # fine-tuning steps after the cuts, distilled from the uncut model
+
+On an elastic super-network (`mmkit finetune --elastic`) the structural knobs take the values
+it was trained for and become one `extract` step: its sub-networks need no recovery.
 
 The first value of every knob should be "no change": trial 0 is always the unmodified model.
 """
@@ -64,7 +67,8 @@ KNOBS = {k.name: k for k in (
     Knob("quant", "weight quantization", ("none", "dynamic-int8", "rtn-8"),
          lambda v: None if isinstance(v, str) and v in QUANT else f"one of {', '.join(QUANT)}",
          "none"),
-    Knob("recovery", "full fine-tuning steps after the cuts", (0, 50), _count, 0),
+    Knob("recovery", "fine-tuning steps after the cuts, distilled from the uncut model", (0, 50),
+         _count, 0),
 )}
 DEFAULT_KNOBS = ("layers", "heads", "ffn", "quant")
 
@@ -193,10 +197,49 @@ def untried_point(space: dict, taken: set[str], seed: int) -> dict | None:
     return next((p for p in points if point_key(p, space) not in taken), None)
 
 
-def steps_for(params: dict, n_layers: int, calib: str | None) -> list[dict]:
-    """The recipe steps of one point in the space, in the order they run."""
+ELASTIC_KNOBS = ("layers", "heads", "ffn")  # knobs an elastic model answers by extraction
+
+
+def elastic_values(elastic) -> dict[str, list]:
+    """The structural knobs' values an elastic super-network was trained for, as the knobs
+    count them (fractions / layers removed), 'no change' first."""
+    trained = elastic.space
+    full = max(int(d) for d in trained["depth"])
+    return {"layers": [full - int(d) for d in sorted(trained["depth"], reverse=True)],
+            "heads": [round(1 - h, 6) for h in sorted(trained["heads"], reverse=True)],
+            "ffn": [round(1 - f, 6) for f in sorted(trained["ffn"], reverse=True)]}
+
+
+def for_elastic(space: dict, elastic, from_file: bool) -> dict:
+    """The space searched on an elastic super-network: its structural knobs take the values
+    it was trained for (a space file may pick some of them, no others); the other knobs
+    (quant, sparsity, recovery) stay as given."""
+    trained = elastic_values(elastic)
+    out = {}
+    for name, values in space.items():
+        if name not in ELASTIC_KNOBS:
+            out[name] = values
+        elif not from_file:
+            out[name] = trained[name]
+        else:
+            outside = [v for v in values if not any(abs(v - t) < 1e-6 for t in trained[name])]
+            if outside:
+                raise InputError(
+                    f"Knob '{name}' value {ECHO.repr(outside[0])} is a sub-network this "
+                    f"elastic model was not trained for; its space is {elastic.text()}, so "
+                    f"'{name}' can take {trained[name]} (as removed {KNOBS[name].help}).")
+            out[name] = values
+    return out
+
+
+def steps_for(params: dict, n_layers: int, calib: str | None, elastic=None) -> list[dict]:
+    """The recipe steps of one point in the space, in the order they run. On an elastic
+    super-network the structural knobs become one `extract` of a trained sub-network."""
     steps = []
     structured = {"calib": calib, "calib_samples": 32} if calib else {}
+    if elastic is not None:
+        steps += _extract_step(params, elastic)
+        params = {k: v for k, v in params.items() if k not in ELASTIC_KNOBS}
     if params.get("layers"):
         steps.append({"step": "prune", "method": "layers",
                       "sparsity": min(params["layers"] / n_layers, 0.99), **structured})
@@ -208,8 +251,8 @@ def steps_for(params: dict, n_layers: int, calib: str | None) -> list[dict]:
                       **structured})
     if params.get("sparsity"):
         steps.append({"step": "prune", "method": "magnitude", "sparsity": params["sparsity"]})
-    if params.get("recovery"):
-        steps.append({"step": "finetune", "method": "full", "max_steps": params["recovery"],
+    if params.get("recovery"):  # distilled from the uncut model (the trial's teacher)
+        steps.append({"step": "finetune", "method": "distill", "max_steps": params["recovery"],
                       "keep_sparsity": bool(params.get("sparsity")), "lr": 2e-5})
     quant = QUANT[params.get("quant", "none")]
     if quant:
@@ -220,3 +263,16 @@ def steps_for(params: dict, n_layers: int, calib: str | None) -> list[dict]:
             step.update({"calib": calib, "calib_samples": 32})
         steps.append(step)
     return steps
+
+
+def _extract_step(params: dict, elastic) -> list[dict]:
+    """The `extract` step of a point's structural knobs (none for the full network)."""
+    full = max(int(d) for d in elastic.space["depth"])
+    ffn, heads = 1 - params.get("ffn", 0), 1 - params.get("heads", 0)
+    layers = params.get("layers", 0)
+    if not (layers or params.get("ffn") or params.get("heads")):
+        return []
+    step = {"step": "extract", "method": "subnet", "ffn": round(ffn, 6), "heads": round(heads, 6)}
+    if layers:
+        step["depth"] = full - layers
+    return [step]

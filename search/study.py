@@ -185,8 +185,9 @@ def check_settings(study, url: str, settings: SearchSettings) -> None:
         return
     if _trial_counts(study) != (0, 0):
         changed = _differences(stored, settings)
+        budget = {"budget_ms", "budget_ratio"} & set(changed)
         pick = (" To export the best point under a new budget without searching again, use "
-                "`mmkit search pick OUT --latency-budget ...`." if "budget_ms" in changed else "")
+                "`mmkit search pick OUT --latency-budget ...`." if budget else "")
         raise InputError(f"The storage {shown(url)} holds a search with other settings "
                          f"({', '.join(changed)} differ). Run the same command to resume it, "
                          "use another -o / --storage, or pass --overwrite to start afresh."

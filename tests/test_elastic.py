@@ -312,3 +312,36 @@ def test_distill_learns_from_the_run_input_model(supernet, tmp_path):
     bad = run_cli("finetune", str(result["artifact"]), "--distill", "--teacher", "tiny:llama",
                   "--max-samples", "16", "-o", str(tmp_path / "z"))
     assert bad.exit_code == 2 and "different architectures" in bad.output
+
+
+def test_search_on_an_elastic_model_extracts_trained_subnetworks(supernet, tmp_path):
+    """Joint sub-network x quantization search (SimQ-NAS): every structural point is an
+    `extract` of a trained sub-network; a space file may not leave the trained space."""
+    import optuna
+
+    out = tmp_path / "s"
+    r = run_cli("search", str(supernet), "--data", "tweets-sentiment", "--max-samples", "32",
+                "--knobs", "ffn,layers,quant", "--sampler", "random", "--trials", "6",
+                "--seq-len", "16", "-o", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    settings = json.loads((out / "search.json").read_text())["settings"]
+    assert settings["space"]["ffn"] == [0, 0.25, 0.5, 0.75]  # the trained widths, as removed
+    assert settings["space"]["layers"] == [0, 1]  # depths 2 and 1
+    study = optuna.load_study(study_name="mmkit-search", storage=f"sqlite:///{out}/study.db")
+    extracted = 0
+    for t in study.trials:
+        steps = t.user_attrs.get("steps", [])
+        assert not any(s["step"] == "prune" for s in steps)  # no untrained cuts
+        for s in steps:
+            if s["step"] == "extract":
+                extracted += 1
+                assert 1 - s["ffn"] in settings["space"]["ffn"]
+    assert extracted
+    best = json.loads(r.stdout)["exported"][0]
+    assert load_model(best).extra.get("elastic") is None or \
+        json.loads(r.stdout)["best"]["params"]["ffn"] == 0
+    space = tmp_path / "space.yaml"
+    space.write_text("knobs:\n  ffn: [0, 0.4]\n")
+    r = run_cli("search", str(supernet), "--data", "tweets-sentiment", "--max-samples", "32",
+                "--space", str(space), "-o", str(tmp_path / "t"))
+    assert r.exit_code == 2 and "not trained for" in r.output and not (tmp_path / "t").exists()

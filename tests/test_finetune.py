@@ -1,5 +1,7 @@
 """finetune: the method x family matrix, save/load, merge, resume, and bad input."""
 
+import copy
+import dataclasses
 import json
 
 import pytest
@@ -32,10 +34,15 @@ FINETUNE = {
     ("finetune", "vpt"): {"trains": "adapter", "merge_and_unload": False},
     ("finetune", "svfit"): {"trains": "adapter", "merge_and_unload": False},  # merges its own way
     ("finetune", "full"): {"trains": "everything", "merge_and_unload": False},
+    # elastic slices the blocks of BERT, ViT, CLIP and Llama (tests/test_elastic.py: the rest)
+    ("finetune", "elastic"): {"trains": "everything", "merge_and_unload": False,
+                              "skip": ("tiny:gpt2",)},
+    # distils from the run's input model (here: the model before training, as the teacher)
+    ("finetune", "distill"): {"trains": "everything", "merge_and_unload": False},
 }
 KIND = {ref: peek(ref)[2] for ref in TINY}  # text-encoder, vision, clip, causal-lm
-CASES = [(m.name, ref) for m, _ in with_rows("finetune", FINETUNE) for ref in TINY
-         if KIND[ref] in m.kinds]
+CASES = [(m.name, ref) for m, row in with_rows("finetune", FINETUNE) for ref in TINY
+         if KIND[ref] in m.kinds and ref not in row.get("skip", ())]
 MERGEABLE = [m.name for m, row in with_rows("finetune", FINETUNE) if row["merge_and_unload"]]
 
 
@@ -58,7 +65,9 @@ def _train(method, ref, tmp_path, **params):
     cfg = build_config(m, {"max_steps": 3, "batch_size": 4, "max_length": 32, "lr": 1e-2,
                            **params}, "test")
     watch = _TrainedWatcher()
-    ctx = Context(dataset=ds, workdir=tmp_path / "ckpt", fingerprint="t", callbacks=[watch])
+    teacher = dataclasses.replace(copy.deepcopy(loaded), fresh_head=False)
+    ctx = Context(dataset=ds, workdir=tmp_path / "ckpt", fingerprint="t", callbacks=[watch],
+                  origin=teacher)
     loaded = m.apply(loaded, cfg, ctx)
     ctx.report["moved"] = watch.moved
     return loaded, before, ctx.report

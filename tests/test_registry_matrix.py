@@ -29,6 +29,9 @@ OTHER = {
     ("merge", "adapter"): "tests/test_merge.py: `mmkit merge ADAPTER` equals finetune --merge",
     ("merge", "greedy-soup"): "tests/test_merge_tuned.py: keeps what helps, never below the "
                               "best single on validation, weights = mean of the ingredients",
+    ("extract", "subnet"): "tests/test_elastic.py: equals the sliced super-network (bert, "
+                           "vit, llama, clip; per-layer widths), plain from_pretrained for "
+                           "uniform ViT widths, cuts outside the space refused, in search",
     ("merge", "atlas"): "tests/test_merge_tuned.py: beats task arithmetic on its few-shot data "
                         "(measured by plain forwards), weights = base + reported coefficients",
 }
@@ -55,6 +58,8 @@ def offered_methods(command: click.Command) -> set[str]:
     --dora, ...). Order, help text and defaults do not matter."""
     names = set()
     for param in command.params:
+        if param.name == "elastic_mode":  # finetune --elastic nested|sampled
+            names.add("elastic")
         if param.name != "method":
             continue
         if isinstance(param.type, click.Choice):
