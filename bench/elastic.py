@@ -1,0 +1,241 @@
+"""Elastic super-network figures: MiniLM on tweets-sentiment, on this machine's CPU.
+
+    HF_HUB_OFFLINE=1 python bench/elastic.py [--parts train,cuts,search] [--quick]
+
+- train: a dense full fine-tune and an elastic one (--elastic sampled, same epochs, data and
+  learning rate); test accuracy of each full network, and the training-time ratio.
+- cuts: FFN 50%, heads 50%, depth 4 of 6 and all three together, made three ways: extracted
+  from the elastic model; pruned from the dense fine-tune (no recovery); pruned, then
+  distilled from the uncut model for a fixed number of steps (`finetune distill`). Test
+  accuracy and parameters of each.
+- search: `mmkit search` on the elastic model (TPE, 30 trials, budget 0.5x, knobs layers,
+  heads, ffn, quant); the exported model timed interleaved against the dense fine-tune
+  (batch 1, seq 64) and scored on test; hypervolume (validation accuracy x latency ratio, up
+  to the budget) of the 30 TPE trials against 100 random ones on the same space.
+
+Data as bench/search.py: training on --train-samples tweets, every score on --samples per
+split (seed 0). Fine-tunes are cached in --work. Writes bench/results/elastic.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from results_io import RESULTS, write_result  # bench/ is on sys.path when run as a script
+
+CUTS = {"ffn-50": {"ffn": 0.5}, "heads-50": {"heads": 0.5}, "depth-4": {"depth": 4},
+        "all-three": {"ffn": 0.5, "heads": 0.5, "depth": 4}}
+
+
+def _prune_steps(cut: dict) -> list[dict]:
+    """The structured prune steps of a cut (weights importance, as bench/prune.py)."""
+    steps = []
+    if "depth" in cut:
+        steps.append({"step": "prune", "method": "layers", "sparsity": (6 - cut["depth"]) / 6})
+    if "heads" in cut:
+        steps.append({"step": "prune", "method": "heads", "sparsity": 1 - cut["heads"]})
+    if "ffn" in cut:
+        steps.append({"step": "prune", "method": "neurons", "sparsity": 1 - cut["ffn"]})
+    return steps
+
+
+def _finetune(work: Path, name: str, step: dict, args) -> dict:
+    """A cached fine-tune of minilm: its artifact and training report."""
+    from mmkit.core.recipe import run_recipe
+
+    out = work / name
+    if not (out / "mmkit.json").is_file():
+        run_recipe({"model": "minilm", "data": "tweets-sentiment", "seed": 0,
+                    "max_samples": args.train_samples, "steps": [step]}, out, overwrite=True)
+    report = json.loads((out / "mmkit.json").read_text())["steps"][0]["report"]
+    return {"artifact": str(out), "train_seconds": report["train_seconds"],
+            "steps": report["steps"], "passes_per_step": report.get("elastic", {}).get(
+                "passes_per_step", 1)}
+
+
+def _score(model, data, split="test") -> float:
+    from mmkit.core.evaluate import evaluate
+    from mmkit.core.loading import load_model
+
+    loaded = model if not isinstance(model, str) else load_model(model)
+    return evaluate(loaded, data, split)["accuracy"]
+
+
+def train(args, work: Path, data) -> dict:
+    """Dense and elastic fine-tunes: full-network accuracy and training time."""
+    common = {"step": "finetune", "epochs": args.epochs, "lr": args.lr}
+    dense = _finetune(work, f"dense-n{args.train_samples}-e{args.epochs}",
+                      {**common, "method": "full"}, args)
+    elastic = _finetune(work, f"elastic-n{args.train_samples}-e{args.epochs}-s{args.samples_k}",
+                        {**common, "method": "elastic", "mode": "sampled",
+                         "samples": args.samples_k}, args)
+    for row in (dense, elastic):
+        row["test_accuracy"] = _score(row["artifact"], data)
+    return {"dense": dense, "elastic": elastic,
+            "elastic_minus_dense_points": 100 * (elastic["test_accuracy"]
+                                                 - dense["test_accuracy"]),
+            "goal_le_0.5_points_lower": elastic["test_accuracy"] >= dense["test_accuracy"]
+            - 0.005,
+            "training_time_ratio": elastic["train_seconds"] / dense["train_seconds"],
+            "goal_time_ratio_le_2": elastic["train_seconds"] / dense["train_seconds"] <= 2}
+
+
+def cuts(args, work: Path, data, trained: dict) -> dict:
+    """Each cut extracted from the elastic model, pruned from the dense one, and pruned then
+    distilled (recovery)."""
+    from mmkit.core.recipe import run_recipe
+
+    dense, elastic = trained["dense"]["artifact"], trained["elastic"]["artifact"]
+    rows = {}
+    for name, cut in CUTS.items():
+        made = {
+            "elastic-extract": (elastic, [{"step": "extract", **cut}]),
+            "prune": (dense, _prune_steps(cut)),
+            "prune+distill": (dense, _prune_steps(cut) + [
+                {"step": "finetune", "method": "distill", "max_steps": args.recovery_steps,
+                 "lr": args.lr}]),
+        }
+        row = {}
+        for how, (model, steps) in made.items():
+            out = work / "cuts" / f"{name}-{how}"
+            start = time.perf_counter()
+            result = run_recipe({"model": model, "data": "tweets-sentiment", "seed": 0,
+                                 "max_samples": args.train_samples, "steps": steps}, out,
+                                overwrite=True)
+            seconds = time.perf_counter() - start
+            acc = _score(result["artifact"], data)
+            row[how] = {"test_accuracy": acc, "seconds": round(seconds, 1),
+                        "points_below_full": 100 * (trained[
+                            "elastic" if how == "elastic-extract" else "dense"]["test_accuracy"]
+                            - acc)}
+            shutil.rmtree(out, ignore_errors=True)
+        rows[name] = row
+    ffn = rows["ffn-50"]["elastic-extract"]["points_below_full"]
+    return {"recovery_steps": args.recovery_steps, "cuts": rows,
+            "goal_elastic_ffn50_within_1_point": ffn <= 1.0}
+
+
+def _hypervolume(rows: list[dict], budget: float) -> float:
+    """Area dominated by (validation accuracy up, latency ratio down) points, from accuracy 0
+    up to the budget ratio."""
+    pts = sorted((r["latency_ratio"], r["values"]["accuracy"]) for r in rows
+                 if r.get("latency_ratio") is not None and r["latency_ratio"] <= budget)
+    area, best = 0.0, 0.0
+    edges = [x for x, _ in pts] + [budget]
+    for (x, acc), nxt in zip(pts, edges[1:]):
+        best = max(best, acc)
+        area += best * (nxt - x)
+    return area
+
+
+def _search(model: str, sampler: str, trials: int, args, out: Path, export: str) -> dict:
+    from mmkit.core.data import DataSpec
+    from mmkit.core.errors import RuntimeFailure
+    from mmkit.core.recipe import RunOptions
+    from mmkit.search.run import prepare, search
+    from mmkit.search.settings import SearchRequest
+
+    request = SearchRequest(model=model, data=DataSpec(data="tweets-sentiment",
+                                                       max_samples=args.samples, seed=0),
+                            budget=f"{args.budget}x", knobs="layers,heads,ffn,quant",
+                            sampler=sampler, seq_len=64, out=out)
+    try:
+        result = search(prepare(request, RunOptions(overwrite=True)), trials, None, 1, export)
+    except RuntimeFailure as exc:  # no point met the budget: say so, keep the trials' figures
+        result = {"trials_completed": None, "rejected_without_evaluation": None,
+                  "seconds_this_run": None, "best": None, "best_remeasured": None,
+                  "exported": [], "failure": str(exc)}
+    evaluated = json.loads((out / "pareto.json").read_text())["evaluated"]
+    return {"sampler": sampler, "trials": result["trials_completed"],
+            "failure": result.get("failure"),
+            "rejected_without_evaluation": result["rejected_without_evaluation"],
+            "seconds": result["seconds_this_run"], "best": result["best"],
+            "best_remeasured": result["best_remeasured"], "exported": result["exported"],
+            "hypervolume": _hypervolume(evaluated, args.budget)}
+
+
+def search_part(args, work: Path, data, trained: dict) -> dict:
+    """TPE on the elastic model; its export against the dense fine-tune; HV vs random."""
+    from mmkit.core.loading import load_model
+    from mmkit.core.profile import profile_pair
+
+    elastic, dense = trained["elastic"]["artifact"], trained["dense"]["artifact"]
+    tpe = _search(elastic, "tpe", args.tpe, args, work / "search-tpe", "best")
+    result = {"budget": f"{args.budget}x", "tpe": tpe}
+    if tpe["exported"]:
+        best = load_model(tpe["exported"][0])
+        pair = profile_pair(best, load_model(dense), "cpu", batch_size=1, seq_len=64,
+                            rounds=args.rounds)
+        acc = _score(best, data)
+        result["exported_vs_dense"] = {
+            "speedup": 1 / pair["ratio"], "ratio": pair["ratio"],
+            "ratio_p10_p90": [pair["ratio_p10"], pair["ratio_p90"]],
+            "exported_ms": pair["candidate_ms"], "dense_ms": pair["reference_ms"],
+            "test_accuracy": acc,
+            "points_below_dense": 100 * (trained["dense"]["test_accuracy"] - acc),
+            "goal_2x_at_le_1_point": 1 / pair["ratio"] >= 2.0
+            and trained["dense"]["test_accuracy"] - acc <= 0.01}
+    rand = _search(elastic, "random", args.random, args, work / "search-random", "none")
+    result["random"] = rand
+    result["hv_tpe_over_random"] = tpe["hypervolume"] / rand["hypervolume"] \
+        if rand["hypervolume"] else None
+    return result
+
+
+def main() -> None:
+    """Run the parts asked for and write the JSON (parts not run keep their old figures)."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="train,cuts,search")
+    parser.add_argument("--work", default="/tmp/mmkit-bench-elastic")
+    parser.add_argument("--train-samples", type=int, default=2000)
+    parser.add_argument("--samples", type=int, default=500, help="tweets per split scored")
+    parser.add_argument("--epochs", type=float, default=2)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--samples-k", type=int, default=1,
+                        help="elastic: random sub-networks per step")
+    parser.add_argument("--recovery-steps", type=int, default=60)
+    parser.add_argument("--tpe", type=int, default=30)
+    parser.add_argument("--random", type=int, default=100)
+    parser.add_argument("--budget", type=float, default=0.5)
+    parser.add_argument("--rounds", type=int, default=40, help="interleaved timing rounds")
+    parser.add_argument("--quick", action="store_true", help="tiny settings to try the bench")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.quick:
+        args.train_samples, args.samples, args.epochs = 200, 100, 1
+        args.recovery_steps, args.tpe, args.random, args.rounds = 5, 4, 6, 6
+        args.work += "-quick"
+    out = Path(args.out or (Path(args.work) / "elastic-quick.json" if args.quick
+                            else RESULTS / "elastic.json"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from mmkit.core.data import load_data
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    data = load_data("tweets-sentiment", "text-classification", max_samples=args.samples,
+                     seed=0)
+    result = json.loads(out.read_text()) if out.exists() else {}
+    parts = args.parts.split(",")
+    trained = train(args, work, data)  # cached: every part needs the two fine-tunes
+    if "train" in parts:
+        result["train"] = trained
+    if "cuts" in parts:
+        result["cuts"] = cuts(args, work, data, trained)
+    if "search" in parts:
+        result["search"] = search_part(args, work, data, trained)
+    import torch
+
+    result["settings"] = {k: v for k, v in vars(args).items() if k != "out"}
+    result["machine"] = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                         "load_average": os.getloadavg()}
+    write_result(result, out)
+
+
+if __name__ == "__main__":
+    main()
