@@ -103,8 +103,16 @@ def model_stacks(loaded, what: str = "Elastic training") -> list[Stack]:
     out = []
     for name, blocks, config in stacks(loaded.model):
         heads, kv, head_dim = head_layout(config, loaded.family)
-        width = blocks[0].get_submodule(parts["ffn_out"]).weight.shape[1]
-        out.append(Stack(name, blocks, config, parts, heads, kv, head_dim, width))
+        widths = {(b.get_submodule(parts["ffn_out"]).weight.shape[1],
+                   b.get_submodule(parts["k"]).weight.shape[0]) for b in blocks}
+        if len(widths) > 1:  # e.g. a model pruned to per-layer widths
+            raise InputError(f"{what} needs the same FFN width and head count in every layer "
+                             f"of {name}; this model's differ by layer (pruned per layer?). "
+                             "Start from a model with uniform layers.")
+        # the layers' own sizes: a uniformly pruned BERT keeps its config's head count
+        (width, kv_rows), rep = widths.pop(), heads // kv
+        kv = kv_rows // head_dim
+        out.append(Stack(name, blocks, config, parts, kv * rep, kv, head_dim, width))
     if not out:
         raise InputError(f"{what}: found no stack of transformer blocks in this "
                          f"{loaded.family} model.")
