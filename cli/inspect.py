@@ -24,6 +24,10 @@ def _human(r: dict) -> str:
         a = r["adapter"]
         rank = f" r={a['r']}" if a["r"] else ""
         lines.insert(3, f"  adapter {a['method']}{rank}: {a['parameters']:,} parameters")
+    if r.get("elastic"):
+        e = r["elastic"]
+        lines.insert(3, f"  elastic super-network ({e['mode']}): " + "; ".join(
+            f"{k} {','.join(f'{v:g}' for v in values)}" for k, values in e["space"].items()))
     if r["steps"]:
         lines.append(f"  made from {r['parent']} by " + " -> ".join(r["steps"]))
     return "\n".join(lines)

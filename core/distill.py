@@ -79,8 +79,10 @@ def _check_inputs_match(teacher, student, where: str) -> None:
         if t.get_vocab() != s.get_vocab() or t(sample)["input_ids"] != s(sample)["input_ids"]:
             raise InputError(f"{where} uses another tokenizer than the student; distillation "
                              "feeds both the same tokens. Use a teacher of the same family.")
-    size = lambda m: getattr(getattr(m.model.config, "vision_config", m.model.config),  # noqa
-                             "image_size", None)
+    def size(loaded):
+        config = loaded.model.config
+        return getattr(getattr(config, "vision_config", config), "image_size", None)
+
     if size(teacher) != size(student):
         raise InputError(f"{where} reads {size(teacher)}-pixel images and the student "
                          f"{size(student)}; use a teacher with the student's image size.")

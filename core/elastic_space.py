@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import InputError
 
@@ -47,6 +47,19 @@ class ElasticSpace(BaseModel):
     family: str
     space: dict[str, list[int | float]]  # ffn, heads (fractions kept), depth (layers kept)
     stacks: dict[str, StackSpace]
+
+    @model_validator(mode="after")
+    def _complete(self):
+        if set(self.space) != {"ffn", "heads", "depth"}:
+            raise ValueError("space must hold ffn, heads and depth")
+        if not all(self.space.values()):
+            raise ValueError("each dimension of the space needs a value")
+        if not all(0 < v <= 1 for k in ("ffn", "heads") for v in self.space[k]):
+            raise ValueError("ffn and heads must be fractions in (0, 1]")
+        deepest = max(s.layers for s in self.stacks.values()) if self.stacks else 0
+        if not all(v == int(v) and 1 <= v <= deepest for v in self.space["depth"]):
+            raise ValueError(f"depth must be whole layer counts from 1 to {deepest}")
+        return self
 
     def text(self) -> str:
         """The space as a user reads it: 'ffn 0.25,0.5,0.75,1; heads 0.5,0.75,1; depth 4,5,6'."""

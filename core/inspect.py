@@ -84,6 +84,8 @@ def applicable_methods(loaded: LoadedModel) -> list[str]:
     for m in methods_for(loaded.kind):
         if m.step == "finetune" and adapter is not None:
             continue  # an adapter on an adapter: merge first
+        if m.step == "extract" and loaded.extra.get("elastic") is None:
+            continue  # only a super-network has sub-networks to extract
         if m.step in ("prune", "quantize") and (quantized or not mergeable):
             continue
         if m.step == "finetune" and quantized and m.name not in ("lora", "dora"):
@@ -97,7 +99,7 @@ def applicable_methods(loaded: LoadedModel) -> list[str]:
 
 def inspect_model(loaded: LoadedModel) -> dict:
     """Family, parameters by module type, sizes (MB = 10^6 bytes), dtypes, linear layers,
-    the adapter it carries, and the methods that apply."""
+    the adapter it carries, an elastic super-network's space, and the methods that apply."""
     model = loaded.model
     by_type = Counter()
     for mod in model.modules():
@@ -125,6 +127,8 @@ def inspect_model(loaded: LoadedModel) -> dict:
         "weights_mb": megabytes(weight_bytes(model)),
         "disk_mb": megabytes(disk_bytes(loaded.source.path)),
         "adapter": _adapter(loaded),
+        "elastic": None if loaded.extra.get("elastic") is None else
+        {"mode": loaded.extra["elastic"].mode, "space": loaded.extra["elastic"].space},
         "linear_layers": layers,
         "linear_groups": linear_groups(layers),
         "methods": applicable_methods(loaded),

@@ -91,7 +91,8 @@ def extract_(loaded, cfg, ctx):
     """Cut the sub-network `cfg` asks for out of the loaded super-network, in place."""
     space = space_of(loaded)
     stacks_ = model_stacks(loaded, "extract")
-    if {s.name for s in stacks_} != set(space.stacks):
+    described = {name: (st.layers, st.ffn, st.kv_heads) for name, st in space.stacks.items()}
+    if described != {s.name: (len(s.blocks), s.ffn, s.kv_heads) for s in stacks_}:
         raise InputError(f"{loaded.source.ref}: its mmkit_elastic.json describes other layers "
                          "than the model has; the artifact is damaged. Re-create it.")
     per_layer = read_per_layer(cfg.per_layer, stacks_) if cfg.per_layer else None
