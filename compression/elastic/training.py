@@ -132,6 +132,10 @@ def _trained(loaded, model, ctx):
 def elastic_finetune(loaded, cfg, ctx):
     """Fine-tune a super-network (see the module docstring); the artifact is the full model
     with its space."""
+    if cfg.keep_sparsity:
+        raise InputError("--keep-sparsity does not apply to elastic training: its sub-networks "
+                         "slice whole neurons and heads. Prune unstructured after extracting "
+                         "(`mmkit prune SUB --method magnitude`).")
     stacks_ = model_stacks(loaded)
     trained_depths = depths(cfg, min(len(s.blocks) for s in stacks_))
     teacher = _teacher_module(loaded, cfg, ctx) if cfg.teacher else None
