@@ -345,3 +345,44 @@ def test_search_on_an_elastic_model_extracts_trained_subnetworks(supernet, tmp_p
     r = run_cli("search", str(supernet), "--data", "tweets-sentiment", "--max-samples", "32",
                 "--space", str(space), "-o", str(tmp_path / "t"))
     assert r.exit_code == 2 and "not trained for" in r.output and not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("with_teacher", [False, True])
+def test_sandwich_loss_against_longhand(with_teacher):
+    """One step's loss: the full network's (labels, or the teacher's logits), plus the
+    smallest sub-network distilled from the full network (or the teacher)."""
+    from mmkit.compression.elastic.training import sandwich_loss
+
+    loaded = _load("tiny:bert")
+    stacks = model_stacks(loaded)
+    drop_orders = order_by_importance_(loaded.model, stacks, [_inputs(loaded)])
+    teacher = None
+    if with_teacher:  # another model: its logits differ from the student's
+        teacher = _load("tiny:bert").model.eval()
+        with torch.no_grad():
+            for p in teacher.parameters():
+                p.mul_(1 + torch.rand_like(p))
+    cfg = ElasticConfig(mode="sampled", ffn=[0.5, 1.0], heads=[0.5, 1.0], depth=[1, 2],
+                        samples=0, distill_weight=0.3, temperature=2.0)
+    batch = _batch(loaded)
+    batch["labels"] = torch.tensor([0, 2])
+    small = copy.deepcopy(loaded)
+    small.extra["elastic"] = _space(small, stacks, drop_orders, [1, 2])
+    extract_(small, ExtractConfig(ffn=0.5, heads=0.5, depth=1), Context())
+    with torch.no_grad():
+        full = loaded.model(**batch)
+        soft = teacher(**batch).logits if with_teacher else full.logits
+        kd = dict(alpha=0.3, temperature=2.0)
+        expected = (distillation_loss(full.logits, soft, batch["labels"], **kd)
+                    if with_teacher else full.loss)
+        expected = expected + distillation_loss(small.model(**batch).logits, soft,
+                                                batch["labels"], **kd)
+    sampler = Sampler("sampled", cfg.ffn, cfg.heads, cfg.depth, 0, seed=0)
+    install_(stacks)
+    try:
+        with torch.no_grad():
+            got, _ = sandwich_loss(loaded, stacks, drop_orders, sampler, cfg, teacher)(
+                loaded.model, batch)
+    finally:
+        uninstall_(stacks)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
