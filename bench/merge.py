@@ -9,8 +9,9 @@ Parts:
   merged onto minilm by every method; each merged model scored on both tasks' test splits
   (`mmkit eval` picks the head that fits the data) against the single fine-tunes
   (normalized accuracy = merged / single).
-- soups: five full fine-tunes on tweets-sentiment with different learning rates; uniform and
-  greedy soups against the best single model, on validation and test.
+- soups: for each of two learning-rate grids, five full fine-tunes on tweets-sentiment (one
+  seed: mmkit's --seed also draws the data split); uniform and greedy soups against the best
+  single model, on validation and test.
 - lm: two LoRA fine-tunes of smollm2 on two BBC categories (business, sport); their merges'
   perplexity on each domain's test split against each single model and the base.
 - memory: wall time and peak RSS (/usr/bin/time) of merging three full smollm2 copies,
@@ -254,19 +255,29 @@ def _drop(folder: Path, args) -> None:
 
 # ---------------------------------------------------------------- soups
 def soups(args, work: Path) -> dict:
-    """Five tweets-sentiment fine-tunes, their uniform and greedy soups, the best single."""
-    lrs = args.soup_lrs
+    """For each learning-rate grid: five tweets-sentiment fine-tunes, their uniform and
+    greedy soups, the best single."""
+    grids = {f"lr {lrs[0]:g}..{lrs[-1]:g}": _soup_grid(args, work, lrs)
+             for lrs in args.soup_lrs}
+    return {"settings": {"model": "minilm", "data": "tweets-sentiment", "seed": 0,
+                         "max_samples": args.max_samples, "epochs": args.epochs,
+                         "lr_grids": args.soup_lrs},
+            "grids": grids}
+
+
+def _soup_grid(args, work: Path, lrs: list[float]) -> dict:
+    """One grid's fine-tunes (cached), scored; its uniform and greedy soups, scored."""
     # One seed for all: mmkit's --seed also draws the train / validation / test split, so
     # different seeds would train some members on the others' test examples.
     singles = {}
-    for i, lr in enumerate(lrs):
+    for lr in lrs:
         ft = finetune(work, f"soup-n{args.max_samples}-e{args.epochs}-lr{lr}", "minilm",
                       ["--data", "tweets-sentiment", "--full", "--max-samples",
                        str(args.max_samples), "--epochs", str(args.epochs), "--lr", str(lr),
                        "--seed", "0"])
         ft["lr"] = lr
         ft["scores"] = _score_tweets(ft["artifact"], args)
-        singles[f"soup-{i}"] = ft
+        singles[f"lr {lr:g}"] = ft
     members = [s["artifact"] for s in singles.values()]
     made = {"uniform": merge(members, ["--method", "linear"], work / "merged" / "soup-uniform"),
             "greedy": merge(members, ["--method", "greedy-soup", "--data", "tweets-sentiment",
@@ -276,9 +287,7 @@ def soups(args, work: Path) -> dict:
         if "report" in row:
             row["scores"] = _score_tweets(str(work / "merged" / f"soup-{name}"), args)
         _drop(work / "merged" / f"soup-{name}", args)
-    return {"settings": {"model": "minilm", "data": "tweets-sentiment", "lrs": lrs,
-                         "seed": 0, "max_samples": args.max_samples, "epochs": args.epochs},
-            "singles": singles, "soups": made, "summary": _soup_summary(singles, made)}
+    return {"singles": singles, "soups": made, "summary": _soup_summary(singles, made)}
 
 
 def _score_tweets(model: str, args) -> dict:
@@ -459,10 +468,21 @@ def _machine() -> dict:
 def _record(out: Path, name: str, part: dict, settings: dict) -> None:
     """Merge one part into the results file (other parts kept) and write it."""
     result = json.loads(out.read_text()) if out.exists() else {}
-    result.setdefault("parts", {})[name] = part
+    parts = result.setdefault("parts", {})
+    if name == "multitask" and name in parts:
+        # A run of one kind (--kinds lora) keeps the other kind's earlier figures.
+        part = {**parts[name], **part}
+    parts[name] = part
     result["machine"] = _machine()
     result.setdefault("arguments", {})[name] = settings
     write_result(result, out)
+
+
+SOUP_GRIDS = "3e-5,4e-5,5e-5,6e-5,8e-5;8e-5,1e-4,1.2e-4,1.5e-4,2e-4"
+
+
+def _grids(text: str) -> list[list[float]]:
+    return [[float(x) for x in grid.split(",")] for grid in text.split(";")]
 
 
 def _arguments():
@@ -478,8 +498,8 @@ def _arguments():
     parser.add_argument("--epochs", type=float, default=2)
     parser.add_argument("--lr-full", type=float, default=5e-5)
     parser.add_argument("--lr-lora", type=float, default=2e-3)
-    parser.add_argument("--soup-lrs", type=lambda s: [float(x) for x in s.split(",")],
-                        default=[3e-5, 4e-5, 5e-5, 6e-5, 8e-5])
+    parser.add_argument("--soup-lrs", type=_grids, default=_grids(SOUP_GRIDS),
+                        help="soups: learning-rate grids, ';' between grids, ',' within")
     parser.add_argument("--lm-samples", type=int, default=100, help="documents per split")
     parser.add_argument("--lm-epochs", type=float, default=1)
     parser.add_argument("--lm-lr", type=float, default=1e-3)
