@@ -18,6 +18,14 @@ def _human(r: dict) -> str:
             f"[{env['threads']} threads, load {env['load_per_cpu']} per CPU]{steady}")
 
 
+def _human_generation(r: dict) -> str:
+    env = r["environment"]
+    return (f"{r['model']}  {r['device']}  batch {r['batch_size']}  prompt {r['prompt_tokens']} "
+            f"tokens: prefill {r['prefill_ms']['median']:.1f} ms; {r['new_tokens']} new tokens: "
+            f"{r['decode_tokens_per_s']:.1f} tokens/s ({r['decode_ms_per_token']:.2f} ms/token, "
+            f"greedy, KV cache)  [{env['threads']} threads, load {env['load_per_cpu']} per CPU]")
+
+
 @click.command("bench", cls=options.Command)
 @options.model_argument
 @options.task_option
@@ -25,19 +33,32 @@ def _human(r: dict) -> str:
               show_default=True, help="Batch size; repeat the option to measure several.")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--generate", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Causal LMs: measure generation instead of one forward: the prefill of a "
+                   "--seq-len prompt and N greedy decode steps on the KV cache (tokens/s).")
 @options.measuring
 @options.device()
 @options.loading
 @options.common
 @options.with_models
-def bench_command(ref, task, batch_size, seq_len, warmup, repeats, threads, device,
+def bench_command(ref, task, batch_size, seq_len, warmup, repeats, generate, threads, device,
                   allow_pickle, trust_remote_code, as_json):
-    """Measure MODEL's forward latency (median, p90), throughput, memory and size."""
+    """Measure MODEL's forward latency (median, p90), throughput, memory and size; or, with
+    --generate, a causal LM's prefill latency and decoding speed."""
     from ..core.loading import load_model
     from ..core.profile import profile
 
     loaded = load_model(ref, task, device=device, allow_pickle=allow_pickle,
                         trust_remote_code=trust_remote_code, task_head=False)
+    if generate:
+        from ..core.decoding import profile_generation
+
+        for bs in batch_size:
+            result = profile_generation(loaded, device, bs, seq_len, generate, warmup=warmup,
+                                        repeats=repeats, threads=threads)
+            options.emit({"model": ref, "task": loaded.task, **result}, as_json,
+                         _human_generation)
+        return
     for bs in batch_size:
         result = profile(loaded, device, bs, seq_len, warmup=warmup, repeats=repeats,
                          threads=threads)
