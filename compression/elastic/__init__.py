@@ -5,6 +5,7 @@
 Importing this package registers the three methods; `mmkit.registrations` imports it.
 """
 
+from ... import adapters  # noqa: F401  (their finetune methods first: the CLI lists in order)
 from ...core.registry import Method, lazy, register
 from . import configs as ec
 
