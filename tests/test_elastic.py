@@ -386,3 +386,21 @@ def test_sandwich_loss_against_longhand(with_teacher):
     finally:
         uninstall_(stacks)
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_search_recovery_distils_from_the_unmodified_model(tmp_path, tiny_artifacts):
+    import optuna
+
+    space = tmp_path / "space.yaml"
+    space.write_text("knobs:\n  ffn: [0, 0.5]\n  recovery: [0, 2]\n")
+    out = tmp_path / "s"
+    r = run_cli("search", str(tiny_artifacts["tiny:bert"]), "--data", "tweets-sentiment",
+                "--max-samples", "32", "--space", str(space), "--sampler", "grid",
+                "--trials", "4", "--seq-len", "16", "--export", "none", "-o", str(out))
+    assert r.exit_code == 0, r.output
+    study = optuna.load_study(study_name="mmkit-search", storage=f"sqlite:///{out}/study.db")
+    recovered = [t for t in study.trials if t.params.get("recovery")]
+    assert recovered and all(t.state.name == "COMPLETE" and "invalid" not in t.user_attrs
+                             for t in recovered)
+    for t in recovered:
+        assert t.user_attrs["steps"][-1]["method"] == "distill"
