@@ -57,9 +57,13 @@ def test_yaml_is_safe_loaded(tmp_path):
         load_recipe(path)
 
 
-def test_step_without_registered_methods_says_so():
-    with pytest.raises(InputError, match="No method is registered for step 'extract'"):
-        get_method("extract")
+def test_every_step_has_methods_and_an_unknown_one_lists_them():
+    from mmkit.core.registry import STEPS
+
+    assert {m.step for m in all_methods()} == set(STEPS)
+    assert get_method("extract").name == "subnet"  # the step's default
+    with pytest.raises(InputError, match="Unknown extract method 'nope'. Methods: subnet"):
+        get_method("extract", "nope")
 
 
 def test_registry_lists_methods_by_kind():
