@@ -1,9 +1,12 @@
 """Elastic super-network figures: MiniLM on tweets-sentiment, on this machine's CPU.
 
-    HF_HUB_OFFLINE=1 python bench/elastic.py [--parts train,cuts,search] [--quick]
+    HF_HUB_OFFLINE=1 python bench/elastic.py [--parts train,cost,cuts,search] [--quick]
 
 - train: a dense full fine-tune and an elastic one (--elastic sampled, same epochs, data and
-  learning rate); test accuracy of each full network, and the training-time ratio.
+  learning rate); test accuracy of each full network, and the training-time ratio of the two
+  runs.
+- cost: the training-time ratio measured interleaved: short runs (--cost-steps) of dense,
+  sampled and nested elastic training, in turn, repeated; ratio of the medians.
 - cuts: FFN 50%, heads 50%, depth 4 of 6 and all three together, made three ways: extracted
   from the elastic model; pruned from the dense fine-tune (no recovery); pruned, then
   distilled from the uncut model for a fixed number of steps (`finetune distill`). Test
@@ -85,6 +88,37 @@ def train(args, work: Path, data) -> dict:
             "goal_time_ratio_le_2": elastic["train_seconds"] / dense["train_seconds"] <= 2}
 
 
+def cost(args, work: Path) -> dict:
+    """Training time per step, dense against elastic, interleaved (A, B, A, B ...): short
+    runs of --cost-steps steps on the same data, so that a machine whose speed drifts
+    shifts both alike. The ratio of medians of each run's train_seconds."""
+    import statistics
+
+    from mmkit.core.recipe import run_recipe
+
+    runs = {"dense": [], "elastic-sampled": [], "elastic-nested": []}
+    steps = {"dense": {"method": "full"},
+             "elastic-sampled": {"method": "elastic", "mode": "sampled",
+                                 "samples": args.samples_k},
+             "elastic-nested": {"method": "elastic", "mode": "nested",
+                                "samples": args.samples_k}}
+    for _ in range(args.cost_repeats):
+        for name, step in steps.items():
+            out = work / "cost" / name
+            result = run_recipe({"model": "minilm", "data": "tweets-sentiment", "seed": 0,
+                                 "max_samples": args.train_samples, "steps": [
+                                     {"step": "finetune", "max_steps": args.cost_steps,
+                                      "lr": args.lr, **step}]}, out, overwrite=True)
+            runs[name].append(result["steps"][0]["report"]["train_seconds"])
+            shutil.rmtree(out, ignore_errors=True)
+    median = {name: statistics.median(t) for name, t in runs.items()}
+    return {"steps_per_run": args.cost_steps, "repeats": args.cost_repeats,
+            "train_seconds": runs, "median_seconds": median,
+            "sampled_over_dense": median["elastic-sampled"] / median["dense"],
+            "nested_over_dense": median["elastic-nested"] / median["dense"],
+            "goal_le_2": median["elastic-sampled"] / median["dense"] <= 2}
+
+
 def cuts(args, work: Path, data, trained: dict) -> dict:
     """Each cut extracted from the elastic model, pruned from the dense one, and pruned then
     distilled (recovery)."""
@@ -121,16 +155,12 @@ def cuts(args, work: Path, data, trained: dict) -> dict:
 
 
 def _hypervolume(rows: list[dict], budget: float) -> float:
-    """Area dominated by (validation accuracy up, latency ratio down) points, from accuracy 0
-    up to the budget ratio."""
-    pts = sorted((r["latency_ratio"], r["values"]["accuracy"]) for r in rows
-                 if r.get("latency_ratio") is not None and r["latency_ratio"] <= budget)
-    area, best = 0.0, 0.0
-    edges = [x for x, _ in pts] + [budget]
-    for (x, acc), nxt in zip(pts, edges[1:]):
-        best = max(best, acc)
-        area += best * (nxt - x)
-    return area
+    """bench/search.py's hypervolume over (validation accuracy, latency ratio), up to the
+    budget ratio."""
+    from search import hypervolume  # bench/search.py
+
+    return hypervolume([(r["values"]["accuracy"], r["latency_ratio"]) for r in rows
+                        if r.get("latency_ratio") is not None], budget)
 
 
 def _search(model: str, sampler: str, trials: int, args, out: Path, export: str) -> dict:
@@ -191,7 +221,7 @@ def main() -> None:
     """Run the parts asked for and write the JSON (parts not run keep their old figures)."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="train,cuts,search")
+    parser.add_argument("--parts", default="train,cost,cuts,search")
     parser.add_argument("--work", default="/tmp/mmkit-bench-elastic")
     parser.add_argument("--train-samples", type=int, default=2000)
     parser.add_argument("--samples", type=int, default=500, help="tweets per split scored")
@@ -200,6 +230,8 @@ def main() -> None:
     parser.add_argument("--samples-k", type=int, default=1,
                         help="elastic: random sub-networks per step")
     parser.add_argument("--recovery-steps", type=int, default=60)
+    parser.add_argument("--cost-steps", type=int, default=20)
+    parser.add_argument("--cost-repeats", type=int, default=3)
     parser.add_argument("--tpe", type=int, default=30)
     parser.add_argument("--random", type=int, default=100)
     parser.add_argument("--budget", type=float, default=0.5)
@@ -210,6 +242,7 @@ def main() -> None:
     if args.quick:
         args.train_samples, args.samples, args.epochs = 200, 100, 1
         args.recovery_steps, args.tpe, args.random, args.rounds = 5, 4, 6, 6
+        args.cost_steps, args.cost_repeats = 3, 1
         args.work += "-quick"
     out = Path(args.out or (Path(args.work) / "elastic-quick.json" if args.quick
                             else RESULTS / "elastic.json"))
@@ -225,6 +258,8 @@ def main() -> None:
     trained = train(args, work, data)  # cached: every part needs the two fine-tunes
     if "train" in parts:
         result["train"] = trained
+    if "cost" in parts:
+        result["cost"] = cost(args, work)
     if "cuts" in parts:
         result["cuts"] = cuts(args, work, data, trained)
     if "search" in parts:
