@@ -9,7 +9,6 @@ from pathlib import Path
 
 from .errors import InputError, RuntimeFailure
 from .families import DEFAULT_TASK, head_task, model_kind
-from .elastic_space import read_elastic
 from .heads import pick_head
 from . import formats
 from .layers import output_heads
@@ -326,6 +325,8 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
                               task_head=task_head)}
     else:
         model, extra = _load_weights(cls, source, config, opts)
+    from .elastic_space import read_elastic  # pydantic: not at import (`mmkit --help`)
+
     elastic = read_elastic(source.path) if adapter is None else None
     if elastic is not None:  # a super-network: `extract` and `search` read its space
         extra["elastic"] = elastic
