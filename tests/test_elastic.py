@@ -52,6 +52,18 @@ def _space(loaded, stacks, drop_orders, depths):
                                 for s in stacks})
 
 
+def _sliced_logits(loaded, cut, drop_orders):
+    """A copy of the super-network run as the sub-network `cut`: its logits, and the copy's
+    logits once the full network is restored."""
+    supernet = copy.deepcopy(loaded)
+    stacks = model_stacks(supernet)
+    install_(stacks)
+    with active(stacks, cut, drop_orders):
+        sliced = logits(supernet)
+    uninstall_(stacks)
+    return sliced, logits(supernet)
+
+
 @pytest.mark.parametrize("ref", FAMILIES)
 def test_reordering_is_an_identity_and_extraction_equals_the_sliced_supernet(ref):
     loaded = _load(ref)
@@ -66,13 +78,8 @@ def test_reordering_is_an_identity_and_extraction_equals_the_sliced_supernet(ref
     n = len(stacks[0].blocks)
     for depth in (n, n - 1):
         cut = Cut(0.25, 0.5, depth)
-        supernet = copy.deepcopy(loaded)
-        sub_stacks = model_stacks(supernet)
-        install_(sub_stacks)
-        with active(sub_stacks, cut, drop_orders):
-            sliced = logits(supernet)
-        uninstall_(sub_stacks)
-        assert torch.allclose(logits(supernet), before, atol=1e-5, rtol=1e-5)  # restored
+        sliced, restored = _sliced_logits(loaded, cut, drop_orders)
+        assert torch.allclose(restored, before, atol=1e-5, rtol=1e-5)
         small = copy.deepcopy(loaded)
         small.extra["elastic"] = _space(small, stacks, drop_orders, [n - 1, n])
         ctx = Context()
@@ -102,12 +109,7 @@ def test_per_layer_extraction_equals_the_sliced_supernet(tmp_path):
     drop_orders = order_by_importance_(loaded.model, stacks, [_inputs(loaded)])
     widths = {"ffn": [0.25, 1.0], "heads": [1.0, 0.5]}
     cut = Cut(per_layer={stacks[0].name: list(zip(widths["ffn"], widths["heads"]))})
-    supernet = copy.deepcopy(loaded)
-    s2 = model_stacks(supernet)
-    install_(s2)
-    with active(s2, cut, drop_orders):
-        sliced = logits(supernet)
-    uninstall_(s2)
+    sliced, _ = _sliced_logits(loaded, cut, drop_orders)
     file = tmp_path / "widths.json"
     file.write_text(json.dumps(widths))
     loaded.extra["elastic"] = _space(loaded, stacks, drop_orders, [2])
