@@ -114,7 +114,7 @@ def extract_(loaded, cfg, ctx):
     uniform = per_layer is None
     if not uniform or loaded.family not in HEADS_IN_CONFIG:
         loaded.extra["format"] = "mmkit-pruned"
-        loaded.extra.setdefault("pruned", {})["attention"] = _attention_layout(stacks_, loaded)
+        loaded.extra.setdefault("pruned", {})["attention"] = _attention_layout(stacks_)
     after = sum(p.numel() for p in loaded.model.parameters())
     ctx.report.update({"subnetwork": cut.name(), "space": space.space,
                        "parameters_before": before, "parameters_after": after,
@@ -141,7 +141,7 @@ def _describe(loaded, stack, cut: Cut, keep: list[int]) -> None:
             config.num_key_value_heads = kv
 
 
-def _attention_layout(stacks_, loaded) -> dict:
+def _attention_layout(stacks_) -> dict:
     """{attention module name: {heads, kv_heads, head_dim}} after the cut (renumbered)."""
     layout = {}
     for stack in stacks_:
