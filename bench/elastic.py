@@ -91,7 +91,8 @@ def train(args, work: Path, data) -> dict:
 def cost(args, work: Path) -> dict:
     """Training time per step, dense against elastic, interleaved (A, B, A, B ...): short
     runs of --cost-steps steps on the same data, so that a machine whose speed drifts
-    shifts both alike. The ratio of medians of each run's train_seconds."""
+    shifts both alike. The ratio of medians of each run's training time (its validation
+    passes subtracted)."""
     import statistics
 
     from mmkit.core.recipe import run_recipe
@@ -109,7 +110,9 @@ def cost(args, work: Path) -> dict:
                                  "max_samples": args.train_samples, "steps": [
                                      {"step": "finetune", "max_steps": args.cost_steps,
                                       "lr": args.lr, **step}]}, out, overwrite=True)
-            runs[name].append(result["steps"][0]["report"]["train_seconds"])
+            report = result["steps"][0]["report"]  # training steps only: less evaluation
+            runs[name].append(report["train_seconds"] - sum(
+                h.get("eval_runtime", 0) for h in report["validation_history"]))
             shutil.rmtree(out, ignore_errors=True)
     median = {name: statistics.median(t) for name, t in runs.items()}
     return {"steps_per_run": args.cost_steps, "repeats": args.cost_repeats,
