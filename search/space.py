@@ -227,7 +227,7 @@ def for_elastic(space: dict, elastic, from_file: bool) -> dict:
                 raise InputError(
                     f"Knob '{name}' value {ECHO.repr(outside[0])} is a sub-network this "
                     f"elastic model was not trained for; its space is {elastic.text()}, so "
-                    f"'{name}' can take {trained[name]} (as removed {KNOBS[name].help}).")
+                    f"'{name}' can take {trained[name]} ({KNOBS[name].help}).")
             out[name] = values
     return out
 
