@@ -59,6 +59,19 @@ def tiny_artifacts(tmp_path_factory) -> dict:
     return out
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a test module (`pytest.mark.usefixtures`): tiny models gain
+    nothing from a second thread, and a shared machine loses much by it (subprocess
+    searches run with OMP_NUM_THREADS=1 likewise)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def read_manifest(path) -> dict:
     """The mmkit.json of an artifact."""
     return json.loads((Path(path) / "mmkit.json").read_text())

@@ -23,16 +23,8 @@ BASE = ["tiny:bert", "--max-samples", "24", "--seq-len", "16"]
 GRACE_S = 3  # the heartbeat grace the subprocess searches run with
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and a shared machine loses much by it
-    (the subprocess searches run with OMP_NUM_THREADS=1 likewise)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models gain nothing from a second thread, and a shared machine loses much by it.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cli(*args):

@@ -14,15 +14,8 @@ from mmkit.core.errors import InputError
 BASE = ["tiny:bert", "--max-samples", "24", "--seq-len", "16"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and a shared machine loses much by it."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models gain nothing from a second thread, and a shared machine loses much by it.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cli(*args):
