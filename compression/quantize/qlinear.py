@@ -3,8 +3,9 @@
 Stored (and saved) tensors: `qweight` (int32 words, `bits` bits per code, row-major over the
 input dimension), `scales` and `zeros` (fp16, out x n_groups), `g_idx` (int32, the group of
 each input column; act-order GPTQ permutes it) and `bias`. Two kernels:
-- "dequant": rebuild the float weight at every forward and use a float matmul. Weight-only
-  quantization: the model is smaller on disk and in memory, the arithmetic is floating point.
+- "dequant" (weight-only): on CPU, 8-bit per-channel and 4-bit grids that fit run torch's fused
+  int8 / int4 kernels (kernels.py: bf16 activations, chosen automatically); everything else
+  rebuilds the float weight at every forward and uses a float matmul.
 - "int8-dynamic" (8-bit symmetric per-channel only): torch's dynamic int8 Linear (fbgemm /
   qnnpack): activations are quantized to int8 per batch and the matmul runs in integers.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import grid
+from . import grid, kernels
 
 KERNELS = ("dequant", "int8-dynamic")
 
@@ -36,6 +37,8 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         object.__setattr__(self, "_int8", None)  # the int8 kernel, built on first use
+        object.__setattr__(self, "_plan", None)  # the fused kernel's tensors, built on first use
+        object.__setattr__(self, "_group_size", 0)  # contiguous group size; 0: not known yet
 
     @classmethod
     def from_codes(cls, codes, scales, zeros, g_idx, bits: int, bias=None, kernel="dequant"):
@@ -53,12 +56,25 @@ class QuantLinear(torch.nn.Module):
 
     def codes(self):
         """The integer codes, (out, in)."""
-        return grid.unpack(self.qweight, self.bits, self.in_features)
+        fast = kernels.unpack_bytes(self.qweight, self.bits, self.in_features)
+        return (grid.unpack(self.qweight, self.bits, self.in_features) if fast is None
+                else fast.long())
 
     def weight_float(self):
-        """The dequantized weight, (out, in)."""
-        return grid.dequantize(self.codes(), self.scales.float(), self.zeros.float(),
-                               self.g_idx.long())
+        """The dequantized weight, (out, in), fp32."""
+        if self._group_size == 0:
+            object.__setattr__(self, "_group_size", kernels.contiguous_group_size(self.g_idx))
+        codes = kernels.unpack_bytes(self.qweight, self.bits, self.in_features)
+        if codes is None:
+            codes = grid.unpack(self.qweight, self.bits, self.in_features)
+        return kernels.dequantize(codes, self.scales, self.zeros, self.g_idx, self._group_size)
+
+    def fused_plan(self):
+        """The fused CPU kernel's plan, or None when this layer's grid does not fit one."""
+        if self._plan is None:
+            plan = kernels.fused_plan(self) if self.qweight.device.type == "cpu" else None
+            object.__setattr__(self, "_plan", plan or False)
+        return self._plan or None
 
     def _int8_kernel(self):
         if self._int8 is None:
@@ -78,12 +94,26 @@ class QuantLinear(torch.nn.Module):
         return self._int8
 
     def _load_from_state_dict(self, *args, **kwargs):
-        object.__setattr__(self, "_int8", None)  # new codes: rebuild the int8 kernel
+        self.forget_kernels()  # new codes: rebuild the kernels
         return super()._load_from_state_dict(*args, **kwargs)
 
+    def _apply(self, fn, *args, **kwargs):
+        self.forget_kernels()  # .to(device) / .half(): the cached kernels follow the buffers
+        return super()._apply(fn, *args, **kwargs)
+
+    def forget_kernels(self):
+        """Drop the kernels built from the buffers (after the buffers change)."""
+        for name, empty in (("_int8", None), ("_plan", None), ("_group_size", 0)):
+            object.__setattr__(self, name, empty)
+
     def forward(self, x):
-        if self.kernel == "int8-dynamic" and x.device.type == "cpu":
-            return self._int8_kernel()(x.float()).to(x.dtype)
+        if x.device.type == "cpu":
+            if self.kernel == "int8-dynamic":
+                return self._int8_kernel()(x.float()).to(x.dtype)
+            # no autograd through the fused kernels: training on top (LoRA) dequantizes
+            if (not (x.requires_grad and torch.is_grad_enabled()) and kernels.fused_allowed()
+                    and (plan := self.fused_plan()) is not None):
+                return kernels.run_fused(plan, x, self.bias)
         return torch.nn.functional.linear(x, self.weight_float().to(x.dtype),
                                           None if self.bias is None else self.bias.to(x.dtype))
 
