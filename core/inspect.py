@@ -30,7 +30,8 @@ def _linear_layers(model) -> list[dict]:
         own = _layer_name(name)
         if own is None or own in seen:
             continue
-        if isinstance(mod, torch.nn.Linear) or hasattr(mod, "qweight"):  # QuantLinear too
+        if isinstance(mod, torch.nn.Linear) or hasattr(mod, "in_features") and hasattr(
+                mod, "qweight"):  # QuantLinear too (not QuantEmbedding)
             row = {"name": own, "in": mod.in_features, "out": mod.out_features,
                    "bias": mod.bias is not None}
         elif type(mod).__name__ == "Conv1D" and hasattr(mod, "nf"):  # GPT-2's transposed Linear

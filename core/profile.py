@@ -40,9 +40,14 @@ def count_parameters(model) -> int:
             seen.add(p.data_ptr())
             logical = state is not None and name == "weight"
             total += math.prod(state.shape) if logical else p.numel()
-        if hasattr(module, "qweight"):  # QuantLinear
-            total += module.in_features * module.out_features
-            total += 0 if module.bias is None else module.bias.numel()
+        codes = getattr(module, "qweight", None)  # QuantLinear / QuantEmbedding
+        if codes is not None and codes.data_ptr() not in seen:  # a tied head's codes: once
+            seen.add(codes.data_ptr())
+            total += (module.num_embeddings * module.embedding_dim
+                      if hasattr(module, "num_embeddings") else
+                      module.in_features * module.out_features)
+        if codes is not None and getattr(module, "bias", None) is not None:
+            total += module.bias.numel()
     return total
 
 

@@ -32,6 +32,10 @@ class RTNConfig(_Common):
     group_size: int | None = Field(128, ge=1, description="columns sharing a scale; 0 = one per "
                                    "output channel", json_schema_extra={"cli": {"zero_is_none": True}})
     symmetric: bool = Field(False, description="symmetric grid (no zero point)")
+    embeddings: int | None = Field(None, ge=2, le=8, description="also quantize the "
+                                   "token-embedding table to these bits (2-8, one scale per "
+                                   "row; a tied LM head shares its codes); 0 = keep it float",
+                                   json_schema_extra={"cli": {"zero_is_none": True}})
 
     @field_validator("bits")
     @classmethod

@@ -114,8 +114,40 @@ def _apply_weight_only(loaded, cfg, ctx, kernel: str, method: str):
                                               getattr(cfg, "symmetric", True), kernel)
         set_module(model, name, layer)
     _report(ctx, loaded, before, plan, errors, {}, method)
+    _quantize_embeddings(loaded, cfg, ctx)
     loaded.extra["format"] = "mmkit-quantized"
     return loaded
+
+
+def _quantize_embeddings(loaded, cfg, ctx) -> None:
+    """The `embeddings` setting: the token-embedding table (and a head tied to it) on a
+    per-row grid. Reported under "embeddings"; sizes in the report are updated."""
+    bits = getattr(cfg, "embeddings", None)
+    if not bits:
+        return
+    import torch
+
+    from .qembedding import QuantEmbedding
+    from .qlinear import set_module
+
+    model = loaded.model
+    table = model.get_input_embeddings()
+    if not isinstance(table, torch.nn.Embedding):
+        raise InputError(f"--embeddings: '{loaded.source.ref}' has no plain token-embedding "
+                         f"table to quantize (its input embeddings are a "
+                         f"{type(table).__name__}). Leave --embeddings out.")
+    names = {id(m): n for n, m in model.named_modules()}
+    head = model.get_output_embeddings()
+    tied = head is not None and getattr(head, "weight", None) is table.weight
+    qtable, error = QuantEmbedding.quantize(table, bits, cfg.symmetric)
+    set_module(model, names[id(table)], qtable)
+    account = {"bits": bits, "table": names[id(table)], "rows": qtable.num_embeddings,
+               "weight_rel_error": round(error, 6), "tied_head": None}
+    if tied:
+        set_module(model, names[id(head)], qtable.tied_head(head.bias))
+        account["tied_head"] = names[id(head)]
+    ctx.report["embeddings"] = account
+    ctx.report["weights_mb_after"] = weight_bytes(model) / 1e6
 
 
 def rtn_(loaded, cfg: RTNConfig, ctx):
@@ -166,6 +198,7 @@ def gptq_(loaded, cfg: GPTQConfig, ctx):
         set_module(model, name, layer)
         how[name] = "rtn"
     _report(ctx, loaded, before, plan, errors, how, "gptq")
+    _quantize_embeddings(loaded, cfg, ctx)
     ctx.report["calibration"] = {"data": cfg.calib, "samples": sum(len(next(iter(b.values())))
                                                                    for b in batches)}
     loaded.extra["format"] = "mmkit-quantized"

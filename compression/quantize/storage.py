@@ -4,7 +4,9 @@ The folder holds config.json, `mmkit_quantized.safetensors` (the model's state d
 QuantLinear layers as `qweight` int32 words + `scales`, `zeros`, `g_idx`, `bias`; every other
 tensor as is) and `mmkit_quant.json` ({"format_version": 1, "layers": {name: {bits,
 in_features, out_features, groups, bias, kernel, symmetric}}}; `symmetric`, the grid's kind,
-is absent in files of mmkit 0.1). Loading builds the model from its config,
+is absent in files of mmkit 0.1). A quantized token-embedding table (QuantEmbedding) adds
+"embeddings": {name: {bits, num_embeddings, embedding_dim, padding_idx, tied_head}} and
+format_version 2; a tied head's codes are saved once, under the table's name. Loading builds the model from its config,
 swaps those layers for QuantLinear and loads the state dict strictly: the same outputs as
 before saving. The weights are not in `model.safetensors` on purpose: plain transformers would
 load that with random weights in every quantized layer; this way it says it finds no weights.
@@ -19,7 +21,7 @@ from ...core.errors import InputError
 
 QUANT_JSON = "mmkit_quant.json"
 WEIGHTS = "mmkit_quantized.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: quantized embedding tables; files without them still say 1
 
 
 def save_quantized(model, folder: Path) -> None:
@@ -27,6 +29,7 @@ def save_quantized(model, folder: Path) -> None:
     from safetensors.torch import save_file
 
     from ...core.train import tied_duplicates
+    from .qembedding import QuantEmbedding
     from .qlinear import QuantLinear
 
     layers = {name: {"bits": m.bits, "in_features": m.in_features,
@@ -34,6 +37,12 @@ def save_quantized(model, folder: Path) -> None:
                      "bias": m.bias is not None, "kernel": m.kernel,
                      **({"symmetric": m.symmetric} if m.symmetric is not None else {})}
               for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    heads = {id(m.qweight): name for name, m in model.named_modules()
+             if isinstance(m, QuantLinear)}
+    tables = {name: {"bits": m.bits, "num_embeddings": m.num_embeddings,
+                     "embedding_dim": m.embedding_dim, "padding_idx": m.padding_idx,
+                     "tied_head": heads.get(id(m.qweight))}
+              for name, m in model.named_modules() if isinstance(m, QuantEmbedding)}
     state = model.state_dict()
     for key in tied_duplicates(state):
         del state[key]
@@ -41,8 +50,10 @@ def save_quantized(model, folder: Path) -> None:
     model.config.save_pretrained(folder)
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
               str(folder / WEIGHTS), metadata={"format": "pt"})
-    (folder / QUANT_JSON).write_text(json.dumps({"format_version": FORMAT_VERSION,
-                                                 "layers": layers}, indent=2))
+    spec = {"format_version": FORMAT_VERSION if tables else 1, "layers": layers}
+    if tables:
+        spec["embeddings"] = tables
+    (folder / QUANT_JSON).write_text(json.dumps(spec, indent=2))
 
 
 def is_quantized_folder(path) -> bool:
@@ -78,6 +89,7 @@ def load_quantized(cls, folder, config):
         layer.conv1d = type(modules[name]).__name__ == "Conv1D"
         layer.symmetric = s.get("symmetric") if isinstance(s.get("symmetric"), bool) else None
         set_module(model, name, layer)
+    tied = _swap_tables(model, modules, spec.get("embeddings") or {}, folder)
     weights = Path(folder, WEIGHTS)
     if not weights.is_file():  # written by mmkit 0.1.0 before the file was renamed
         weights = Path(folder, "model.safetensors")
@@ -87,14 +99,45 @@ def load_quantized(cls, folder, config):
     except RuntimeError as exc:  # shapes differ from what mmkit_quant.json describes
         raise InputError(f"{folder}: the weights do not match {QUANT_JSON} ({str(exc)[:300]}); "
                          "the artifact is damaged. Re-create it.") from None
-    tied = set(getattr(model, "_tied_weights_keys", None) or {})
-    missing = [k for k in result.missing_keys if k not in tied and "lm_head" not in k]
+    shared = {f"{head}.{b}" for head in tied.values() for b in ("qweight", "scales", "zeros")}
+    tied_keys = set(getattr(model, "_tied_weights_keys", None) or {}) | shared
+    missing = [k for k in result.missing_keys if k not in tied_keys and "lm_head" not in k]
     if missing or result.unexpected_keys:
         raise InputError(f"{folder} does not match its own config (missing {missing[:3]}, "
                          f"unexpected {result.unexpected_keys[:3]}); the artifact is damaged. "
                          "Re-create it.")
-    model.tie_weights()
+    if tied:  # the head reads the table's codes; transformers' tying expects float weights
+        from .qembedding import share_buffers
+
+        for table, head in tied.items():
+            share_buffers(model.get_submodule(table), model.get_submodule(head))
+    else:
+        model.tie_weights()
     return model.eval()
+
+
+def _swap_tables(model, modules, tables: dict, folder) -> dict:
+    """Put QuantEmbedding tables in; returns {table name: tied head name}."""
+    from .qembedding import QuantEmbedding
+    from .qlinear import QuantLinear, set_module
+
+    tied = {}
+    for name, s in tables.items():
+        head = s.get("tied_head") if isinstance(s, dict) else None
+        try:
+            if name not in modules or (head is not None and not isinstance(
+                    model.get_submodule(head), QuantLinear)):
+                raise KeyError(name)
+            table = QuantEmbedding(int(s["num_embeddings"]), int(s["embedding_dim"]),
+                                   int(s["bits"]), s.get("padding_idx"))
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            raise InputError(f"{Path(folder, QUANT_JSON)} describes the embedding table "
+                             f"{str(name)[:200]} wrongly ({type(exc).__name__}: {exc}); the "
+                             "artifact is damaged. Re-create it.") from None
+        set_module(model, name, table)
+        if head is not None:
+            tied[name] = head
+    return tied
 
 
 def _read_spec(folder) -> dict:
@@ -105,6 +148,11 @@ def _read_spec(folder) -> dict:
     if not all(isinstance(v, dict) for v in spec["layers"].values()):
         raise InputError(f"{Path(folder, QUANT_JSON)}: every layer needs an object of its "
                          "sizes and bits; the artifact is damaged. Re-create it.")
+    tables = spec.get("embeddings", {})
+    if not isinstance(tables, dict) or not all(isinstance(v, dict) for v in tables.values()):
+        raise InputError(f"{Path(folder, QUANT_JSON)}: \"embeddings\" must map each table to "
+                         "an object of its sizes and bits; the artifact is damaged. Re-create "
+                         "it.")
     version = spec.get("format_version", 0)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise InputError(f"{folder} was quantized by a newer mmkit (format version "
