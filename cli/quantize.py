@@ -60,6 +60,9 @@ def _human(r: dict) -> str:
                  "point)" if rep.get("simulated") else "")
     line = (f"{r['artifact']}  {rep['method']} on {r['model']}: {rep['layers_quantized']} layers"
             f"{bpw}{size}{simulated}")
+    if rep.get("format"):  # rtn / gptq: compressed-tensors, or mmkit's own and why
+        line += f"\n  format: {rep['format']}" + (f" ({rep['format_note']})"
+                                                 if rep.get("format_note") else "")
     line += options.metric_lines(r)
     return line
 

@@ -12,6 +12,7 @@ from .profile import count_parameters, disk_bytes, megabytes
 ADAPTER_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "vera_A", "vera_B",
                  "lora_magnitude_vector", "modules_to_save"}
 WRAPPER_PARTS = ("base_layer", "original_module")  # peft's wrappers around the model's layers
+QUANTIZED_FORMATS = ("mmkit-quantized", "mmkit-ptq", "compressed-tensors")  # mmkit's quantized
 
 
 def _layer_name(name: str) -> str | None:
@@ -78,7 +79,7 @@ def applicable_methods(loaded: LoadedModel) -> list[str]:
     from .registry import is_mergeable, methods_for
 
     adapter = _adapter(loaded)
-    quantized = loaded.extra.get("format") in ("mmkit-quantized", "mmkit-ptq") or \
+    quantized = loaded.extra.get("format") in QUANTIZED_FORMATS or \
         getattr(loaded.model, "is_quantized", False)
     mergeable = adapter is None or is_mergeable(adapter["method"])
     out = []
@@ -91,8 +92,7 @@ def applicable_methods(loaded: LoadedModel) -> list[str]:
             continue
         if m.step == "finetune" and quantized and m.name not in ("lora", "dora"):
             continue  # only (Q)LoRA trains on a quantized base
-        if m.step == "finetune" and loaded.extra.get("format") in ("mmkit-quantized",
-                                                                     "mmkit-ptq"):
+        if m.step == "finetune" and loaded.extra.get("format") in QUANTIZED_FORMATS:
             continue
         out.append(f"{m.step}:{m.name}")
     return out

@@ -21,7 +21,8 @@ def _check_model(loaded) -> None:
     from ...adapters.merging import merge_adapter_
 
     model = merge_adapter_(loaded, "prune").model
-    if loaded.extra.get("format") in ("mmkit-quantized", "mmkit-ptq") or getattr(
+    if loaded.extra.get("format") in ("mmkit-quantized", "mmkit-ptq",
+                                      "compressed-tensors") or getattr(
             model.config, "quantization_config", None) is not None:
         raise InputError(f"'{loaded.source.ref}' is a quantized model; prune its "
                          "floating-point original, then quantize.")

@@ -1,8 +1,8 @@
 """Weight and activation quantization methods.
 
 Importing this package registers the quantize methods (`auto` picks one for the device and
-bits) and the two formats they write: mmkit-quantized (packed RTN / GPTQ / int8 layers) and
-mmkit-ptq (plain weights plus activation grids).
+bits) and the formats they write: compressed-tensors and mmkit-quantized (packed RTN / GPTQ /
+int8 layers) and mmkit-ptq (plain weights plus activation grids).
 """
 
 from ...core.formats import Format, register_format
@@ -48,6 +48,12 @@ def _save_quantized(loaded, folder):
     save_quantized(loaded.model, folder)
 
 
+def _ct():
+    from . import compressed_tensors
+
+    return compressed_tensors
+
+
 def _load_ptq(cls, source, config, opts):
     from ...core.loading import from_pretrained
     from .ptq import attach_ptq
@@ -66,6 +72,12 @@ register_format(Format(
     "mmkit-quantized", detect=lambda folder: (folder / "mmkit_quant.json").is_file(),
     load=_load_quantized, save=_save_quantized,
     summary="packed RTN / GPTQ / dynamic-int8 layers (mmkit_quantized.safetensors)"))
+register_format(Format(
+    "compressed-tensors", detect=lambda folder: _ct().detect(folder),
+    load=lambda cls, source, config, opts: (_ct().load(cls, source.path, config), {}),
+    save=lambda loaded, folder: _ct().save(loaded.model, folder),
+    summary="packed RTN / GPTQ layers as llm-compressor writes them (config.json's "
+    "quantization_config; transformers, vLLM and SGLang load it)"))
 register_format(Format(
     "mmkit-ptq", detect=lambda folder: (folder / "mmkit_ptq.json").is_file(),
     load=_load_ptq, save=_save_ptq,

@@ -19,6 +19,9 @@ class AutoConfig(MethodConfig):
 def pick(params: dict, kind: str, device: str) -> tuple[str, str]:
     """The method for these parameters on a device and model kind, and why."""
     bits, calib = params.get("bits"), params.get("calib")
+    if params.get("format") in ("compressed-tensors", "mmkit"):  # formats of rtn / gptq output
+        return ("gptq", "--format given, calibration data given") if calib else (
+            "rtn", "--format given, no calibration data")
     if isinstance(bits, dict):
         return ("gptq", "per-layer bits, calibration data given") if calib else (
             "rtn", "per-layer bits, no calibration data")

@@ -36,11 +36,25 @@ class RTNConfig(_Common):
                                    "token-embedding table to these bits (2-8, one scale per "
                                    "row; a tied LM head shares its codes); 0 = keep it float",
                                    json_schema_extra={"cli": {"zero_is_none": True}})
+    format: Literal["auto", "compressed-tensors", "mmkit"] = Field(
+        "auto", description="how OUT stores the model: compressed-tensors (transformers, vLLM "
+        "and SGLang load it) or mmkit's own; auto: compressed-tensors where it states the model "
+        "exactly and plain transformers loads it (2 / 4 / 8 bits, symmetric, whole groups), "
+        "else mmkit (the output says why)")
 
     @field_validator("bits")
     @classmethod
     def _bits(cls, v):
         return _check_bits(v, tuple(range(2, 9)), "rtn / gptq")
+
+    @model_validator(mode="after")
+    def _format(self):
+        from .compressed_tensors import config_problem
+
+        why = config_problem(self)
+        if why:
+            raise ValueError(why)
+        return self
 
 
 class GPTQConfig(RTNConfig):

@@ -9,6 +9,7 @@ import logging
 from ...core.errors import InputError
 from ...core.layers import TASK_HEADS, is_linear, weight_bytes, weight_view
 from ..layers import matches, target_linears
+from . import compressed_tensors
 from .configs import KEEP, BnbConfig, DynamicInt8Config, GPTQConfig, RTNConfig
 
 log = logging.getLogger("mmkit")
@@ -108,6 +109,7 @@ def _apply_weight_only(loaded, cfg, ctx, kernel: str, method: str):
     before = weight_bytes(model)
     plan = layer_bits(model, cfg.bits, cfg.skip)
     group = getattr(cfg, "group_size", None)
+    compressed_tensors.check_before(model, plan, cfg)
     errors = {}
     for name, bits in plan.items():
         layer, errors[name] = _quantize_layer(model.get_submodule(name), bits, group,
@@ -115,7 +117,7 @@ def _apply_weight_only(loaded, cfg, ctx, kernel: str, method: str):
         set_module(model, name, layer)
     _report(ctx, loaded, before, plan, errors, {}, method)
     _quantize_embeddings(loaded, cfg, ctx)
-    loaded.extra["format"] = "mmkit-quantized"
+    compressed_tensors.choose_format_(loaded, getattr(cfg, "format", None), ctx.report)
     return loaded
 
 
@@ -170,6 +172,7 @@ def gptq_(loaded, cfg: GPTQConfig, ctx):
     model = loaded.model
     before = weight_bytes(model)
     plan = layer_bits(model, cfg.bits, cfg.skip)
+    compressed_tensors.check_before(model, plan, cfg)
     batches = calibration.load_calibration(loaded, cfg, ctx)
     device = next(model.parameters()).device
     errors, how = {}, {}
@@ -201,7 +204,7 @@ def gptq_(loaded, cfg: GPTQConfig, ctx):
     _quantize_embeddings(loaded, cfg, ctx)
     ctx.report["calibration"] = {"data": cfg.calib, "samples": sum(len(next(iter(b.values())))
                                                                    for b in batches)}
-    loaded.extra["format"] = "mmkit-quantized"
+    compressed_tensors.choose_format_(loaded, cfg.format, ctx.report)
     return loaded
 
 
