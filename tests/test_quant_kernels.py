@@ -135,6 +135,22 @@ def test_fused_kernels_on_other_cpu_branches(capability, allowed):
     assert 0 < out["8"] < BF16_TOL and 0 < out["4"] < BF16_TOL
 
 
+@pytest.mark.parametrize("capability,rows,fused", [
+    ("AVX512", 1, True), ("AVX512", 2048, False), ("AVX2", 16, True), ("AVX2", 64, False),
+    ("DEFAULT", 1, False)])
+def test_the_faster_kernel_is_picked_by_rows_and_cpu(monkeypatch, capability, rows, fused):
+    """8-bit: fused for few rows, dequantize + fp32 matmul for many; never on a CPU without
+    AVX2 (the measured cross-overs are in kernels.FUSED_MAX_ROWS)."""
+    monkeypatch.delenv("MMKIT_QUANT_KERNEL", raising=False)
+    monkeypatch.setattr(kernels, "_capability", lambda: capability)
+    layer, _, _ = _layer(8, None, True)
+    x = torch.randn(rows, 96)
+    with torch.no_grad():
+        y = layer(x)
+    dequant = _with_kernel("dequant", lambda: layer(x))
+    assert torch.equal(y, dequant) is not fused
+
+
 def test_training_through_a_quantized_layer_uses_the_differentiable_kernel():
     layer, reference, bias = _layer(4, 32, False)
     x = torch.randn(3, 96, requires_grad=True)

@@ -14,9 +14,14 @@ Two ways to run a weight-only layer:
   kernel); 4-bit scales and zero points go to the kernel in bf16.
 
 The fused kernels are vectorised for AVX2 and AVX-512 only; on other CPUs (torch's DEFAULT
-capability, ARM) they are slower than dequantizing, so `fused_allowed` says no there. The
-environment variable MMKIT_QUANT_KERNEL=dequant turns them off (to compare, or to get results
-identical to the float path); =fused forces them where the grid fits.
+capability, ARM) they are 5-20x slower than dequantizing, so they are not used there. They win
+for few rows (decoding, batch 1) and lose to dequantize-then-matmul for many, where the matmul
+dominates and oneDNN's fp32 GEMM is better tuned: measured on a 1536 x 384 layer, 2 threads
+(fused / fp32 matmul, lower is better): AVX-512 int8 0.65 at 16 rows, 0.8 at 256, 1.5 at 2,048;
+int4 0.5 / 0.75 / 0.65; AVX2 (ATEN_CPU_CAPABILITY=avx2) int8 and int4 0.85-0.9 at 16 rows,
+1.3 at 64, 1.6 at 256. Hence FUSED_MAX_ROWS. The environment variable MMKIT_QUANT_KERNEL=dequant
+turns them off (to compare, or to get results identical to the float path); =fused forces them
+wherever the grid fits.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ import sys
 from dataclasses import dataclass
 
 INT4_GROUPS = (256, 128, 64, 32)  # the group sizes torch's CPU int4 kernel accepts
-FAST_CPUS = ("AVX2", "AVX512")  # torch.backends.cpu.get_cpu_capability() values it vectorises
+# rows (tokens x batch) up to which the fused kernel beats dequantizing, per CPU capability
+# (torch.backends.cpu.get_cpu_capability()) and kernel; None: always. Measured, see above.
+FUSED_MAX_ROWS = {"AVX512": {"int8": 512, "int4": None}, "AVX2": {"int8": 32, "int4": 32}}
 
 
 def kernel_mode() -> str:
@@ -37,16 +44,24 @@ def kernel_mode() -> str:
 
 
 def fused_allowed() -> bool:
-    """Whether the fused CPU kernels should run here (see the module docstring)."""
+    """Whether the fused CPU kernels may run here at all (see the module docstring)."""
     mode = kernel_mode()
-    return mode == "fused" if mode != "auto" else _fast_cpu()
+    return mode == "fused" if mode != "auto" else _capability() in FUSED_MAX_ROWS
+
+
+def fused_wins(plan: FusedPlan, rows: int) -> bool:
+    """Whether the fused kernel is the faster one for `rows` input rows on this CPU."""
+    if kernel_mode() == "fused":
+        return True
+    limit = FUSED_MAX_ROWS.get(_capability(), {}).get(plan.kind, 0)
+    return limit is None or rows <= limit
 
 
 @functools.cache
-def _fast_cpu() -> bool:
+def _capability() -> str:
     import torch
 
-    return torch.backends.cpu.get_cpu_capability() in FAST_CPUS
+    return torch.backends.cpu.get_cpu_capability()
 
 
 # ---------------------------------------------------------------- dequantize, fast

@@ -1,0 +1,223 @@
+"""Weight-only kernels on this CPU: the fused int8 / int4 kernels against the dequantizing one
+and against fp32, on smollm2 (decoding) and the minilm sentiment classifier (batch-1 latency).
+
+    HF_HUB_OFFLINE=1 python bench/kernels.py [--part lm|classifier|all] [--rounds 7]
+
+- lm: smollm2 quantized several ways (rtn / gptq 4-bit g128, rtn 8-bit per channel, each also
+  with the embedding table and the tied LM head at 8 bits). Per variant: bbc-text perplexity
+  with the fused kernels and with MMKIT_QUANT_KERNEL=dequant (their relative difference), then
+  decoding timed interleaved across all variants and fp32, round by round (prefill of a
+  128-token prompt, 32 greedy tokens on the KV cache, batch 1 and 4). Decoding is
+  memory-bound, so the ceiling of each speed-up is fp32's weight bytes over the variant's.
+- classifier: the same comparison on the minilm classifier: accuracy with either kernel,
+  batch-1 and batch-32 forward latency interleaved with fp32 (seq 64), size on disk.
+
+Writes bench/results/kernels.json. Not a test. Run it alone: two benchmarks on two cores
+measure each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from results_io import RESULTS, write_result  # bench/ is on sys.path when run as a script
+
+LM_VARIANTS = {
+    "rtn-4-g128": {"method": "rtn", "bits": 4, "group_size": 128},
+    "gptq-4-g128-act-order": {"method": "gptq", "bits": 4, "group_size": 128, "act_order": True,
+                              "calib": "bbc-text", "calib_samples": 64, "calib_length": 256},
+    "rtn-8": {"method": "rtn", "bits": 8, "group_size": None, "symmetric": True},
+    "rtn-4-g128+emb8": {"method": "rtn", "bits": 4, "group_size": 128, "embeddings": 8},
+    "rtn-8+emb8": {"method": "rtn", "bits": 8, "group_size": None, "symmetric": True,
+                   "embeddings": 8},
+}
+CLS_VARIANTS = {
+    "rtn-8": {"method": "rtn", "bits": 8, "group_size": None, "symmetric": True},
+    "gptq-4-g128": {"method": "gptq", "bits": 4, "group_size": 128, "calib": "tweets-sentiment",
+                    "calib_samples": 256, "calib_length": 64},
+    "rtn-8+emb8": {"method": "rtn", "bits": 8, "group_size": None, "symmetric": True,
+                   "embeddings": 8},
+    "gptq-4-g128+emb4": {"method": "gptq", "bits": 4, "group_size": 128, "embeddings": 4,
+                         "calib": "tweets-sentiment", "calib_samples": 256, "calib_length": 64},
+}
+
+
+def _kernel(mode: str) -> None:
+    os.environ["MMKIT_QUANT_KERNEL"] = mode
+
+
+def quantized(ref, step, workdir: Path, name: str, data=None) -> str:
+    """Quantize `ref` to an artifact folder (once per name)."""
+    from mmkit.core.recipe import run_recipe
+
+    out = workdir / name
+    if not (out / "mmkit.json").is_file():
+        recipe = {"model": ref, "steps": [{"step": "quantize", **step}]}
+        if data:
+            recipe.update(data=data, max_samples=2000)
+        run_recipe(recipe, out, overwrite=True)
+    return str(out)
+
+
+def scores(loaded, dataset, task) -> dict:
+    """The metric with the fused kernels and with the dequantizing one."""
+    from mmkit.core.evaluate import evaluate
+
+    key = "perplexity" if task == "causal-lm" else "accuracy"
+    out = {}
+    for mode in ("auto", "dequant"):
+        _kernel(mode)
+        out[mode] = evaluate(loaded, dataset, "test", batch_size=8 if key == "perplexity" else 32,
+                             max_length=256 if key == "perplexity" else 128)[key]
+    _kernel("auto")
+    return {key: out["auto"], f"{key}_dequant_kernel": out["dequant"],
+            f"{key}_rel_diff": abs(out["auto"] - out["dequant"]) / out["dequant"]}
+
+
+def decode_rounds(models: dict, batch: int, rounds: int, prompt_len=128, new_tokens=32) -> dict:
+    """Prefill and decode times of every model, interleaved round by round (the order
+    rotating), after one warm-up each: medians per model."""
+    import torch
+
+    from mmkit.core.decoding import greedy_decode
+
+    vocab = next(iter(models.values())).config.vocab_size
+    prompt = torch.randint(5, vocab, (batch, prompt_len),
+                           generator=torch.Generator().manual_seed(0))
+    times = {k: ([], []) for k in models}
+    names = list(models)
+    for r in range(rounds + 1):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            _, prefill, decode = greedy_decode(models[name], prompt, new_tokens)
+            if r:  # round 0 warms up
+                times[name][0].append(prefill * 1e3)
+                times[name][1].append(decode * 1e3 / new_tokens)
+    return {k: {"prefill_ms": statistics.median(p), "decode_ms_per_token": statistics.median(d),
+                "decode_tokens_per_s": batch * 1e3 / statistics.median(d)}
+            for k, (p, d) in times.items()}
+
+
+def forward_rounds(loaded: dict, batch: int, seq_len: int, rounds: int) -> dict:
+    """Forward latency of every model, interleaved round by round: medians (ms)."""
+    from mmkit.core.profile import _forward, _time_one
+
+    runs = {k: _forward(m, "cpu", batch, seq_len)[2] for k, m in loaded.items()}
+    for run in runs.values():
+        run()
+    times = {k: [] for k in runs}
+    names = list(runs)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(_time_one(runs[name], "cpu") * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _sizes(loaded, folder) -> dict:
+    from mmkit.core.layers import weight_bytes
+    from mmkit.core.profile import disk_bytes
+
+    return {"weights_mb": weight_bytes(loaded.model) / 1e6,
+            "disk_mb": None if folder is None else disk_bytes(folder) / 1e6}
+
+
+def lm_part(workdir: Path, docs: int, rounds: int) -> dict:
+    """smollm2: perplexity with either kernel, decoding speed interleaved, ceilings."""
+    from mmkit.core.data import load_data
+    from mmkit.core.loading import load_model
+
+    data = load_data("bbc-text", "causal-lm", max_samples=docs)
+    loaded = {"fp32": load_model("smollm2", "causal-lm")}
+    rows = {"fp32": {**_sizes(loaded["fp32"], None), **scores(loaded["fp32"], data,
+                                                                "causal-lm")}}
+    for name, step in LM_VARIANTS.items():
+        start = time.perf_counter()
+        folder = quantized("smollm2", step, workdir, name)
+        loaded[name] = load_model(folder, "causal-lm")
+        rows[name] = {**_sizes(loaded[name], folder), **scores(loaded[name], data, "causal-lm"),
+                      "quantize_and_score_s": time.perf_counter() - start}
+        print(name, rows[name], flush=True)
+    models = {k: v.model for k, v in loaded.items()}
+    for batch in (1, 4):
+        timing = decode_rounds(models, batch, rounds)
+        for name, t in timing.items():
+            rows[name][f"batch_{batch}"] = t
+    fp = rows["fp32"]
+    for row in rows.values():
+        row["bytes_ceiling"] = fp["weights_mb"] / row["weights_mb"]
+        for batch in (1, 4):
+            t, f = row[f"batch_{batch}"], fp[f"batch_{batch}"]
+            t["decode_speedup"] = t["decode_tokens_per_s"] / f["decode_tokens_per_s"]
+            t["prefill_ratio"] = t["prefill_ms"] / f["prefill_ms"]
+        row["share_of_ceiling_batch_1"] = (row["batch_1"]["decode_speedup"]
+                                           / row["bytes_ceiling"])
+    return {"model": "smollm2", "data": f"bbc-text, {docs} documents per split, windows of 256",
+            "decoding": "prompt 128 random tokens, 32 greedy tokens on the KV cache; medians "
+                        f"of {rounds} interleaved rounds", "variants": rows}
+
+
+def classifier_part(workdir: Path, samples: int, rounds: int) -> dict:
+    """minilm classifier: accuracy with either kernel, latency interleaved with fp32."""
+    from classifier import trained_classifier
+    from mmkit.core.data import load_data
+    from mmkit.core.loading import load_model
+
+    trained = trained_classifier(samples)
+    data = load_data("tweets-sentiment", "text-classification", max_samples=samples)
+    task = "text-classification"
+    loaded = {"fp32": load_model(trained, task)}
+    rows = {"fp32": {**_sizes(loaded["fp32"], trained), **scores(loaded["fp32"], data, task)}}
+    for name, step in CLS_VARIANTS.items():
+        folder = quantized(trained, step, workdir, f"cls-{name}", data="tweets-sentiment")
+        loaded[name] = load_model(folder, task)
+        rows[name] = {**_sizes(loaded[name], folder), **scores(loaded[name], data, task)}
+        print(name, rows[name], flush=True)
+    for batch in (1, 32):
+        timing = forward_rounds(loaded, batch, 64, rounds * (20 if batch == 1 else 3))
+        for name, ms in timing.items():
+            rows[name][f"batch_{batch}_median_ms"] = ms
+            rows[name][f"batch_{batch}_speedup"] = timing["fp32"] / ms
+    for row in rows.values():
+        row["accuracy_drop_points"] = 100 * (rows["fp32"]["accuracy"] - row["accuracy"])
+    return {"model": "minilm fine-tuned on tweets-sentiment (full, 1 epoch)",
+            "data": f"{samples} tweets per split; latency at seq 64, interleaved",
+            "variants": rows}
+
+
+def main() -> None:
+    """Run the parts asked for and write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--part", choices=["lm", "classifier", "all"], default="all")
+    parser.add_argument("--docs", type=int, default=60, help="bbc-text documents per split")
+    parser.add_argument("--samples", type=int, default=2000, help="tweets per split")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--out", default=str(RESULTS / "kernels.json"))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from mmkit.core.versions import environment
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    workdir = Path(tempfile.mkdtemp(prefix="mmkit-bench-k-"))
+    result = {"environment": environment("cpu"),
+              "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    try:
+        if args.part in ("classifier", "all"):
+            result["classifier"] = classifier_part(workdir, args.samples, args.rounds)
+        if args.part in ("lm", "all"):
+            result["lm"] = lm_part(workdir, args.docs, args.rounds)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    write_result(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
