@@ -136,9 +136,8 @@ def _grid_of(name: str, layer) -> tuple[dict | None, str | None]:
     groups = layer.scales.shape[1]
     in_f = layer.in_features
     g_idx = layer.g_idx.long().cpu()
-    size = -(-in_f // groups) if groups > 1 else None
-    contiguous = groups == 1 and bool((g_idx == 0).all()) or groups > 1 and torch.equal(
-        g_idx, torch.arange(in_f) // size)
+    size = int((g_idx == 0).sum()) if groups > 1 else None  # group 0's width
+    contiguous = torch.equal(g_idx, torch.arange(in_f) // (size or in_f))
     why = layer_problem(name, layer.bits, in_f, size, bool(getattr(layer, "conv1d", False)),
                         not contiguous, layer.kernel)
     if why is None and not contiguous:
