@@ -13,8 +13,8 @@ import signal
 import click
 
 from ..core.errors import MmkitError, Terminated
-from . import (bench, eval as eval_cmd, extract, finetune, inspect, merge, prune, quantize,
-               run, search)
+from . import (bench, eval as eval_cmd, export, extract, finetune, inspect, merge, prune,
+               quantize, run, search)
 
 
 class _StderrHandler(logging.Handler):
@@ -131,6 +131,7 @@ def cli(ctx, debug):
 
 cli.add_command(eval_cmd.eval_command)
 cli.add_command(bench.bench_command)
+cli.add_command(export.export_command)
 cli.add_command(extract.extract_command)
 cli.add_command(finetune.finetune_command)
 cli.add_command(inspect.inspect_command)

@@ -30,7 +30,7 @@ log = logging.getLogger("mmkit")
 
 TMP, OLD, LOCK = "mmkit-tmp", "mmkit-old", "mmkit-lock"
 # files a folder must hold for --overwrite to replace it: mmkit's own outputs only
-OWN_MARKERS = ("mmkit.json", "search.json")
+OWN_MARKERS = ("mmkit.json", "search.json", "mmkit_onnx.json")  # the last: an ONNX export
 _HELD: set[Path] = set()  # outputs this process holds (the lock is re-entrant)
 
 

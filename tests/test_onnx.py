@@ -1,0 +1,297 @@
+"""`mmkit export --onnx` and `mmkit bench --runtime onnxruntime`: the graph ONNX Runtime runs
+gives PyTorch's outputs on fresh inputs of other batch sizes and lengths (fed here by hand,
+not through the exporter's own check), the int8 graph holds int8 weights and mostly agrees,
+the bench's figures have the PyTorch bench's fields, and bad input exits 2 with no output."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxscript")
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def classifiers(tmp_path_factory) -> dict:
+    """tiny:bert and tiny:vit with trained-head-shaped classifiers (new heads for the data's
+    labels), saved as artifacts."""
+    from mmkit.core.recipe import run_recipe
+
+    root = tmp_path_factory.mktemp("classifiers")
+    out = {}
+    for ref, data in (("tiny:bert", "tweets-sentiment"), ("tiny:vit", "digits")):
+        path = root / ref.split(":")[1]
+        run_recipe({"model": ref, "data": data, "max_samples": 16,
+                    "steps": [{"step": "cast", "dtype": "float32"}]}, path)
+        out[ref] = path
+    return out
+
+
+def export(model, out, *more):
+    """`mmkit export MODEL --onnx ... -o OUT --json`: its JSON result (the export must work)."""
+    result = run_cli("export", model, "--onnx", *more, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def fresh_batch(loaded, batch_size=3, seq_len=9) -> dict:
+    """Inputs unlike the exporter's own: random token ids with the last row padded, or
+    random pixels; CLIP gets both (4 prompts, 2 images)."""
+    gen = torch.Generator().manual_seed(123)
+    batch = {}
+    config = loaded.model.config
+    if loaded.tokenizer is not None:
+        vocab = getattr(config, "text_config", config).vocab_size
+        n = 4 if loaded.kind == "clip" else batch_size
+        ids = torch.randint(5, vocab, (n, seq_len), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[-1, seq_len // 2:] = 0
+        batch.update(input_ids=ids, attention_mask=mask)
+    if loaded.image_processor is not None:
+        vision = getattr(config, "vision_config", config)
+        n = 2 if loaded.kind == "clip" else batch_size
+        side = vision.image_size
+        batch["pixel_values"] = torch.randn(n, 3, side, side, generator=gen)
+    return batch
+
+
+def ort_outputs(folder, batch) -> dict:
+    """Plain onnxruntime on the folder's model.onnx, fed the graph's inputs from `batch`."""
+    sess = ort.InferenceSession(str(Path(folder) / "model.onnx"),
+                                providers=["CPUExecutionProvider"])
+    feeds = {i.name: batch[i.name].numpy() if i.name in batch
+             else np.zeros_like(batch["input_ids"].numpy()) for i in sess.get_inputs()}
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def torch_outputs(loaded, batch, names) -> dict:
+    extra = {"use_cache": False} if loaded.kind == "causal-lm" else {}
+    with torch.no_grad():
+        out = loaded.model(**batch, **extra)
+    return {name: getattr(out, name).numpy() for name in names}
+
+
+def real_positions(batch, name, array):
+    """Per-token outputs at real tokens only (padded positions are nobody's answer)."""
+    if array.ndim == 3 and "attention_mask" in batch:
+        return array[batch["attention_mask"].numpy().astype(bool)]
+    return array
+
+
+CASES = {
+    "bert-classifier": ("tiny:bert", ["logits"]),
+    "vit-classifier": ("tiny:vit", ["logits"]),
+    "llama": ("tiny:llama", ["logits"]),
+    "gpt2-features": ("tiny:gpt2", ["logits"]),
+    "clip": ("tiny:clip", ["logits_per_image", "text_embeds", "image_embeds"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_onnx_runtime_gives_pytorchs_outputs(case, classifiers, tmp_path):
+    from transformers import AutoConfig
+
+    from mmkit.core.loading import load_model
+
+    ref, outputs = CASES[case]
+    model = str(classifiers[ref]) if case.endswith("classifier") else ref
+    info = export(model, tmp_path / "onnx")
+    folder = tmp_path / "onnx"
+    assert [o["name"] for o in info["outputs"]] == outputs
+    assert info["check"]["fp32"]["passed"] and not info["int8"]
+    assert {"model.onnx", "config.json", "mmkit_onnx.json"} <= {p.name for p in folder.iterdir()}
+    assert AutoConfig.from_pretrained(folder).model_type == load_model(model).family
+    # the batch axis and the sequence axis are named, not fixed
+    dims = {d for i in info["inputs"] for d in i["shape"] if isinstance(d, str)}
+    assert "sequence" in dims or ref == "tiny:vit"
+
+    loaded = load_model(model, task_head=False)
+    batch = fresh_batch(loaded)
+    want, got = torch_outputs(loaded, batch, outputs), ort_outputs(folder, batch)
+    for name in outputs:
+        np.testing.assert_allclose(real_positions(batch, name, got[name]),
+                                   real_positions(batch, name, want[name]),
+                                   atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+def _initializer_bytes(path) -> dict:
+    """Bytes of the graph's weights by element type."""
+    from onnx import numpy_helper
+
+    sizes = {}
+    for init in onnx.load(str(path)).graph.initializer:
+        array = numpy_helper.to_array(init)
+        sizes[array.dtype.name] = sizes.get(array.dtype.name, 0) + array.nbytes
+    return sizes
+
+
+def test_int8_graph_has_int8_weights_and_mostly_agrees(tmp_path):
+    from mmkit.core.loading import load_model
+
+    fp32 = export("tiny:llama", tmp_path / "fp32")
+    int8 = export("tiny:llama", tmp_path / "int8", "--int8")
+    assert int8["int8"] and int8["quantization"]["method"] == "onnxruntime dynamic"
+    assert int8["onnx_mb"] < fp32["onnx_mb"]
+    assert int8["fp32_onnx_mb"] == pytest.approx(fp32["onnx_mb"], rel=0.01)
+    before, after = (_initializer_bytes(tmp_path / n / "model.onnx") for n in ("fp32", "int8"))
+    # the float weights went to 8-bit codes (4x smaller): every MatMul's (int8) and the
+    # embedding table's (uint8); scales and norms stay float
+    assert after["int8"] + after["uint8"] >= 0.24 * before["float32"]
+    assert after["float32"] < 0.1 * before["float32"]
+
+    loaded = load_model("tiny:llama")
+    batch = fresh_batch(loaded, batch_size=4, seq_len=24)
+    want = torch_outputs(loaded, batch, ["logits"])["logits"]
+    got = ort_outputs(tmp_path / "int8", batch)["logits"]
+    mask = batch["attention_mask"].numpy().astype(bool)
+    agreement = np.mean(want[mask].argmax(-1) == got[mask].argmax(-1))
+    assert agreement >= 0.85
+    assert 0 < np.abs(want - got)[mask].max() < 0.5  # quantized: close, not equal
+    reported = int8["check"]["int8"]["outputs"]["logits"]
+    assert 0.85 <= reported["argmax_agreement"] <= 1 and reported["max_abs_diff"] > 0
+
+
+def test_a_lora_adapter_is_merged_before_export(tmp_path):
+    from mmkit.core.loading import load_model
+    from mmkit.core.recipe import run_recipe
+
+    adapter = run_recipe({"model": "tiny:bert", "max_samples": 16, "seed": 0, "steps": [
+        {"step": "finetune", "method": "lora", "max_steps": 2, "lr": 1e-2}]},
+        tmp_path / "lora")["artifact"]
+    info = export(adapter, tmp_path / "onnx")
+    assert info["merged_adapter"] == str(adapter) and info["head"] == "logits"
+
+    peft_model = load_model(str(adapter))  # the adapter unmerged, on its base
+    assert hasattr(peft_model.model, "peft_config")
+    base = load_model("tiny:bert", labels=peft_model.labels, seed=0)
+    batch = fresh_batch(peft_model)
+    want = torch_outputs(peft_model, batch, ["logits"])["logits"]
+    assert not np.allclose(want, torch_outputs(base, batch, ["logits"])["logits"], atol=1e-4)
+    np.testing.assert_allclose(ort_outputs(tmp_path / "onnx", batch)["logits"], want,
+                               atol=1e-4, rtol=1e-4)
+
+
+PROFILE_FIELDS = {"device", "batch_size", "seq_len", "input_shapes", "warmup", "repeats",
+                  "latency_ms", "spread", "stable", "measurements", "throughput_per_s",
+                  "peak_memory_mb", "peak_memory_kind", "parameters", "weights_mb", "disk_mb",
+                  "dtype", "environment", "model", "task", "runtime"}
+
+
+def test_bench_on_onnx_runtime_reports_what_the_pytorch_bench_does(tmp_path):
+    info = export("tiny:bert", tmp_path / "onnx", "--int8")
+    common = ("--seq-len", 16, "--repeats", 3, "--warmup", 1, "--threads", 1, "--json")
+    torch_run = run_cli("bench", "tiny:bert", *common)
+    assert torch_run.exit_code == 0, torch_run.output
+    reference = json.loads(torch_run.stdout)
+    assert PROFILE_FIELDS <= set(reference) and reference["runtime"] == "pytorch"
+
+    for model in (tmp_path / "onnx", "tiny:bert"):  # an export, and a model exported first
+        run = run_cli("bench", model, "--runtime", "onnxruntime", "--batch-size", 1,
+                      "--batch-size", 2, *common)
+        assert run.exit_code == 0, run.output
+        results = [json.loads(line) for line in run.stdout.strip().splitlines()]
+        assert [r["batch_size"] for r in results] == [1, 2]
+        for r in results:
+            assert set(reference) <= set(r) and r["runtime"] == "onnxruntime"
+            assert r["environment"]["threads"] == 1 and r["environment"]["versions"]["onnxruntime"]
+            assert r["input_shapes"]["input_ids"] == [r["batch_size"], 16]
+            assert r["latency_ms"]["median"] > 0 and r["parameters"] == reference["parameters"]
+            assert r["task"] == reference["task"]
+    assert results[0]["dtype"] == "float32"  # the temporary export is float32
+    int8_run = json.loads(run_cli("bench", tmp_path / "onnx", "--runtime", "onnxruntime",
+                                  *common).stdout)
+    assert int8_run["dtype"] == "int8"
+    assert int8_run["disk_mb"] == pytest.approx(
+        (tmp_path / "onnx" / "model.onnx").stat().st_size / 1e6)
+    assert info["onnx_mb"] == pytest.approx(int8_run["disk_mb"])
+
+
+def _refused(result, *words):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in result.output, result.output
+
+
+def test_bad_input_exits_2_and_writes_nothing(tmp_path):
+    quantized = tmp_path / "q"
+    made = run_cli("quantize", "tiny:bert", "--method", "rtn", "--bits", 8, "--max-samples", 8,
+                   "-o", quantized)
+    assert made.exit_code == 0, made.output
+    out = tmp_path / "out"
+    _refused(run_cli("export", quantized, "--onnx", "-o", out), "QuantLinear", "--int8")
+    _refused(run_cli("export", "tiny:bert", "--onnx"), "-o")
+    _refused(run_cli("export", "tiny:bert", "-o", out), "--onnx")
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+    export("tiny:bert", out)
+    first = (out / "model.onnx").stat().st_mtime_ns
+    _refused(run_cli("export", "tiny:gpt2", "--onnx", "-o", out), "already exists",
+             "--overwrite")
+    assert (out / "model.onnx").stat().st_mtime_ns == first
+    replaced = export("tiny:gpt2", out, "--overwrite")  # its own export: replaced whole
+    assert replaced["family"] == "gpt2"
+    stranger = tmp_path / "mine"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("keep")
+    _refused(run_cli("export", "tiny:bert", "--onnx", "-o", stranger, "--overwrite"),
+             "did not write")
+    _refused(run_cli("bench", out), "--runtime onnxruntime")
+    _refused(run_cli("bench", out, "--runtime", "onnxruntime", "--generate", 4), "KV cache")
+    _refused(run_cli("bench", out, "--runtime", "onnxruntime", "--task",
+                     "text-classification", "--seq-len", 8), "exported for causal-lm")
+
+
+def test_a_real_subprocess_exports_with_clean_stdout_and_refuses_with_exit_2(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "mmkit.cli.main", "export", "tiny:bert", "--onnx",
+               "--int8", "-o", str(tmp_path / "m"), "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["int8"]  # nothing else on stdout
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 2 and again.stdout == ""
+    assert "already exists" in again.stderr and "Traceback" not in again.stderr
+
+
+@pytest.mark.slow
+def test_minilm_exports_and_matches_sentence_embeddings(tmp_path):
+    from mmkit.core.loading import load_model
+
+    fp32 = export("minilm", tmp_path / "fp32")
+    int8 = export("minilm", tmp_path / "int8", "--int8")
+    assert [i["name"] for i in fp32["inputs"]] == ["input_ids", "attention_mask",
+                                                   "token_type_ids"]
+    assert 85 < fp32["onnx_mb"] < 95 and int8["onnx_mb"] < 30
+
+    loaded = load_model("minilm", task_head=False)
+    sentences = ["ONNX Runtime runs the exported graph.", "A cat sat on the warm mat today",
+                 "Prices fell sharply."]
+    enc = loaded.tokenizer(sentences, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = loaded.model(**enc).last_hidden_state.numpy()
+    mask = enc["attention_mask"].numpy()[..., None]
+
+    def pooled(hidden):  # the sentence embedding all-MiniLM-L6-v2 is used for
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+    got = ort_outputs(tmp_path / "fp32", dict(enc))["last_hidden_state"]
+    np.testing.assert_allclose(pooled(got), pooled(want), atol=1e-4)
+    got8 = pooled(ort_outputs(tmp_path / "int8", dict(enc))["last_hidden_state"])
+    cosine = np.sum(got8 * pooled(want), -1) / (np.linalg.norm(got8, axis=-1)
+                                                * np.linalg.norm(pooled(want), axis=-1))
+    assert cosine.min() > 0.97
