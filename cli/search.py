@@ -27,6 +27,9 @@ def _human(r: dict) -> str:
     again = r.get("best_remeasured")
     if again:
         lines.append(_side_by_side(r["best"], again))
+        if again.get("test_metrics"):
+            lines.append("  in ONNX Runtime on the test split: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in again["test_metrics"].items()))
     return "\n".join(lines)
 
 
@@ -78,6 +81,10 @@ def search_group():
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Batch size the latency is measured at.")
 @options.measuring
+@click.option("--runtime", type=click.Choice(["torch", "onnxruntime"]), default="torch",
+              show_default=True, help="Where trials are timed and scored: PyTorch, or ONNX "
+              "Runtime (each candidate exported; quant knob: none / ort-int8; mmkit[onnx]). "
+              "The exported model is then an ONNX folder.")
 @click.option("--export", type=click.Choice(["best", "pareto", "none"]), default="best",
               show_default=True, help="Which models to write under OUT.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(),
@@ -87,8 +94,8 @@ def search_group():
 @options.loading
 @options.common
 def search_run(model, data_spec, latency_budget, objectives, knobs, space_file, trials,
-               timeout, sampler, storage, workers, batch_size, seq_len, threads, export, out,
-               overwrite, device, allow_pickle, trust_remote_code, as_json):
+               timeout, sampler, storage, workers, batch_size, seq_len, threads, runtime, export,
+               out, overwrite, device, allow_pickle, trust_remote_code, as_json):
     """Search MODEL's compressed variants (structural cuts, sparsity, quantization) for the
     best accuracy / latency / size trade-offs on the target device, and export the most
     accurate one under --latency-budget."""
@@ -105,7 +112,8 @@ def search_run(model, data_spec, latency_budget, objectives, knobs, space_file, 
     request = SearchRequest(model=model, data=data_spec, budget=latency_budget,
                             objectives=objectives, knobs=knobs, space_file=space_file,
                             sampler=sampler, batch_size=batch_size, seq_len=seq_len,
-                            threads=threads, workers=workers, out=out, storage=storage)
+                            threads=threads, workers=workers, out=out, storage=storage,
+                            runtime=runtime)
     prepared = prepare(request, options.run_options(device, allow_pickle, trust_remote_code,
                                                     overwrite))
     options.emit(search(prepared, trials, timeout_s, workers, export), as_json, _human)

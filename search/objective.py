@@ -3,6 +3,7 @@ only when it meets the latency budget."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -59,6 +60,8 @@ class Trial:
         self.batch_size, self.seq_len = settings.batch_size, settings.seq_len
         self.calib = settings.data  # structured cuts and GPTQ calibrate on the search's data
         self.depth = n_layers(base.model)
+        self.runtime = settings.runtime  # None: PyTorch
+        self._reference = None  # under ONNX Runtime: the unmodified model's export
 
     def build(self, steps: list[dict]):
         """Apply the steps to a copy of the base model, through the recipe's step runner."""
@@ -78,10 +81,8 @@ class Trial:
         """The Optuna objective."""
         import optuna
 
-        from ..core.evaluate import evaluate
         from ..core.layers import weight_bytes
-        from ..core.profile import megabytes, profile_pair
-        from .results import budget_text
+        from ..core.profile import megabytes
         from .space import point_key, steps_for
 
         start = time.perf_counter()
@@ -105,11 +106,28 @@ class Trial:
             trial.set_user_attr("invalid", str(exc))
             self._stop_when_all_tried(trial, {key, *settled})
             raise optuna.TrialPruned(str(exc)) from None
+        if self.runtime == "onnxruntime":
+            with self.in_onnxruntime(loaded, params) as (candidate, size):
+                measured = self._measure(trial, key, candidate, self.reference(), size)
+        else:
+            measured = self._measure(trial, key, loaded, self.base,
+                                     megabytes(weight_bytes(loaded.model)))
+        trial.set_user_attr("seconds", time.perf_counter() - start)
+        self._stop_when_all_tried(trial, {key, *settled})
+        return tuple(measured.get(n, OBJECTIVES[n][1]) for n in self.objectives)
+
+    def _measure(self, trial, key: str, loaded, reference, size: float) -> dict:
+        """Latency (interleaved with `reference`), size, and quality when within budget; the
+        trial's attributes are set on the way."""
+        from ..core.evaluate import evaluate
+        from ..core.profile import profile_pair
+        from .results import budget_text
+
         # timed interleaved with the unmodified model, so that the ratio holds while the
         # machine's speed drifts between (and during) trials
-        prof = profile_pair(loaded, self.base, self.device, batch_size=self.batch_size,
+        prof = profile_pair(loaded, reference, self.device, batch_size=self.batch_size,
                             seq_len=self.seq_len, warmup=2, rounds=self.repeats)
-        latency, size = prof["candidate_ms"]["median"], megabytes(weight_bytes(loaded.model))
+        latency = prof["candidate_ms"]["median"]
         over = self._over_budget(latency, prof["ratio"])
         trial.set_user_attr("latency_ms", latency)
         trial.set_user_attr("reference_latency_ms", prof["reference_ms"]["median"])
@@ -135,9 +153,34 @@ class Trial:
                      trial.number, key,
                      ", ".join(f"{k} {v:.4f}" for k, v in trial.user_attrs["metrics"].items()),
                      latency, prof["ratio"], size)
-        trial.set_user_attr("seconds", time.perf_counter() - start)
-        self._stop_when_all_tried(trial, {key, *settled})
-        return tuple(measured.get(n, OBJECTIVES[n][1]) for n in self.objectives)
+        return measured
+
+    @contextlib.contextmanager
+    def in_onnxruntime(self, loaded, params: dict):
+        """The candidate exported to ONNX (ONNX Runtime's int8 when the point asks for it),
+        as a model evaluate / profile can call, and its graph's size in MB."""
+        from ..compression.onnx_export import temporary_export
+        from ..core.ort_model import as_onnx
+        from ..core.ort_runtime import onnx_bytes
+        from ..core.profile import megabytes
+        from .space import ort_int8
+
+        threads = self.settings.threads
+        with temporary_export(loaded, int8=ort_int8(params), threads=threads) as folder:
+            yield as_onnx(loaded, folder, threads), megabytes(onnx_bytes(folder))
+
+    def reference(self):
+        """The unmodified model in ONNX Runtime (float32), exported once per worker."""
+        if self._reference is None:
+            import tempfile
+
+            from ..compression.onnx_export import export_model_
+            from ..core.ort_model import as_onnx
+
+            folder = tempfile.TemporaryDirectory(prefix="mmkit-onnx-reference-")
+            export_model_(copy.deepcopy(self.base), folder.name, threads=self.settings.threads)
+            self._reference = (folder, as_onnx(self.base, folder.name, self.settings.threads))
+        return self._reference[1]
 
     def _over_budget(self, latency_ms: float, ratio: float) -> float:
         """How far over the budget a candidate is (Optuna's constraint: feasible at 0 or

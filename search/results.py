@@ -52,10 +52,43 @@ def remeasure(artifact: str, job: SearchJob) -> dict:
     from .run import load_base
 
     s = job.settings
+    if s.runtime == "onnxruntime":
+        return _remeasure_onnx(artifact, job)
     loaded = load_model(artifact, s.task, device=s.device, **job.loading.model_dump())
     base = load_base(job, labels=loaded.labels)
     prof = profile_pair(loaded, base, s.device, batch_size=s.batch_size, seq_len=s.seq_len,
                         warmup=3, rounds=REMEASURE_ROUNDS, threads=s.threads)
+    return _remeasured(prof)
+
+
+def _remeasure_onnx(folder: str, job: SearchJob) -> dict:
+    """`remeasure` under ONNX Runtime: the exported graph against the unmodified model's
+    float32 export, and the graph's test-split metrics (ONNX Runtime's int8 changes them)."""
+    import tempfile
+
+    from ..compression.onnx_export import export_model_
+    from ..core.evaluate import evaluate
+    from ..core.ort_model import as_onnx
+    from ..core.profile import profile_pair
+    from .objective import QUALITY
+    from .run import load_base, load_dataset
+
+    s = job.settings
+    dataset = load_dataset(s)
+    base = load_base(job, dataset)
+    candidate = as_onnx(base, folder, s.threads)
+    metrics = evaluate(candidate, dataset, "test")
+    with tempfile.TemporaryDirectory(prefix="mmkit-onnx-reference-") as tmp:
+        export_model_(base, tmp, threads=s.threads)
+        reference = as_onnx(base, tmp, s.threads)
+        prof = profile_pair(candidate, reference, s.device, batch_size=s.batch_size,
+                            seq_len=s.seq_len, warmup=3, rounds=REMEASURE_ROUNDS,
+                            threads=s.threads)
+    return {**_remeasured(prof), "runtime": "onnxruntime",
+            "test_metrics": {k: metrics[k] for k in QUALITY if k in metrics}}
+
+
+def _remeasured(prof: dict) -> dict:
     return {"median_ms": prof["candidate_ms"]["median"], "p90_ms": prof["candidate_ms"]["p90"],
             "reference_median_ms": prof["reference_ms"]["median"], "ratio": prof["ratio"],
             "ratio_p10": prof["ratio_p10"], "ratio_p90": prof["ratio_p90"],
@@ -225,8 +258,28 @@ def export(row: dict, job: SearchJob, dest: Path, overwrite: bool = True) -> str
               "max_samples": s.max_samples, **s.columns, "steps": row["steps"],
               "eval": {"split": "test"}}
     recipe = {k: v for k, v in recipe.items() if v is not None}
+    if s.runtime == "onnxruntime":
+        return _export_onnx(recipe, row, job, dest, overwrite)
     return run_recipe(recipe, dest, overwrite=overwrite, device=s.device,
                       lock_wait=EXPORT_LOCK_WAIT_S, **job.loading.model_dump())["artifact"]
+
+
+def _export_onnx(recipe: dict, row: dict, job: SearchJob, dest: Path, overwrite: bool) -> str:
+    """Under ONNX Runtime the exported model is the graph the trial measured: the recipe's
+    PyTorch artifact (kept in a scratch folder) exported to `dest`, with ONNX Runtime's int8
+    when the point has it."""
+    import tempfile
+
+    from ..compression.onnx_export import export_onnx
+    from ..core.recipe import run_recipe
+    from .space import ort_int8
+
+    recipe.pop("eval", None)  # the graph is scored by remeasure, in the runtime it runs in
+    with tempfile.TemporaryDirectory(prefix="mmkit-search-export-") as tmp:
+        artifact = run_recipe(recipe, Path(tmp) / "model", device=job.settings.device,
+                              **job.loading.model_dump())["artifact"]
+        return export_onnx(artifact, dest, task=job.settings.task, int8=ort_int8(row["params"]),
+                           overwrite=overwrite, **job.loading.model_dump())["artifact"]
 
 
 def budget_text(budget_ms: float | None, budget_ratio: float | None = None) -> str:

@@ -188,6 +188,17 @@ def _check_options(request: SearchRequest, device: str):
                          f"{', '.join(studies.SAMPLERS)}.")
     space = spaces.from_file(request.space_file) if request.space_file \
         else spaces.from_knob_names(request.knobs)
+    if request.runtime not in spaces.RUNTIMES:
+        raise InputError(f"Unknown runtime '{shown(request.runtime, 60)}'. Runtimes: "
+                         f"{', '.join(spaces.RUNTIMES)}.")
+    if request.runtime == "onnxruntime":
+        from ..compression.onnx_export import require_exporter
+
+        if device != "cpu":
+            raise InputError(f"--runtime onnxruntime measures on the CPU (mmkit's ONNX Runtime "
+                             f"sessions are CPU sessions); drop --device {device}.")
+        require_exporter()
+    space = spaces.for_runtime(space, request.runtime, bool(request.space_file))
     spaces.check_baseline(space)
     if "quant" in space and any(q in ("nf4", "int8") for q in space["quant"]) and device == "cpu":
         log.info("bitsandbytes quantization on CPU is slower than fp32; the search will see it")
@@ -248,7 +259,8 @@ def prepare(request: SearchRequest, run) -> Prepared:
                               objectives=objectives, budget_ms=budget_ms,
                               budget_ratio=budget_ratio, device=device,
                               batch_size=request.batch_size, seq_len=request.seq_len,
-                              sampler=request.sampler, threads=request.threads)
+                              sampler=request.sampler, threads=request.threads,
+                              runtime=None if request.runtime == "torch" else request.runtime)
     url = studies.storage_url(out, request.storage)
     outside = bool(request.storage)
     _check_study(url, out, outside, settings, run.overwrite)

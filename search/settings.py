@@ -14,7 +14,7 @@ from ..core.data import DataSpec
 
 # settings written only when set, so that studies of earlier versions (which had none of
 # them) still resume: their stored settings compare equal to a command that sets none
-WRITTEN_WHEN_SET = ("columns", "threads", "budget_ratio")
+WRITTEN_WHEN_SET = ("columns", "threads", "budget_ratio", "runtime")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +34,7 @@ class SearchRequest:
     threads: int | None = None
     workers: int = 1
     storage: str | None = None  # an Optuna storage URL; None: SQLite in OUT
+    runtime: str = "torch"  # where latency and accuracy are measured: torch | onnxruntime
 
 
 class SearchSettings(BaseModel):
@@ -59,6 +60,9 @@ class SearchSettings(BaseModel):
     seq_len: int
     sampler: str
     threads: int | None = None
+    # the runtime trials are timed and scored in: None is PyTorch; "onnxruntime" exports
+    # every candidate (ONNX Runtime's int8 for the quant knob's ort-int8)
+    runtime: str | None = None
 
     @model_serializer(mode="wrap")
     def _written(self, handler) -> dict:

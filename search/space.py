@@ -7,7 +7,8 @@ A space file (YAML, safe-loaded) names knobs and their values:
       heads: [0, 0.25, 0.5]      # fraction of attention heads removed in every layer
       ffn: [0, 0.25, 0.5]        # fraction of FFN neurons removed
       sparsity: [0, 0.5]         # unstructured magnitude sparsity
-      quant: [none, dynamic-int8, rtn-8, rtn-4, gptq-4, nf4, int8]
+      quant: [none, dynamic-int8, rtn-8, rtn-4, gptq-4, nf4, int8]   # ort-int8 under
+                                 # --runtime onnxruntime: ONNX Runtime's dynamic int8
       recovery: [0, 50]          # fine-tuning steps after the cuts, distilled from the uncut model
 
 On an elastic super-network (`mmkit finetune --elastic`) the structural knobs take the values
@@ -56,7 +57,10 @@ def _count(v):
 QUANT = {"none": None, "dynamic-int8": {"method": "dynamic-int8"},
          "rtn-8": {"method": "rtn", "bits": 8}, "rtn-4": {"method": "rtn", "bits": 4},
          "gptq-4": {"method": "gptq", "bits": 4}, "nf4": {"method": "nf4"},
-         "int8": {"method": "int8"}}
+         "int8": {"method": "int8"},
+         "ort-int8": None}  # no PyTorch step: the ONNX export is quantized by ONNX Runtime
+RUNTIMES = ("torch", "onnxruntime")
+ORT_QUANT = ("none", "ort-int8")  # what the quant knob takes under --runtime onnxruntime
 
 KNOBS = {k.name: k for k in (
     Knob("layers", "transformer layers removed", (0, 1, 2), _count, 0),
@@ -147,6 +151,34 @@ def from_file(path: str) -> dict[str, list]:
                 raise InputError(f"{at}: value {ECHO.repr(v)} is not {problem}.")
         space[name] = list(dict.fromkeys(values))
     return space
+
+
+def for_runtime(space: dict, runtime: str, from_file: bool) -> dict:
+    """The space as the target runtime can run it: under ONNX Runtime the quant knob's
+    default values are its own int8 (mmkit's packed layers do not export), and the PyTorch
+    quantizers are refused; under PyTorch, ort-int8 is."""
+    quant = space.get("quant")
+    if quant is None:
+        return space
+    if runtime == "onnxruntime":
+        if not from_file:
+            return {**space, "quant": list(ORT_QUANT)}
+        other = [q for q in quant if q not in ORT_QUANT]
+        if other:
+            raise InputError(f"Knob 'quant' value {other[0]} is a PyTorch quantizer, whose "
+                             "layers ONNX export cannot take; under --runtime onnxruntime "
+                             f"'quant' takes {', '.join(ORT_QUANT)} (ONNX Runtime's dynamic "
+                             "int8, per channel, embeddings included).")
+    elif "ort-int8" in quant:
+        raise InputError("Knob 'quant' value ort-int8 is ONNX Runtime's quantization; search "
+                         "with --runtime onnxruntime to use it, or pick dynamic-int8 (its "
+                         "PyTorch counterpart).")
+    return space
+
+
+def ort_int8(params: dict) -> bool:
+    """Whether a point's ONNX export is quantized by ONNX Runtime."""
+    return params.get("quant") == "ort-int8"
 
 
 def baseline(space: dict) -> dict:
