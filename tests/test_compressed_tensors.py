@@ -34,12 +34,18 @@ def _dense_reference(values, bits):
     return _as_int32(out)
 
 
+@pytest.mark.parametrize("byteorder", ["little", "big"])  # byte-level or word-level path
 @pytest.mark.parametrize("bits", range(1, 9))
-def test_packing_matches_a_bit_by_bit_reference(bits):
+def test_packing_matches_a_bit_by_bit_reference(bits, byteorder, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(ct, "sys", SimpleNamespace(byteorder=byteorder))
     values = torch.randint(0, 2 ** bits, (3, 45), generator=torch.Generator().manual_seed(bits))
     packed = ct.pack(values, bits)
     assert torch.equal(packed, _dense_reference(values, bits))
     assert torch.equal(ct.unpack(packed, bits, 45), values)
+    # zero points are packed down the columns: a transposed (strided) view
+    assert torch.equal(ct.pack(values.T, bits), _dense_reference(values.T, bits))
 
 
 @pytest.mark.parametrize("bits", [3, 5, 6, 7])

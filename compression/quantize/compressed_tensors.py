@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 from pathlib import Path
 
 from ...core.errors import InputError
@@ -54,6 +55,14 @@ def pack(values, bits: int):
 
     rows, n = values.shape
     words = -(-n * bits // 32)
+    if 8 % bits == 0 and sys.byteorder == "little":  # 1, 2, 4, 8 bits: whole bytes, fast
+        per = 8 // bits
+        v = torch.nn.functional.pad(values.to(torch.uint8), (0, words * 4 * per - n))
+        v = v.reshape(rows, words * 4, per)
+        byte = v[..., 0].clone(memory_format=torch.contiguous_format)
+        for k in range(1, per):
+            byte |= v[..., k] << (k * bits)
+        return byte.view(torch.int32)  # little-endian: byte j of a word holds bits 8j..8j+7
     if 32 % bits == 0:
         per = 32 // bits
         grouped = torch.nn.functional.pad(values.long(), (0, words * per - n))
@@ -71,6 +80,10 @@ def unpack(words, bits: int, n: int, dense: bool = True):
     import torch
 
     rows = words.shape[0]
+    if 8 % bits == 0 and sys.byteorder == "little":
+        byte = words.contiguous().view(torch.uint8)  # rows, 4 * words
+        parts = [(byte >> (k * bits)) & (2 ** bits - 1) for k in range(8 // bits)]
+        return torch.stack(parts, -1).reshape(rows, -1)[:, :n].long()
     value = words.long() & 0xFFFFFFFF
     if 32 % bits == 0 or not dense:
         per = 32 // bits
@@ -156,29 +169,37 @@ def _grid_of(name: str, layer) -> tuple[dict | None, str | None]:
     return args, None
 
 
+def survey(model) -> tuple[dict | None, str | None]:
+    """({layer: its compressed-tensors weight arguments}, None) for a model holding
+    QuantLinear layers that the format states exactly, else (None, why not)."""
+    from .qlinear import QuantLinear
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not layers:
+        return None, "the model has no RTN / GPTQ layers"
+    if any(type(m).__name__ == "QuantEmbedding" for m in model.modules()):
+        return None, EMBEDDINGS
+    why = model_problem(model)
+    if why:
+        return None, why
+    args = {}
+    for name, layer in layers.items():
+        args[name], why = _grid_of(name, layer)
+        if why:
+            return None, why
+    # a layer whose one group spans its input width joins the group size of that width
+    grouped = {(a["num_bits"], a["symmetric"], a["group_size"]): a for a in args.values()
+               if a["strategy"] == "group"}
+    for name, a in args.items():
+        if a["strategy"] == "channel":
+            args[name] = grouped.get((a["num_bits"], a["symmetric"], layers[name].in_features), a)
+    return args, None
+
+
 def problem(model) -> str | None:
     """Why a model holding QuantLinear layers cannot be written as compressed-tensors exactly
     (None when it can)."""
-    from .qlinear import QuantLinear
-
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
-    if not layers:
-        return "the model has no RTN / GPTQ layers"
-    if any(type(m).__name__ == "QuantEmbedding" for m in model.modules()):
-        return EMBEDDINGS
-    why = model_problem(model)
-    for name, layer in layers:
-        why = why or _grid_of(name, layer)[1]
-    return why
-
-
-def asymmetric(model) -> bool:
-    """True when any QuantLinear of the model has a zero point of its own (an asymmetric grid)."""
-    from .qlinear import QuantLinear
-
-    return any(not args["symmetric"] for args in (
-        _grid_of(n, m)[0] for n, m in model.named_modules() if isinstance(m, QuantLinear))
-        if args is not None)
+    return survey(model)[1]
 
 
 def config_problem(cfg) -> str | None:
@@ -221,21 +242,22 @@ def choose_format_(loaded, requested: str | None, report: dict) -> str:
     exactly and plain transformers loads it, which leaves out asymmetric grids: their packed
     zero points do not load into transformers with compressed-tensors 0.18 to 0.20 (vLLM and
     SGLang read them; transformers does with `CompressedTensorsConfig(dequantize=True)`)."""
-    model = loaded.model
     if requested is None:  # a method that writes mmkit's format only (dynamic-int8)
         loaded.extra["format"] = "mmkit-quantized"
         return "mmkit-quantized"
-    why = problem(model) if requested != "mmkit" else "asked for (--format mmkit)"
+    args, why = survey(loaded.model) if requested != "mmkit" else (
+        None, "asked for (--format mmkit)")
     if requested == NAME and why:
         raise InputError(refusal(why))
-    if requested == "auto" and why is None and asymmetric(model):
+    asymmetric = args is not None and not all(a["symmetric"] for a in args.values())
+    if requested == "auto" and asymmetric:
         why = ASYMMETRIC
     fmt = NAME if why is None else "mmkit-quantized"
     loaded.extra["format"] = fmt
     report["format"] = fmt
     if why:
         report["format_note"] = f"kept in mmkit's format: {why}"
-    elif asymmetric(model):
+    elif asymmetric:
         log.warning("compressed-tensors with asymmetric grids: vLLM and SGLang load it, but "
                     "transformers with compressed-tensors 0.18 to 0.20 needs "
                     "quantization_config=CompressedTensorsConfig(dequantize=True) to.")
@@ -264,11 +286,10 @@ def save(model, folder: Path) -> None:
     from ...core.train import tied_duplicates
     from .qlinear import QuantLinear
 
-    why = problem(model)
+    layer_args, why = survey(model)
     if why:
         raise InputError(refusal(why))
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    layer_args = _schemes(layers)
     scale_dtype = _float_dtype(model)
     state = model.state_dict()
     for key in tied_duplicates(state):
@@ -300,18 +321,6 @@ def _float_dtype(model):
 
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     return torch.float32 if not dtypes or torch.float32 in dtypes else torch.float16
-
-
-def _schemes(layers: dict) -> dict[str, dict]:
-    """{layer: its weight arguments}, as few distinct ones as can state the layers: a layer
-    whose one group spans its input width joins the group size equal to that width."""
-    args = {name: _grid_of(name, layer)[0] for name, layer in layers.items()}
-    grouped = {(a["num_bits"], a["symmetric"], a["group_size"]): a for a in args.values()
-               if a["strategy"] == "group"}
-    for name, a in args.items():
-        if a["strategy"] == "channel":
-            args[name] = grouped.get((a["num_bits"], a["symmetric"], layers[name].in_features), a)
-    return args
 
 
 def _quantization_config(model, layer_args: dict) -> dict:
