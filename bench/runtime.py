@@ -1,0 +1,196 @@
+"""ONNX Runtime against PyTorch on the minilm sentiment classifier, and the model
+`mmkit search --runtime onnxruntime` finds, all timed interleaved on this CPU.
+
+    HF_HUB_OFFLINE=1 python bench/runtime.py [--parts compare,search] [--quick]
+
+- compare: the dense fine-tune (bench/elastic.py's, 2,000 tweets, 2 epochs; trained once and
+  cached in --work) as PyTorch fp32, mmkit dynamic-int8, ONNX Runtime fp32 and ONNX Runtime
+  int8 (dynamic, per channel, embeddings too): test accuracy, size, and latency at batch 1 and
+  32 (seq 64, 2 threads), all four interleaved round by round.
+- search: `mmkit search --runtime onnxruntime` on bench/elastic.py's elastic super-network
+  (its trained sub-networks x ONNX Runtime int8), 30 TPE trials under a budget relative to the
+  unmodified model's float export; its exported graph is then timed interleaved with ONNX
+  Runtime int8 of the dense fine-tune (the best a user gets from an exporter and ONNX
+  Runtime's quantizer alone). Goal: >= 2x faster at <= 1 point of test accuracy.
+
+Writes bench/results/runtime.json. Not a test; run it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from pathlib import Path
+
+from results_io import RESULTS, write_result  # bench/ is on sys.path when run as a script
+
+
+def _variants(work: Path, dense: str) -> dict:
+    """name -> folder: the dense model in each runtime / precision (exports cached)."""
+    from mmkit.compression.onnx_export import export_onnx
+    from mmkit.core.recipe import run_recipe
+
+    folders = {"pytorch-fp32": dense}
+    dyn = work / "dense-dynamic-int8"
+    if not (dyn / "mmkit.json").is_file():
+        run_recipe({"model": dense, "steps": [{"step": "quantize", "method": "dynamic-int8"}]},
+                   dyn, overwrite=True)
+    folders["mmkit-dynamic-int8"] = str(dyn)
+    for name, int8 in (("ort-fp32", False), ("ort-int8", True)):
+        out = work / f"dense-{name}"
+        if not (out / "mmkit_onnx.json").is_file():
+            export_onnx(dense, out, int8=int8, overwrite=True)
+        folders[name] = str(out)
+    return folders
+
+
+def _load(folder: str, dense, threads: int):
+    """A LoadedModel for a PyTorch artifact or an ONNX export (through OrtModel)."""
+    from mmkit.core.loading import load_model
+    from mmkit.core.ort_model import as_onnx
+    from mmkit.core.ort_runtime import is_onnx_export
+
+    if is_onnx_export(folder):
+        return as_onnx(dense, folder, threads)
+    return load_model(folder, "text-classification")
+
+
+def _sizes(folder: str) -> float:
+    from mmkit.core.ort_runtime import is_onnx_export, onnx_bytes
+    from mmkit.core.profile import disk_bytes
+
+    return (onnx_bytes(folder) if is_onnx_export(folder) else disk_bytes(folder)) / 1e6
+
+
+def interleaved(loaded: dict, batch: int, seq_len: int, rounds: int) -> dict:
+    """Median forward latency (ms) of every model, one call each per round, the order
+    rotating from round to round, after a warm-up call each."""
+    from mmkit.core.profile import _forward, _time_one
+
+    runs = {k: _forward(m, "cpu", batch, seq_len)[2] for k, m in loaded.items()}
+    for run in runs.values():
+        run()
+        run()
+    times = {k: [] for k in runs}
+    names = list(runs)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(_time_one(runs[name], "cpu") * 1e3)
+    return {k: {"median_ms": statistics.median(v), "p10_ms": sorted(v)[len(v) // 10],
+                "p90_ms": sorted(v)[(9 * len(v)) // 10]} for k, v in times.items()}
+
+
+def measure(folders: dict, dense_folder: str, data, args) -> dict:
+    """Accuracy, size and interleaved latency of every folder."""
+    from mmkit.core.evaluate import evaluate
+    from mmkit.core.loading import load_model
+
+    dense = load_model(dense_folder, "text-classification")
+    loaded = {k: _load(f, dense, args.threads) for k, f in folders.items()}
+    rows = {k: {"folder": f, "size_mb": _sizes(f),
+                "test_accuracy": evaluate(loaded[k], data, "test")["accuracy"]}
+            for k, f in folders.items()}
+    for batch, rounds in ((1, args.rounds), (32, max(args.rounds // 5, 5))):
+        timing = interleaved(loaded, batch, 64, rounds)
+        for k, t in timing.items():
+            rows[k][f"batch_{batch}"] = t
+    return rows
+
+
+def compare(args, work: Path, data, dense: str) -> dict:
+    """The dense model in the four runtimes / precisions."""
+    rows = measure(_variants(work, dense), dense, data, args)
+    fp32 = rows["pytorch-fp32"]
+    for row in rows.values():
+        for b in (1, 32):
+            row[f"batch_{b}"]["speedup_vs_pytorch_fp32"] = (
+                fp32[f"batch_{b}"]["median_ms"] / row[f"batch_{b}"]["median_ms"])
+    return {"model": "minilm, dense full fine-tune (bench/elastic.py)", "seq_len": 64,
+            "threads": args.threads, "variants": rows}
+
+
+def search_part(args, work: Path, data, trained: dict) -> dict:
+    """The search in ONNX Runtime on the elastic model; its export against ORT int8."""
+    from mmkit.core.data import DataSpec
+    from mmkit.core.recipe import RunOptions
+    from mmkit.search.run import prepare, search
+    from mmkit.search.settings import SearchRequest
+
+    out = work / "search-onnxruntime"
+    request = SearchRequest(model=trained["elastic"]["artifact"],
+                            data=DataSpec(data="tweets-sentiment", max_samples=args.samples,
+                                          seed=0),
+                            budget=f"{args.budget}x", knobs="layers,heads,ffn,quant",
+                            sampler="tpe", seq_len=64, threads=args.threads, out=out,
+                            runtime="onnxruntime")
+    result = search(prepare(request, RunOptions(overwrite=True)), args.trials, None, 1, "best")
+    dense = trained["dense"]["artifact"]
+    folders = {"searched": result["exported"][0], "ort-int8": str(work / "dense-ort-int8"),
+               "ort-fp32": str(work / "dense-ort-fp32")}
+    rows = measure(folders, dense, data, args)
+    searched, int8 = rows["searched"], rows["ort-int8"]
+    speedups = {b: int8[f"batch_{b}"]["median_ms"] / searched[f"batch_{b}"]["median_ms"]
+                for b in (1, 32)}
+    points = 100 * (int8["test_accuracy"] - searched["test_accuracy"])
+    points_dense = 100 * (trained["dense"]["test_accuracy"] - searched["test_accuracy"])
+    return {"budget": f"{args.budget}x of the unmodified model's float export",
+            "trials": result["trials_completed"], "seconds": result["seconds_this_run"],
+            "best": result["best"], "best_remeasured": result["best_remeasured"],
+            "variants": rows,
+            "searched_vs_ort_int8": {"speedup_batch_1": speedups[1],
+                                     "speedup_batch_32": speedups[32],
+                                     "points_below_ort_int8": points,
+                                     "points_below_pytorch_dense": points_dense,
+                                     "goal_2x_at_le_1_point": speedups[1] >= 2.0
+                                     and points_dense <= 1.0}}
+
+
+def main() -> None:
+    """Run the parts asked for and write the JSON (parts not run keep their old figures)."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="compare,search")
+    parser.add_argument("--work", default="/tmp/mmkit-bench-elastic",
+                        help="bench/elastic.py's folder: its fine-tunes are reused")
+    parser.add_argument("--samples", type=int, default=500, help="tweets per split scored")
+    parser.add_argument("--trials", type=int, default=30)
+    parser.add_argument("--budget", type=float, default=0.3)
+    parser.add_argument("--rounds", type=int, default=60, help="interleaved rounds, batch 1")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny settings to try the bench")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import elastic  # bench/elastic.py: the dense and elastic fine-tunes, cached
+
+    ea = argparse.Namespace(train_samples=200 if args.quick else 2000,
+                            samples=100 if args.quick else args.samples,
+                            epochs=1 if args.quick else 2, lr=5e-5, samples_k=1)
+    if args.quick:
+        args.samples, args.trials, args.rounds, args.budget = 100, 4, 6, 0.9
+    work = Path(args.work + ("-quick" if args.quick else ""))
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out or (work / "runtime-quick.json" if args.quick
+                            else RESULTS / "runtime.json"))
+    from mmkit.core.data import load_data
+
+    data = load_data("tweets-sentiment", "text-classification", max_samples=args.samples,
+                     seed=0)
+    trained = elastic.train(ea, work, data)
+    result = json.loads(out.read_text()) if out.exists() else {}
+    parts = args.parts.split(",")
+    if "compare" in parts:
+        result["compare"] = compare(args, work, data, trained["dense"]["artifact"])
+    if "search" in parts:
+        _variants(work, trained["dense"]["artifact"])  # the exports the search compares with
+        result["search"] = search_part(args, work, data, trained)
+    write_result(result, out)
+
+
+if __name__ == "__main__":
+    main()
