@@ -74,7 +74,8 @@ register_format(Format(
     summary="packed RTN / GPTQ / dynamic-int8 layers (mmkit_quantized.safetensors)"))
 register_format(Format(
     "compressed-tensors", detect=lambda folder: _ct().detect(folder),
-    load=lambda cls, source, config, opts: (_ct().load(cls, source.path, config), {}),
+    load=lambda cls, source, config, opts: (_ct().load(cls, source.path, config, opts.dtype),
+                                            {}),
     save=lambda loaded, folder: _ct().save(loaded.model, folder),
     summary="packed RTN / GPTQ layers as llm-compressor writes them (config.json's "
     "quantization_config; transformers, vLLM and SGLang load it)"))

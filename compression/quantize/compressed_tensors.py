@@ -95,7 +95,9 @@ def unpack(words, bits: int, n: int, dense: bool = True):
 
 # ---------------------------------------------------------------- what the format can state
 def model_problem(model) -> str | None:
-    """Why the model's family cannot be written as compressed-tensors (None if it can)."""
+    """Why the model's family or dtype cannot be written as compressed-tensors exactly (None
+    if it can)."""
+    import torch
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import PrefixChange
 
@@ -104,6 +106,10 @@ def model_problem(model) -> str | None:
     if renames or getattr(model, "_weight_conversions", None):
         return (f"transformers renames {type(model).__name__}'s weights while loading them, so "
                 "packed weights saved under the layer names would not be found")
+    if any(p.dtype == torch.bfloat16 for p in model.parameters()):
+        return ("the model is bfloat16, and its readers hold the scales in the model's dtype: "
+                "mmkit's fp16 scales would be rounded to bfloat16, changing the weights (cast "
+                "it to float32 or float16 before quantizing)")
     return None
 
 
@@ -309,6 +315,7 @@ def save(model, folder: Path) -> None:
     model.config.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"] = _quantization_config(model, layer_args)
+    config["dtype"] = str(_float_dtype(model, exact=True)).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(folder)
@@ -316,11 +323,14 @@ def save(model, folder: Path) -> None:
               str(folder / WEIGHTS), metadata={"format": "pt"})
 
 
-def _float_dtype(model):
+def _float_dtype(model, exact: bool = False):
+    """The model's floating-point dtype (float32 when mixed); unless `exact`, the dtype its
+    fp16 scales are stored in: float32 (exact) or float16."""
     import torch
 
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    return torch.float32 if not dtypes or torch.float32 in dtypes else torch.float16
+    dtype = torch.float32 if not dtypes or torch.float32 in dtypes else dtypes.pop()
+    return dtype if exact or dtype == torch.float32 else torch.float16
 
 
 def _quantization_config(model, layer_args: dict) -> dict:
@@ -402,9 +412,10 @@ def _version(qc: dict) -> tuple[int, int]:
     return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
 
 
-def load(cls, folder, config):
+def load(cls, folder, config, dtype=None):
     """Build a model of `cls` (an Auto class) from a compressed-tensors folder, its quantized
-    Linear layers as QuantLinear, without the compressed-tensors package."""
+    Linear layers as QuantLinear, without the compressed-tensors package; in `dtype`, else
+    the dtype config.json records."""
     import copy
 
     import torch
@@ -421,7 +432,9 @@ def load(cls, folder, config):
                          "compressed-tensors package.")
     plain = copy.deepcopy(config)
     del plain.quantization_config  # the model holds QuantLinear layers; a save restates it
-    model = cls.from_config(plain)
+    dtype = dtype or getattr(config, "dtype", None)
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    model = cls.from_config(plain, **({"dtype": dtype} if isinstance(dtype, torch.dtype) else {}))
     ignore = [str(t) for t in qc.get("ignore") or []]
     dense = _version(qc) >= DENSE_SINCE
     weights = Path(folder, WEIGHTS)
