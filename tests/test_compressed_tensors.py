@@ -111,6 +111,7 @@ WRITTEN = {  # case: (model, quantize parameters); asymmetric ones only when ask
     "llama-rtn4-g32-sym-float16": ("tiny:llama", {**SYM, "bits": 4, "group_size": 32,
                                                   "cast": "float16"}),
     "bert-rtn4-g32-sym": ("tiny:bert", {**SYM, "bits": 4, "group_size": 32}),
+    "clip-rtn4-g32-sym": ("tiny:clip", {**SYM, "bits": 4, "group_size": 32}),
     "bert-gptq8-channel-asym": ("tiny:bert", {
         "method": "gptq", "bits": 8, "group_size": None, "act_order": True,
         "calib": CALIB["tiny:bert"], "calib_samples": 4, "calib_length": 32,
@@ -153,8 +154,8 @@ def test_written_model_loads_in_transformers_and_in_mmkit_alike(case, tmp_path, 
     pytest.importorskip("compressed_tensors")
     import transformers
 
-    cls = (transformers.AutoModelForCausalLM if ref == "tiny:llama"
-           else transformers.AutoModelForSequenceClassification)
+    cls = {"tiny:llama": transformers.AutoModelForCausalLM, "tiny:clip": transformers.AutoModel,
+           "tiny:bert": transformers.AutoModelForSequenceClassification}[ref]
     options = {}
     if not params.get("symmetric"):  # packed zero points: see compressed_tensors.ASYMMETRIC
         options["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)
@@ -162,7 +163,8 @@ def test_written_model_loads_in_transformers_and_in_mmkit_alike(case, tmp_path, 
     batch = get_task(again.task).dummy_batch(again, 2, 12)
     monkeypatch.setenv("MMKIT_QUANT_KERNEL", "dequant")  # float matmuls, as transformers does
     with torch.no_grad():
-        got, want = plain(**batch).logits, again.model(**batch).logits
+        got, want = plain(**batch), again.model(**batch)
+    got, want = ((o.logits if "logits" in o else o.logits_per_image) for o in (got, want))
     for name, layer in ours.items():  # transformers decompressed to float: bit-identical
         weight = plain.get_submodule(name).weight
         assert torch.equal(weight, layer.weight_float().to(weight.dtype)), name

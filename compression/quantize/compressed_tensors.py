@@ -15,12 +15,15 @@ q in [-2^(b-1), 2^(b-1) - 1] with a signed zero point zp and stores q + 2^(b-1):
 unsigned code, and zp + 2^(b-1) is mmkit's zero, so (q - zp) * scale = (code - zero) * scale.
 A symmetric grid (zero 2^(b-1) everywhere) stores no zero point.
 
-What the format cannot state, mmkit keeps in its own format (`problem` says why): codes of 3, 5,
-6 or 7 bits (compressed-tensors packs them densely since 0.18 and whole codes per word before,
-so a reader of the other kind misreads them, and vLLM serves 4 and 8 bits), act-order groups
-(a permuted g_idx, which compressed-tensors 0.19 no longer accepts), groups that do not divide a
-layer's input width, the dynamic-int8 kernel (its activations are quantized too), GPT-2's Conv1D
-layers and model families whose weights transformers renames while loading (ViT).
+What the format cannot state exactly, mmkit keeps in its own format (`survey` says why): codes
+of 3, 5, 6 or 7 bits (compressed-tensors packs them densely since 0.18 and whole codes per word
+before, so a reader of the other kind misreads them, and vLLM serves 4 and 8 bits), act-order
+groups (a permuted g_idx, which compressed-tensors 0.19 no longer accepts), groups that do not
+divide a layer's input width, the dynamic-int8 kernel (its activations are quantized too),
+GPT-2's Conv1D layers, model families whose weights transformers renames while loading (ViT),
+a quantized embedding table, and bfloat16 models (readers hold the scales in the model's dtype).
+`auto` also keeps asymmetric grids in mmkit's format: transformers with compressed-tensors 0.18
+to 0.20 cannot load packed zero points (`choose_format_`).
 Reading also takes what llm-compressor writes for weight-only int models: pack-quantized or
 int8 `weight` tensors (naive / int-quantized), channel, group or tensor scales, and the
 `weight_g_idx` of act-order files written before 0.19.
@@ -266,7 +269,7 @@ def choose_format_(loaded, requested: str | None, report: dict) -> str:
     elif asymmetric:
         log.warning("compressed-tensors with asymmetric grids: vLLM and SGLang load it, but "
                     "transformers with compressed-tensors 0.18 to 0.20 needs "
-                    "quantization_config=CompressedTensorsConfig(dequantize=True) to.")
+                    "quantization_config=CompressedTensorsConfig(dequantize=True) to load it.")
     return fmt
 
 
