@@ -5,6 +5,7 @@ without the package; files in the layouts llm-compressor wrote before; which mod
 mmkit's format and why (auto), and exit 2 for an explicit request the format cannot meet."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -135,7 +136,9 @@ def test_written_model_loads_in_transformers_and_in_mmkit_alike(case, tmp_path, 
     schemes = [g["weights"] for g in qc["config_groups"].values()]
     assert {s["symmetric"] for s in schemes} == {params.get("symmetric", False)}
     # mmkit reads it back without the package: the same layers, the same logits
-    again = load_model(str(path))
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "compressed_tensors", None)  # any import of it would fail
+        again = load_model(str(path))
     assert again.extra["format"] == "compressed-tensors"
     ours = {n: m for n, m in loaded.model.named_modules() if isinstance(m, QuantLinear)}
     theirs = {n: m for n, m in again.model.named_modules() if isinstance(m, QuantLinear)}
