@@ -361,3 +361,23 @@ def test_smollm2_loads_in_transformers_with_mmkits_perplexity(tmp_path, monkeypa
     plain_ppl = evaluate(ours, data, "test", max_length=128, batch_size=4)["perplexity"]
     assert 1 < mmkit_ppl < 200
     assert plain_ppl == pytest.approx(mmkit_ppl, rel=1e-4)
+
+
+def test_a_compressed_tensors_artifact_counts_as_quantized(tmp_path):
+    from mmkit.core.inspect import applicable_methods
+
+    *_, path = _quantize("tiny:llama", WRITTEN["llama-rtn4-g32-sym"][1], tmp_path / "q")
+    methods = applicable_methods(load_model(str(path)))
+    assert not [m for m in methods if m.split(":")[0] in ("prune", "quantize", "finetune")]
+    for args, why in ((["prune", path, "--method", "magnitude"], "quantized already"),
+                      (["quantize", path, "--bits", "4"], "quantized already")):
+        result = run_cli(*args, "-o", tmp_path / "again")
+        assert result.exit_code == 2 and why in result.stderr, result.output
+    # and the library's own check, for a caller that applies the step directly
+    from mmkit.core.errors import InputError
+    from mmkit.core.registry import Context
+    from mmkit.core.steps import apply_steps, check_steps
+
+    with pytest.raises(InputError, match="is a quantized model"):
+        apply_steps(load_model(str(path)), check_steps([{"step": "prune",
+                                                         "method": "magnitude"}]), Context())
