@@ -68,7 +68,6 @@ def temporary_export(loaded, *, int8: bool = False, threads: int | None = None):
     for timing a model in ONNX Runtime without keeping its export."""
     import tempfile
 
-    require_exporter()
     with tempfile.TemporaryDirectory(prefix="mmkit-onnx-") as tmp:
         export_model_(loaded, tmp, int8=int8, threads=threads)
         yield Path(tmp)
@@ -95,12 +94,14 @@ def export_model_(loaded, folder, *, int8: bool = False, threads: int | None = N
     are refused with an InputError naming the layer and the fix.
 
     The float32 graph must give PyTorch's outputs within ATOL + RTOL*|value| on real inputs
-    of several batch sizes and lengths, or nothing is kept (RuntimeFailure). With `int8`, the
+    of several batch sizes and lengths, else RuntimeFailure (with `folder` holding partial
+    files: write into a staging or temporary folder, as `export_onnx` does). With `int8`, the
     graph is then quantized by ONNX Runtime (dynamic: int8 weights per output channel, the
     embedding tables too; activations quantized at run time) and its distance to PyTorch is
     reported (largest difference, top-1 agreement or cosine), not enforced. `threads` sets
     the checking sessions' threads (default: torch's count).
     """
+    require_exporter()
     folder = Path(folder)
     ref = loaded.source.ref
     plain_(loaded)
