@@ -7,7 +7,7 @@ import click
 from ..core.errors import InputError
 from . import options
 
-RUNTIMES = ("pytorch", "onnxruntime")
+RUNTIMES = ("torch", "onnxruntime")  # the names `mmkit search --runtime` takes
 
 
 def _human(r: dict) -> str:
@@ -40,7 +40,7 @@ def _human_generation(r: dict) -> str:
 @click.option("--generate", type=click.IntRange(min=1), default=None, metavar="N",
               help="Causal LMs: measure generation instead of one forward: the prefill of a "
                    "--seq-len prompt and N greedy decode steps on the KV cache (tokens/s).")
-@click.option("--runtime", type=click.Choice(RUNTIMES), default="pytorch", show_default=True,
+@click.option("--runtime", type=click.Choice(RUNTIMES), default="torch", show_default=True,
               help="What runs the model: PyTorch, or ONNX Runtime on the CPU (MODEL an "
                    "`mmkit export --onnx` folder, or any model, exported to a temporary "
                    "folder first). --threads sets ONNX Runtime's intra-op threads.")
@@ -78,7 +78,7 @@ def bench_command(ref, task, batch_size, seq_len, warmup, repeats, generate, run
     for bs in batch_size:
         result = profile(loaded, device, bs, seq_len, warmup=warmup, repeats=repeats,
                          threads=threads)
-        options.emit({"model": ref, "task": loaded.task, "runtime": "pytorch", **result},
+        options.emit({"model": ref, "task": loaded.task, "runtime": "torch", **result},
                      as_json, _human)
 
 
@@ -94,7 +94,7 @@ def _bench_onnx(ref, task, batch_size, seq_len, warmup, repeats, generate, threa
     if generate:
         raise InputError("--generate times decoding on a KV cache, which mmkit's ONNX export "
                          "does not have yet (causal LMs are exported without one); drop "
-                         "--generate, or use --runtime pytorch.")
+                         "--generate, or use --runtime torch.")
     if device != "cpu":
         raise InputError(f"--runtime onnxruntime runs on the CPU (mmkit uses ONNX Runtime's "
                          f"CPU provider), not on --device {device}; use --device cpu.")

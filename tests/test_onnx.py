@@ -195,7 +195,7 @@ def test_bench_on_onnx_runtime_reports_what_the_pytorch_bench_does(tmp_path):
     torch_run = run_cli("bench", "tiny:bert", *common)
     assert torch_run.exit_code == 0, torch_run.output
     reference = json.loads(torch_run.stdout)
-    assert PROFILE_FIELDS <= set(reference) and reference["runtime"] == "pytorch"
+    assert PROFILE_FIELDS <= set(reference) and reference["runtime"] == "torch"
 
     for model in (tmp_path / "onnx", "tiny:bert"):  # an export, and a model exported first
         run = run_cli("bench", model, "--runtime", "onnxruntime", "--batch-size", 1,
