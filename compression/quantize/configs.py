@@ -30,7 +30,9 @@ class RTNConfig(_Common):
 
     bits: int | dict[str, int] = Field(4, description="2-8, or {pattern: bits, default: bits}")
     group_size: int | None = Field(128, ge=1, description="columns sharing a scale; 0 = one per "
-                                   "output channel", json_schema_extra={"cli": {"zero_is_none": True}})
+                                   "output channel (the default at 8 bits, where the fused int8 "
+                                   "kernel needs it)",
+                                   json_schema_extra={"cli": {"zero_is_none": True}})
     symmetric: bool = Field(False, description="symmetric grid (no zero point)")
     embeddings: int | None = Field(None, ge=2, le=8, description="also quantize the "
                                    "token-embedding table to these bits (2-8, one scale per "
@@ -46,6 +48,15 @@ class RTNConfig(_Common):
     @classmethod
     def _bits(cls, v):
         return _check_bits(v, tuple(range(2, 9)), "rtn / gptq")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _per_channel_at_8_bits(cls, data):
+        # 8-bit codes lose little to a per-channel grid, and only that grid runs the fused
+        # int8 kernel (grouped 8-bit dequantizes at every call); groups stay when asked for
+        if isinstance(data, dict) and "group_size" not in data and data.get("bits") == 8:
+            return {**data, "group_size": None}
+        return data
 
     @model_validator(mode="after")
     def _format(self):
