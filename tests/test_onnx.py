@@ -218,6 +218,19 @@ def test_bench_on_onnx_runtime_reports_what_the_pytorch_bench_does(tmp_path):
     assert info["onnx_mb"] == pytest.approx(int8_run["disk_mb"])
 
 
+def test_sessions_take_their_threads_and_can_sleep_between_calls(tmp_path):
+    from mmkit.core.ort_runtime import session
+
+    export("tiny:bert", tmp_path / "onnx")
+    quiet = session(tmp_path / "onnx" / "model.onnx", 2, spin=False).get_session_options()
+    assert quiet.intra_op_num_threads == 2
+    assert quiet.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    default = session(tmp_path / "onnx" / "model.onnx", 1).get_session_options()
+    assert default.intra_op_num_threads == 1
+    with pytest.raises(RuntimeError):  # not set: ONNX Runtime's default (spinning)
+        default.get_session_config_entry("session.intra_op.allow_spinning")
+
+
 def _refused(result, *words):
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
