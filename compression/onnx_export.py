@@ -133,6 +133,7 @@ def export_model_(loaded, folder, *, int8: bool = False, threads: int | None = N
         seconds["quantize"] = round(time.perf_counter() - start, 2)
         sess = session(folder / MODEL_FILE, threads)
         report["int8"] = check(sess, checks, expected, names, outputs)
+        _warn_if_far(ref, report["int8"])
         fp32_bytes = onnx_bytes(target.parent)
         shutil.rmtree(target.parent)
     else:
@@ -321,6 +322,22 @@ def check(sess, batches: list[dict], expected: list, names: list[str],
             "atol": ATOL, "rtol": RTOL, "outputs": result,
             "max_abs_diff": max(r["max_abs_diff"] for r in result.values()),
             "passed": all(r["within_tolerance"] for r in result.values())}
+
+
+FAR_AGREEMENT, FAR_COSINE = 0.9, 0.95  # int8 below these: say so on stderr
+
+
+def _warn_if_far(ref: str, result: dict) -> None:
+    """A warning when the int8 graph strays far from PyTorch (dynamic int8 activations lose a
+    causal LM's outliers)."""
+    for name, r in result["outputs"].items():
+        if r.get("argmax_agreement", 1) < FAR_AGREEMENT or r.get("mean_cosine", 1) < FAR_COSINE:
+            how = (f"top-1 agreement {r['argmax_agreement']:.0%}" if "argmax_agreement" in r
+                   else f"mean cosine {r['mean_cosine']:.3f}")
+            log.warning("the int8 graph of %s strays far from PyTorch (%s: %s on the checked "
+                        "inputs); dynamic int8 activations lose the outliers some models (causal "
+                        "LMs) rely on. Export without --int8 to keep the float32 graph.",
+                        ref, name, how)
 
 
 def _worst(result: dict) -> str:

@@ -163,6 +163,17 @@ def test_int8_graph_has_int8_weights_and_mostly_agrees(tmp_path):
     assert 0.85 <= reported["argmax_agreement"] <= 1 and reported["max_abs_diff"] > 0
 
 
+def test_an_int8_graph_far_from_pytorch_is_said_so_on_stderr(tmp_path, monkeypatch):
+    from mmkit.compression import onnx_export
+
+    monkeypatch.setattr(onnx_export, "FAR_AGREEMENT", 1.01)  # no graph reaches 101%
+    result = run_cli("export", "tiny:gpt2", "--onnx", "--int8", "-o", tmp_path / "o", "--json")
+    assert result.exit_code == 0, result.output
+    reported = json.loads(result.stdout)["check"]["int8"]["outputs"]["logits"]
+    assert "strays far from PyTorch" in result.stderr
+    assert f"top-1 agreement {reported['argmax_agreement']:.0%}" in result.stderr
+
+
 def test_a_lora_adapter_is_merged_before_export(tmp_path):
     from mmkit.core.loading import load_model
     from mmkit.core.recipe import run_recipe
