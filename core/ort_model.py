@@ -25,7 +25,8 @@ class OrtModel(torch.nn.Module):
         self.folder = Path(folder)
         self.config = config
         self.info = read_export(folder)
-        self.session = session(self.folder / MODEL_FILE, threads)
+        # threads sleep when idle: it is timed interleaved with other sessions or with torch
+        self.session = session(self.folder / MODEL_FILE, threads, spin=False)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.input_types = {i.name: i.type for i in self.session.get_inputs()}
         # evaluate / profile read a parameter's device and dtype: one empty float32 tensor
