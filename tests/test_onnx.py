@@ -94,7 +94,7 @@ CASES = {
     "bert-classifier": ("tiny:bert", ["logits"]),
     "vit-classifier": ("tiny:vit", ["logits"]),
     "llama": ("tiny:llama", ["logits"]),
-    "gpt2-features": ("tiny:gpt2", ["logits"]),
+    "gpt2": ("tiny:gpt2", ["logits"]),
     "clip": ("tiny:clip", ["logits_per_image", "text_embeds", "image_embeds"]),
 }
 
