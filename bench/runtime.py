@@ -6,7 +6,8 @@
 - compare: the dense fine-tune (bench/elastic.py's, 2,000 tweets, 2 epochs; trained once and
   cached in --work) as PyTorch fp32, mmkit dynamic-int8, ONNX Runtime fp32 and ONNX Runtime
   int8 (dynamic, per channel, embeddings too): test accuracy, size, and latency at batch 1 and
-  32 (seq 64, 2 threads), all four interleaved round by round.
+  32 (seq 64, 2 threads), all four interleaved round by round, idle threads sleeping in both
+  runtimes (OMP_WAIT_POLICY=PASSIVE for torch), which costs torch some of its own speed.
 - search: `mmkit search --runtime onnxruntime` on bench/elastic.py's elastic super-network
   (its trained sub-networks x ONNX Runtime int8), 30 TPE trials under a budget relative to the
   unmodified model's float export; its exported graph is then timed interleaved with ONNX
@@ -163,6 +164,10 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # torch and ONNX Runtime timed in turns in one process: idle threads must sleep, or one
+    # runtime's spinning threads slow the other's calls (torch 18 -> 30-60 ms measured);
+    # ONNX Runtime's sessions are made without spinning (core/ort_model.py)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     torch.set_num_threads(args.threads)
