@@ -81,6 +81,7 @@ def test_fast_dequantize_is_exact(bits, group, symmetric, act_order):
     (4, 48, True, False, (64, 96), None),        # 48 is no multiple of 32: dequantize
     (4, 32, True, False, (40, 96), None),        # rows not a multiple of 16: dequantize
     (8, 32, True, False, (64, 96), None),        # grouped 8-bit: dequantize
+    (8, None, True, False, (64, 40), None),      # int8 kernel needs 16-column multiples
     (3, 32, True, False, (64, 96), None),
 ])
 def test_fused_kernels_agree_with_dequantizing(bits, group, symmetric, act_order, shape, kind):

@@ -120,7 +120,9 @@ def fused_plan(layer) -> FusedPlan | None:
     import torch
 
     if layer.bits == 8 and layer.scales.shape[1] == 1:
-        return _int8_plan(layer)
+        # torch 2.13's AVX-512 int8 kernel reads 16 columns at a time: other widths give
+        # NaN, garbage or a segfault (seen at 8, 24, 40 and 56 input columns)
+        return _int8_plan(layer) if layer.in_features % 16 == 0 else None
     if layer.bits != 4 or layer.out_features % 16:
         return None
     g_idx, perm = layer.g_idx.long(), None
