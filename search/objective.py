@@ -10,7 +10,7 @@ import os
 import tempfile
 import time
 
-from ..core.errors import InputError
+from ..core.errors import InputError, RuntimeFailure
 
 log = logging.getLogger("mmkit")
 
@@ -107,8 +107,15 @@ class Trial:
             self._stop_when_all_tried(trial, {key, *settled})
             raise optuna.TrialPruned(str(exc)) from None
         if self.runtime == "onnxruntime":
-            with self.in_onnxruntime(loaded, params) as (candidate, size):
-                measured = self._measure(trial, key, candidate, self.reference(), size)
+            reference = self.reference()  # the unmodified model must export: else stop here
+            try:
+                with self.in_onnxruntime(loaded, params) as (candidate, size):
+                    measured = self._measure(trial, key, candidate, reference, size)
+            except (InputError, RuntimeFailure) as exc:  # this cut's graph does not export
+                log.warning("trial %d (%s): %s", trial.number, key, exc)
+                trial.set_user_attr("invalid", f"ONNX export: {exc}")
+                self._stop_when_all_tried(trial, {key, *settled})
+                raise optuna.TrialPruned(str(exc)) from None
         else:
             measured = self._measure(trial, key, loaded, self.base,
                                      megabytes(weight_bytes(loaded.model)))

@@ -99,3 +99,32 @@ def test_default_quant_values_follow_the_runtime():
     assert spaces.for_runtime(chosen, "onnxruntime", False)["quant"] == ["none", "ort-int8"]
     assert "ort-int8" not in spaces.for_runtime(chosen, "torch", False)["quant"]
     assert spaces.steps_for({"layers": 0, "quant": "ort-int8"}, 2, None) == []
+
+
+def test_a_candidate_whose_graph_does_not_export_is_an_invalid_trial(tmp_path, monkeypatch):
+    """One cut the exporter fails on must not end a long search: that trial is recorded as
+    invalid (with the reason) and the others go on."""
+    import optuna
+
+    from mmkit.compression import onnx_export
+    from mmkit.core.errors import RuntimeFailure
+
+    real = onnx_export.temporary_export
+
+    def fails_when_cut(loaded, **kwargs):
+        if len(loaded.model.bert.encoder.layer) < 2:
+            raise RuntimeFailure("the graph does not reproduce PyTorch's outputs")
+        return real(loaded, **kwargs)
+
+    monkeypatch.setattr(onnx_export, "temporary_export", fails_when_cut)
+    space = tmp_path / "space.yaml"
+    space.write_text("knobs:\n  layers: [0, 1]\n  heads: [0, 0.5]\n")
+    out = tmp_path / "s"
+    r = _search(*BASE, "--space", space, "--trials", 4, "--latency-budget", "5x", "-o", out)
+    assert r.exit_code == 0, r.output
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{out / 'study.db'}")
+    cut = [t for t in study.trials if t.params.get("layers") == 1]
+    assert cut and all("does not reproduce" in t.user_attrs["invalid"] for t in cut)
+    assert all(t.state.name == "PRUNED" for t in cut)
+    assert {(0, 0), (0, 0.5)} <= {(t.params["layers"], t.params["heads"]) for t in study.trials
+                                  if t.state.name == "COMPLETE"}
