@@ -1,7 +1,7 @@
 """Weight-only kernels on this CPU: the fused int8 / int4 kernels against the dequantizing one
 and against fp32, on smollm2 (decoding) and the minilm sentiment classifier (batch-1 latency).
 
-    HF_HUB_OFFLINE=1 python bench/kernels.py [--part lm|classifier|all] [--rounds 7]
+    HF_HUB_OFFLINE=1 python bench/quant_kernels.py [--part lm|classifier|all] [--rounds 7]
 
 - lm: smollm2 quantized several ways (rtn / gptq 4-bit g128, rtn 8-bit per channel, each also
   with the embedding table and the tied LM head at 8 bits). Per variant: bbc-text perplexity
@@ -12,7 +12,7 @@ and against fp32, on smollm2 (decoding) and the minilm sentiment classifier (bat
 - classifier: the same comparison on the minilm classifier: accuracy with either kernel,
   batch-1 and batch-32 forward latency interleaved with fp32 (seq 64), size on disk.
 
-Writes bench/results/kernels.json. Not a test. Run it alone: two benchmarks on two cores
+Writes bench/results/quant_kernels.json. Not a test. Run it alone: two benchmarks on two cores
 measure each other.
 """
 
@@ -200,7 +200,7 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=20, help="bbc-text documents per split")
     parser.add_argument("--samples", type=int, default=2000, help="tweets per split")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--out", default=str(RESULTS / "kernels.json"))
+    parser.add_argument("--out", default=str(RESULTS / "quant_kernels.json"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
