@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from results_io import RESULTS, write_result  # bench/ is on sys.path when run as a script
+from runtime import interleaved  # bench/runtime.py: forward latency of models, in turns
 
 LM_VARIANTS = {
     "rtn-4-g128": {"method": "rtn", "bits": 4, "group_size": 128},
@@ -106,21 +107,6 @@ def decode_rounds(models: dict, batch: int, rounds: int, prompt_len=128, new_tok
             for k, (p, d) in times.items()}
 
 
-def forward_rounds(loaded: dict, batch: int, seq_len: int, rounds: int) -> dict:
-    """Forward latency of every model, interleaved round by round: medians (ms)."""
-    from mmkit.core.profile import _forward, _time_one
-
-    runs = {k: _forward(m, "cpu", batch, seq_len)[2] for k, m in loaded.items()}
-    for run in runs.values():
-        run()
-    times = {k: [] for k in runs}
-    names = list(runs)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(_time_one(runs[name], "cpu") * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def _sizes(loaded, folder) -> dict:
     from mmkit.core.layers import weight_bytes
     from mmkit.core.profile import disk_bytes
@@ -182,7 +168,8 @@ def classifier_part(workdir: Path, samples: int, rounds: int) -> dict:
         rows[name] = {**_sizes(loaded[name], folder), **scores(loaded[name], data, task)}
         print(name, rows[name], flush=True)
     for batch in (1, 32):
-        timing = forward_rounds(loaded, batch, 64, rounds * (20 if batch == 1 else 3))
+        timing = interleaved(loaded, batch, 64, rounds * (20 if batch == 1 else 3))
+        timing = {name: t["median_ms"] for name, t in timing.items()}
         for name, ms in timing.items():
             rows[name][f"batch_{batch}_median_ms"] = ms
             rows[name][f"batch_{batch}_speedup"] = timing["fp32"] / ms
