@@ -54,20 +54,22 @@ class QuantLinear(torch.nn.Module):
             layer.bias.copy_(bias.detach())
         return layer
 
-    def codes(self):
-        """The integer codes, (out, in)."""
+    def _unpacked(self):
+        """The codes as unpacking gives them: uint8 read off the bytes where the width allows,
+        int64 from the generic unpacking otherwise."""
         fast = kernels.unpack_bytes(self.qweight, self.bits, self.in_features)
-        return (grid.unpack(self.qweight, self.bits, self.in_features) if fast is None
-                else fast.long())
+        return grid.unpack(self.qweight, self.bits, self.in_features) if fast is None else fast
+
+    def codes(self):
+        """The integer codes, (out, in), int64."""
+        return self._unpacked().long()
 
     def weight_float(self):
         """The dequantized weight, (out, in), fp32."""
         if self._group_size == 0:
             object.__setattr__(self, "_group_size", kernels.contiguous_group_size(self.g_idx))
-        codes = kernels.unpack_bytes(self.qweight, self.bits, self.in_features)
-        if codes is None:
-            codes = grid.unpack(self.qweight, self.bits, self.in_features)
-        return kernels.dequantize(codes, self.scales, self.zeros, self.g_idx, self._group_size)
+        return kernels.dequantize(self._unpacked(), self.scales, self.zeros, self.g_idx,
+                                  self._group_size)
 
     def fused_plan(self):
         """The fused CPU kernel's plan, or None when this layer's grid does not fit one."""
