@@ -12,7 +12,7 @@ import signal
 
 import click
 
-from ..core.errors import MmkitError, Terminated
+from ..core.errors import MmkitError, Terminated, interrupted_by
 from . import (bench, eval as eval_cmd, export, extract, finetune, inspect, merge, prune,
                quantize, run, search)
 
@@ -54,25 +54,17 @@ class MmkitGroup(click.Group):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
-        except MmkitError as exc:
-            if _debug(ctx):
-                raise
-            click.echo(f"Error: {_clip(str(exc))}", err=True)
-            ctx.exit(exc.exit_code)
-        except KeyboardInterrupt as exc:
+        except BaseException as exc:  # noqa: BLE001 - sorted below
+            interruption = interrupted_by(exc)
+            if interruption is None:
+                _fail(ctx, exc)  # an error: its message and exit code (or re-raised)
             if saved is not None:  # a second signal must not cut the exit short
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
             if _OWN_PROCESS:  # ... nor the interpreter's shutdown: stay ignored to the end
                 saved = None
             click.echo("Interrupted; nothing was written.", err=True)
-            ctx.exit(143 if isinstance(exc, Terminated) else 130)
-        except Exception as exc:  # noqa: BLE001 - last resort: one line, not a traceback
-            if _debug(ctx):
-                raise
-            click.echo(f"Error: {type(exc).__name__}: {_clip(str(exc))}\n(run again with --debug "
-                       "for the traceback)", err=True)
-            ctx.exit(1)
+            ctx.exit(143 if isinstance(interruption, Terminated) else 130)
         finally:
             # Inside another program (a notebook, a test run) Ctrl-C must work again after an
             # interrupted command; the `mmkit` process itself is ending anyway.
@@ -85,6 +77,19 @@ _OWN_PROCESS = False  # True when the `mmkit` console command owns the process (
 
 
 MAX_MESSAGE = 2000  # characters of an error message shown; a message echoing input is capped
+
+
+def _fail(ctx, exc: BaseException) -> None:
+    """Report an error in one paragraph and exit with its code; --debug re-raises it, and
+    what is not an Exception (SystemExit) passes through."""
+    if not isinstance(exc, Exception) or _debug(ctx):
+        raise exc
+    if isinstance(exc, MmkitError):
+        click.echo(f"Error: {_clip(str(exc))}", err=True)
+        ctx.exit(exc.exit_code)
+    click.echo(f"Error: {type(exc).__name__}: {_clip(str(exc))}\n(run again with --debug for "
+               "the traceback)", err=True)  # last resort: one line, not a traceback
+    ctx.exit(1)
 
 
 def _clip(text: str) -> str:

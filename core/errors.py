@@ -32,3 +32,16 @@ class RuntimeFailure(MmkitError):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised as an interruption so that every cleanup runs: exit code 143."""
+
+
+def interrupted_by(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C / SIGTERM behind an exception: itself, or one it was raised while handling
+    (a cleanup that fails after the signal, such as a database session closed mid-commit,
+    must not turn an interruption into an error exit)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__context__
+    return None

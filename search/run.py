@@ -375,7 +375,11 @@ def search(prep: Prepared, trials: int, timeout: float | None, workers: int,
         from . import study as studies
 
         _stop_workers(helpers)
-        studies.fail_orphans(prep.job.storage, {os.getpid(), *(p.pid for p in helpers)})
+        try:  # best effort: the heartbeat grace fails what this leaves RUNNING on resume
+            studies.fail_orphans(prep.job.storage, {os.getpid(), *(p.pid for p in helpers)})
+        except Exception as exc:  # noqa: BLE001 - must not hide why the search stopped
+            log.warning("could not mark the stopped trials failed (%s); the next run does",
+                        exc)
         raise
     bad = [p.returncode for p in helpers if p.returncode]
     if bad:

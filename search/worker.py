@@ -18,7 +18,7 @@ from pathlib import Path
 
 def main() -> None:
     """Run one worker for the search in OUT."""
-    from ..core.errors import MmkitError, Terminated
+    from ..core.errors import MmkitError, Terminated, interrupted_by
     from .run import SETTINGS_FILE, work
     from .settings import SearchJob
 
@@ -36,10 +36,11 @@ def main() -> None:
     except MmkitError as exc:
         logging.getLogger("mmkit").error("%s", exc)
         sys.exit(exc.exit_code)
-    except Terminated:
-        sys.exit(143)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except BaseException as exc:  # noqa: BLE001 - a failing cleanup after the signal included
+        interruption = interrupted_by(exc)
+        if interruption is None:
+            raise
+        sys.exit(143 if isinstance(interruption, Terminated) else 130)
 
 
 if __name__ == "__main__":

@@ -209,6 +209,37 @@ def test_interrupt_exits_130_and_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slow.yaml"]
 
 
+@pytest.mark.parametrize("signal_error,code", [("Terminated", 143), ("KeyboardInterrupt", 130)])
+def test_a_cleanup_failing_after_a_signal_still_exits_as_interrupted(signal_error, code):
+    import click
+
+    from mmkit.cli.main import MmkitGroup
+    from mmkit.core import errors
+
+    interruption = getattr(errors, signal_error, KeyboardInterrupt)
+
+    @click.group(cls=MmkitGroup)
+    def group():
+        pass
+
+    @group.command()
+    def work():
+        try:
+            raise interruption()
+        finally:  # e.g. a database session closed mid-commit
+            raise RuntimeError("cannot close the session")
+
+    @group.command()
+    def fail():
+        raise RuntimeError("a plain failure")
+
+    result = CliRunner().invoke(group, ["work"])
+    assert result.exit_code == code and "Interrupted" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    result = CliRunner().invoke(group, ["fail"])  # an error without a signal stays an error
+    assert result.exit_code == 1 and "RuntimeError: a plain failure" in result.stderr
+
+
 def test_progress_goes_to_stderr_only_and_quiet_silences_it(tmp_path):
     env = {**ENV, "MMKIT_PROGRESS": "1"}  # as on a terminal
     args = ["mmkit", "finetune", "tiny:bert", "--max-samples", "16", "--max-steps", "3",

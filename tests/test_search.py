@@ -261,7 +261,8 @@ def test_stopping_the_search_stops_its_workers(tmp_path):
         _wait_for(lambda: {int(p) for (p,) in _query(out / "study.db", pids)} - {proc.pid}, proc)
         helper = ({int(p) for (p,) in _query(out / "study.db", pids)} - {proc.pid}).pop()
         os.kill(proc.pid, signal.SIGTERM)  # the main process only
-        assert _result(proc, limit=120)[0] == 143
+        code, err = _result(proc, limit=120)
+        assert code == 143, err
     finally:
         _stop(proc)
     assert not os.path.exists(f"/proc/{helper}")  # stopped and reaped, not left running
