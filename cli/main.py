@@ -13,8 +13,8 @@ import signal
 import click
 
 from ..core.errors import MmkitError, Terminated, interrupted_by
-from . import (bench, eval as eval_cmd, export, extract, finetune, inspect, merge, prune,
-               quantize, run, search)
+from . import (bench, cache, eval as eval_cmd, export, extract, finetune, inspect, merge,
+               prune, quantize, run, search)
 
 
 class _StderrHandler(logging.Handler):
@@ -136,6 +136,7 @@ def cli(ctx, debug):
 
 cli.add_command(eval_cmd.eval_command)
 cli.add_command(bench.bench_command)
+cli.add_command(cache.cache_group)
 cli.add_command(export.export_command)
 cli.add_command(extract.extract_command)
 cli.add_command(finetune.finetune_command)

@@ -83,16 +83,18 @@ def save_model_files(loaded, folder: Path) -> None:
 
 
 def write_artifact(loaded, out, *, recipe: dict, steps: list, metrics: list, data_info=None,
-                   overwrite: bool = False, fmt: str = "hf-model") -> Path:
+                   overwrite: bool = False, fmt: str = "hf-model", parent=None) -> Path:
     """Write a model artifact atomically and return its path (taking OUT's lock unless this
-    process holds it already)."""
+    process holds it already). `parent` is the model the steps started from (a ModelSource;
+    default: the one `loaded` was loaded from)."""
     out = output_path(out)
     with output_lock(out):
         check_output(out, overwrite)
-        return _write(loaded, out, recipe, steps, metrics, data_info, overwrite, fmt)
+        return _write(loaded, out, recipe, steps, metrics, data_info, overwrite, fmt,
+                      parent or loaded.source)
 
 
-def _write(loaded, out, recipe, steps, metrics, data_info, overwrite, fmt) -> Path:
+def _write(loaded, out, recipe, steps, metrics, data_info, overwrite, fmt, parent) -> Path:
     import yaml
 
     from .versions import _versions
@@ -109,8 +111,8 @@ def _write(loaded, out, recipe, steps, metrics, data_info, overwrite, fmt) -> Pa
             "family": loaded.family,
             "kind": loaded.kind,
             "task": {"name": loaded.task, "labels": loaded.labels},
-            "parent": {"ref": loaded.source.ref, "kind": loaded.source.kind,
-                       "path": loaded.source.path, "weights_sha256": weights_hash(loaded.source),
+            "parent": {"ref": parent.ref, "kind": parent.kind,
+                       "path": parent.path, "weights_sha256": weights_hash(parent),
                        "seed": recipe.get("seed", 0)},
             "steps": steps,
             "metrics": metrics,

@@ -105,6 +105,12 @@ def release(workdir: Path, fingerprint: str, finished: bool = True) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def same_run_to_resume(workdir: Path, fingerprint: str) -> bool:
+    """True when `workdir` holds resumable checkpoints of the run `fingerprint` names."""
+    return (workdir.is_dir() and not workdir.is_symlink()
+            and _recorded(workdir) == fingerprint and resumable(workdir))
+
+
 def resumable(workdir: Path) -> bool:
     """True when some training step in `workdir` saved a complete checkpoint."""
     return any(is_complete(c) for c in workdir.glob("step-*/checkpoint-*"))

@@ -358,14 +358,17 @@ def _plan_data(plan: Plan) -> None:
 
 def run_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False, device: str = "cpu",
                trust_remote_code: bool = False, allow_pickle: bool = False,
-               resume: bool = False, callbacks=None, lock_wait: float = 0.0) -> dict:
+               resume: bool = False, callbacks=None, lock_wait: float = 0.0,
+               cache: bool = False) -> dict:
     """Run a recipe's steps on its model and write one artifact to `out`.
 
     Everything that can be checked is checked before the model is loaded (`plan_recipe`).
     Then OUT is locked for the rest of the run (another writer fails at once, or after
     `lock_wait` seconds). Training steps checkpoint into `<OUT>.checkpoints`; `resume`
     continues from the last complete checkpoint of the same run. The checkpoints are removed
-    once the artifact is written, or when the run fails before saving one.
+    once the artifact is written, or when the run fails before saving one. With `cache`,
+    each step's result is kept in the step cache (`core.run_cache`) and the steps found there
+    are skipped.
     """
     from . import checkpoints
     from .loading import resolve_device
@@ -377,12 +380,17 @@ def run_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False, device: s
     if resume and not plan.trains:
         raise InputError("--resume continues an interrupted training run; this recipe has no "
                          "training step. Run it without --resume.")
-    run = RunOptions(device, trust_remote_code, allow_pickle, overwrite)
+    run = RunOptions(device, trust_remote_code, allow_pickle, overwrite,
+                     cache and not plan.load_options.get("lazy"))  # a lazy base: never whole
     fingerprint, workdir = plan.fingerprint, checkpoints.checkpoint_dir(plan.out)
     with output_lock(plan.out, lock_wait):
         check_output(plan.out, overwrite, plan.inputs)  # again: another writer may have finished
         if not plan.trains:
             return _execute(plan, run)
+        if cache and not resume and checkpoints.same_run_to_resume(workdir, fingerprint):
+            resume = True  # a rerun with the cache continues where this run stopped
+            log.info("resuming the interrupted training step from its checkpoints in %s",
+                     workdir)
         checkpoints.claim(workdir, fingerprint, resume, overwrite)
         try:
             result = _execute(plan, run, {"workdir": workdir, "fingerprint": fingerprint,
@@ -402,10 +410,37 @@ class RunOptions:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     overwrite: bool = False
+    cache: bool = False  # keep each step's result in the step cache, and skip cached steps
+
+
+def _resolved(plan: Plan, done: list) -> dict:
+    """The recipe as recipe.yaml records it, with the steps done so far."""
+    return {**plan.resolved, "steps": [{"step": d["step"], "method": d["method"], **d["params"]}
+                                       for d in done]}
+
+
+def _load_cached(plan: Plan, run: RunOptions, entry, cached: int):
+    """The model as the first `cached` steps left it, from the step cache; None (and the
+    steps run again) when the entry cannot be loaded."""
+    from .errors import MmkitError
+    from .loading import load_model, peek
+
+    try:
+        loaded = load_model(peek(str(entry), plan.task, run.trust_remote_code)[0], plan.task,
+                            plan.labels, device=run.device, seed=plan.seed,
+                            trust_remote_code=run.trust_remote_code)
+    except (MmkitError, OSError) as exc:
+        log.warning("the cached result of step %d (%s) cannot be loaded (%s); running every "
+                    "step again", cached, entry, exc)
+        return None
+    log.info("step%s %s cached: skipped (%s)", "s" * (cached > 1),
+             "1" if cached == 1 else f"1-{cached}", entry)
+    return loaded
 
 
 def _execute(plan: Plan, run: RunOptions, training: dict | None = None) -> dict:
     """Load the model, apply the steps, evaluate, write the artifact (with OUT locked)."""
+    from . import run_cache
     from .artifacts import write_artifact
     from .evaluate import evaluate
     from .loading import load_model
@@ -413,25 +448,42 @@ def _execute(plan: Plan, run: RunOptions, training: dict | None = None) -> dict:
     from .steps import apply_steps
 
     recipe = plan.recipe
-    log.info("loading %s for %s", recipe.model, plan.task)
-    loaded = load_model(plan.source, plan.task, plan.labels, device=run.device, seed=plan.seed,
-                        trust_remote_code=run.trust_remote_code, allow_pickle=run.allow_pickle,
-                        **plan.load_options)
+    keys, cached, entry, records = [], 0, None, []
+    if run.cache:
+        keys = run_cache.step_keys(plan, run.device)
+        cached, entry, records = run_cache.cached_prefix(keys)
+    loaded = _load_cached(plan, run, entry, cached) if cached else None
+    if loaded is None:
+        cached, records = 0, []
+        log.info("loading %s for %s", recipe.model, plan.task)
+        loaded = load_model(plan.source, plan.task, plan.labels, device=run.device,
+                            seed=plan.seed, trust_remote_code=run.trust_remote_code,
+                            allow_pickle=run.allow_pickle, **plan.load_options)
     ctx = Context(device=run.device, seed=plan.seed, dataset=plan.dataset, models=plan.models,
                   max_samples=recipe.max_samples, out=plan.out, origin=plan.source,
                   **(training or {}))
-    loaded, done = apply_steps(loaded, plan.steps, ctx)
+    data_info = plan.dataset.info if plan.dataset is not None else None
+    records = [{**r, "cached": True} for r in records]
+
+    def keep(model, new):  # each finished step goes to the cache as it ends
+        done = records + new
+        run_cache.store(model, keys[len(done) - 1], _resolved(plan, done), done, data_info,
+                        plan.source)
+
+    loaded, done = apply_steps(loaded, plan.steps[cached:], ctx, first=cached + 1,
+                               on_done=keep if run.cache else None)
+    done = records + done
     metrics = []
     if recipe.eval is not None:
         log.info("evaluating on the %s split", recipe.eval.split)
         metrics.append(evaluate(loaded, plan.dataset, recipe.eval.split,
                                 batch_size=recipe.eval.batch_size,
                                 max_length=recipe.eval.max_length))
-    plan.resolved["steps"] = [{"step": d["step"], "method": d["method"], **d["params"]}
-                              for d in done]
+    plan.resolved = _resolved(plan, done)
     log.info("writing %s", plan.out)
     path = write_artifact(loaded, plan.out, recipe=plan.resolved, steps=done, metrics=metrics,
-                          data_info=plan.dataset.info if plan.dataset is not None else None,
-                          overwrite=run.overwrite, fmt=loaded.extra.get("format", "hf-model"))
+                          data_info=data_info, overwrite=run.overwrite,
+                          fmt=loaded.extra.get("format", "hf-model"),
+                          parent=plan.source if cached else None)  # not the cache entry
     return {"artifact": str(path), "model": recipe.model, "task": plan.task, "steps": done,
             "metrics": metrics}

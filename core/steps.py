@@ -81,7 +81,8 @@ def check_kinds(steps: list[Step], kind: str, ref: str) -> None:
                              f"{method.hint}".strip())
 
 
-def apply_steps(loaded, steps: list[Step], ctx, announce: bool = True):
+def apply_steps(loaded, steps: list[Step], ctx, announce: bool = True, first: int = 1,
+                on_done=None):
     """Apply checked steps in order, each to what the one before left.
 
     Returns the model and one record per step (method, parameters, seconds, report). When the
@@ -89,12 +90,21 @@ def apply_steps(loaded, steps: list[Step], ctx, announce: bool = True):
     keeps its checkpoints apart from another's. An elastic super-network stays one only
     through `extract` steps (or an elastic fine-tuning, which describes it anew): any other
     step drops its space.
+
+    `first` is the recipe's number of the first of `steps` (a run that resumes after cached
+    steps); every step after the recipe's first starts from the same random state whatever
+    ran before it in this process, so a resumed run computes what a whole one does.
+    `on_done(loaded, records)` is called after each step with the records so far.
     """
     workdir = ctx.workdir
     done = []
     try:
-        for i, step in enumerate(steps, 1):
+        for i, step in enumerate(steps, first):
             method = step.method
+            if i > 1:
+                from transformers import set_seed
+
+                set_seed(ctx.seed + i - 1)
             ctx.report = {}
             if workdir is not None:
                 ctx.workdir = Path(workdir) / f"step-{i}"
@@ -110,6 +120,8 @@ def apply_steps(loaded, steps: list[Step], ctx, announce: bool = True):
                          "params": step.config.model_dump(mode="json"),
                          "seconds": round(time.perf_counter() - start, 3),
                          "report": ctx.report})
+            if on_done is not None:
+                on_done(loaded, done)
     finally:
         ctx.workdir = workdir
     return loaded, done

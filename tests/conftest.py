@@ -4,12 +4,15 @@ the check that a test matrix has one row per registered method."""
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `mmkit run` keeps step results: in a folder of this test session, not the user's cache
+os.environ["MMKIT_RUN_CACHE"] = tempfile.mkdtemp(prefix="mmkit-run-cache-")
 
 TINY = ["tiny:bert", "tiny:vit", "tiny:clip", "tiny:llama", "tiny:gpt2"]
 TINY_DATA = {"tiny:bert": "tweets-sentiment", "tiny:vit": "digits", "tiny:clip": "digits",
@@ -161,3 +164,10 @@ def bnb_cpu_path(request, monkeypatch):
     if fused and not F.has_avx512bf16():
         monkeypatch.setattr(F, "gemv_4bit", _emulated_fused_gemv(F.gemv_4bit))
     return request.param
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the session's step cache."""
+    import shutil
+
+    shutil.rmtree(os.environ["MMKIT_RUN_CACHE"], ignore_errors=True)
