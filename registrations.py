@@ -9,3 +9,4 @@ from .compression import quantize  # noqa: F401  (quantize methods; quantized an
 from .compression import prune  # noqa: F401  (prune methods; pruned format)
 from .compression import merge  # noqa: F401  (merge methods)
 from .compression import elastic  # noqa: F401  (elastic training, distill, extract)
+from .compression import tokens  # noqa: F401  (token merging; its runtime setting)

@@ -14,7 +14,7 @@ import click
 
 from ..core.errors import MmkitError, Terminated, interrupted_by
 from . import (bench, cache, eval as eval_cmd, export, extract, finetune, inspect, merge,
-               prune, quantize, run, search)
+               merge_tokens, prune, quantize, run, search)
 
 
 class _StderrHandler(logging.Handler):
@@ -142,6 +142,7 @@ cli.add_command(extract.extract_command)
 cli.add_command(finetune.finetune_command)
 cli.add_command(inspect.inspect_command)
 cli.add_command(merge.merge_command)
+cli.add_command(merge_tokens.merge_tokens_command)
 cli.add_command(prune.prune_command)
 cli.add_command(quantize.quantize_command)
 cli.add_command(run.run_command)

@@ -58,15 +58,18 @@ def _weights_sha(folder: Path) -> str | None:
 
 
 def save_model_files(loaded, folder: Path) -> None:
-    """Write the model in the format it carries (`core.formats`), its tokenizer /
-    processor, an elastic super-network's space (`core.elastic_space`), and the extra task
+    """Write the model in the format it carries (`core.formats`), its runtime settings
+    (`core.runtime_settings`), its tokenizer / processor, an elastic super-network's space
+    (`core.elastic_space`), and the extra task
     heads a merge of several tasks keeps (`core.heads`; they point into plain weight files,
     so only a plain model keeps them)."""
     from .elastic_space import write_elastic
     from .formats import PLAIN, save
     from .heads import write_heads
+    from .runtime_settings import write_settings
 
     save(loaded, folder)
+    write_settings(loaded, folder)  # e.g. token merging: how the model runs
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(folder)
     if loaded.image_processor is not None:

@@ -305,7 +305,7 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
         picked = pick_head(source, _trained_labels(config, task), labels)
         if picked is not source:
             source, config, kind, task = peek(picked, task, trust_remote_code)
-    adapter = source.adapter
+    adapter, base_path = source.adapter, source.path
     if adapter is not None:  # the seed and the QLoRA bits the adapter was made with
         seed = (adapter.manifest.get("parent") or {}).get("seed", seed)
         bits = bits or ((adapter.manifest.get("steps") or [{}])[0].get("params") or {}).get("bits")
@@ -346,9 +346,14 @@ def load_model(ref: str | ModelSource, task: str | None = None, labels: list[str
         log.warning("'%s' has no trained %s head: a new one was created for %d classes "
                     "(its accuracy is chance until the model is fine-tuned).",
                     source.ref, task, len(head.labels))
-    return LoadedModel(model=model, source=source, kind=kind, task=task, tokenizer=tokenizer,
-                       image_processor=image_processor, labels=head.labels, fresh_head=fresh,
-                       config_kind=config.model_type, extra=extra)
+    loaded = LoadedModel(model=model, source=source, kind=kind, task=task, tokenizer=tokenizer,
+                         image_processor=image_processor, labels=head.labels, fresh_head=fresh,
+                         config_kind=config.model_type, extra=extra)
+    if "lazy" not in extra:  # saved settings that change how it runs (token merging)
+        from .runtime_settings import apply_settings
+
+        apply_settings(loaded, [source.path] + ([base_path] if adapter is not None else []))
+    return loaded
 
 
 def _streamable(source: ModelSource, config, adapter, opts: LoadOptions) -> bool:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from . import plugins
 from .errors import InputError
 
-STEPS = ("finetune", "prune", "quantize", "merge", "extract", "cast")
+STEPS = ("finetune", "prune", "quantize", "merge", "extract", "cast", "tokens")
 
 
 class MethodConfig(BaseModel):

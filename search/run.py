@@ -251,6 +251,10 @@ def prepare(request: SearchRequest, run) -> Prepared:
                                    if o.strip()], task)
     if kind in ("text-encoder", "causal-lm"):
         check_length(config, request.seq_len, "--seq-len", model)
+    if "tokens" in space and kind not in spaces.TOKEN_KINDS:
+        raise InputError(f"The tokens knob merges image tokens (ViT, CLIP); "
+                         f"'{shown(model, 200)}' is a {kind} model. Drop the knob from --knobs / "
+                         "the space file.")
     elastic = read_elastic(source.path) if source.adapter is None else None
     if elastic is not None:  # a super-network: its trained sub-networks are the cuts
         space = spaces.for_elastic(space, elastic, from_file=bool(request.space_file))

@@ -10,6 +10,8 @@ A space file (YAML, safe-loaded) names knobs and their values:
       quant: [none, dynamic-int8, rtn-8, rtn-4, gptq-4, nf4, int8]   # ort-int8 under
                                  # --runtime onnxruntime: ONNX Runtime's dynamic int8
       recovery: [0, 50]          # fine-tuning steps after the cuts, distilled from the uncut model
+      tokens: [1.0, 0.5, 0.3]    # ViT / CLIP: the fraction of image tokens left after the
+                                 # last block (ToMe token merging; 1.0: none)
 
 On an elastic super-network (`mmkit finetune --elastic`) the structural knobs take the values
 it was trained for and become one `extract` step: its sub-networks need no recovery.
@@ -49,6 +51,11 @@ def _fraction(v):
     return None if number and 0 <= v < 1 else "a fraction in [0, 1)"
 
 
+def _keep_fraction(v):
+    number = isinstance(v, (int, float)) and not isinstance(v, bool)
+    return None if number and 0 < v <= 1 else "a fraction in (0, 1]"
+
+
 def _count(v):
     return None if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else \
         "a whole number >= 0"
@@ -73,7 +80,10 @@ KNOBS = {k.name: k for k in (
          "none"),
     Knob("recovery", "fine-tuning steps after the cuts, distilled from the uncut model", (0, 50),
          _count, 0),
+    Knob("tokens", "fraction of image tokens left after the last block (token merging; ViT, "
+                   "CLIP)", (1.0, 0.5, 0.3), _keep_fraction, 1.0),
 )}
+TOKEN_KINDS = ("vision", "clip")  # model kinds the tokens knob applies to
 DEFAULT_KNOBS = ("layers", "heads", "ffn", "quant")
 
 
@@ -283,6 +293,8 @@ def steps_for(params: dict, n_layers: int, calib: str | None, elastic=None) -> l
                       **structured})
     if params.get("sparsity"):
         steps.append({"step": "prune", "method": "magnitude", "sparsity": params["sparsity"]})
+    if params.get("tokens", 1.0) < 1:  # before recovery: it trains with the merging it keeps
+        steps.append({"step": "tokens", "method": "tome", "keep": params["tokens"]})
     if params.get("recovery"):  # distilled from the uncut model (the trial's teacher)
         steps.append({"step": "finetune", "method": "distill", "max_steps": params["recovery"],
                       "keep_sparsity": bool(params.get("sparsity")), "lr": 2e-5})

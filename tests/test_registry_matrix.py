@@ -34,9 +34,15 @@ OTHER = {
                            "uniform ViT widths, cuts outside the space refused, in search",
     ("merge", "atlas"): "tests/test_merge_tuned.py: beats task arithmetic on its few-shot data "
                         "(measured by plain forwards), weights = base + reported coefficients",
+    ("tokens", "tome"): "tests/test_tokens.py: the merge against a longhand one, proportional "
+                        "attention against a longhand block, r = 0 exact, ViT and CLIP, save -> "
+                        "load, later steps keep it, the search knob",
+    ("tokens", "transform"): "tests/test_tokens.py: against a longhand many-to-many merge; ToMe "
+                             "at a low temperature; save -> load",
 }
 # `mmkit COMMAND` and the step whose methods it offers
-COMMANDS = {"finetune": "finetune", "quantize": "quantize", "prune": "prune", "merge": "merge"}
+COMMANDS = {"finetune": "finetune", "quantize": "quantize", "prune": "prune", "merge": "merge",
+            "merge-tokens": "tokens"}
 
 
 def test_every_registered_method_has_a_test_row():
