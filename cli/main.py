@@ -12,6 +12,7 @@ import signal
 
 import click
 
+from ..core.distributed import is_main
 from ..core.errors import MmkitError, Terminated, interrupted_by
 from . import (bench, cache, eval as eval_cmd, export, extract, finetune, inspect, merge,
                merge_tokens, prune, quantize, run, search)
@@ -28,6 +29,8 @@ def _setup_logging(debug: bool) -> None:
     log = logging.getLogger("mmkit")
     log.handlers[:] = [_StderrHandler()]
     log.setLevel(logging.DEBUG if debug else logging.INFO)
+    if not is_main():  # the other processes of a multi-process run: their problems only
+        log.setLevel(logging.WARNING)
     log.propagate = False
     for noisy in ("bitsandbytes", "torchao"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

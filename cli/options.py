@@ -212,7 +212,12 @@ def task_option(func):
 
 
 def emit(result: dict, as_json: bool, human) -> None:
-    """Print a result: one JSON line, or the short human form."""
+    """Print a result: one JSON line, or the short human form. In a multi-process run only the
+    main process prints (every process holds the same result)."""
+    from ..core.distributed import is_main
+
+    if not is_main():
+        return
     if as_json:
         click.echo(json.dumps(result, default=str))
     else:

@@ -16,6 +16,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
+from .distributed import is_main
 from .errors import InputError
 
 log = logging.getLogger("mmkit")
@@ -40,7 +41,10 @@ def _recorded(workdir: Path) -> str | None:
 
 def claim(workdir: Path, fingerprint: str, resume: bool, overwrite: bool) -> None:
     """Check, before any training, that `workdir` is this run's to use; with `overwrite`,
-    discard an earlier run's checkpoints (only mmkit's own)."""
+    discard an earlier run's checkpoints (only mmkit's own). In a multi-process run the main
+    process alone does this."""
+    if not is_main():
+        return
     if workdir.is_symlink():
         raise InputError(f"{workdir} is a symbolic link; mmkit does not write or delete "
                          "checkpoints through links. Remove the link, or choose another -o.")
@@ -98,7 +102,10 @@ def prepare_step(step_dir: Path, fingerprint: str, resume: bool) -> str | None:
 
 def release(workdir: Path, fingerprint: str, finished: bool = True) -> None:
     """Remove a run's checkpoints (only its own, never through a link): all of them when it
-    finished, or when it failed before saving one it could resume from."""
+    finished, or when it failed before saving one it could resume from. Only the main process
+    of a multi-process run does this."""
+    if not is_main():
+        return
     if not workdir.is_dir() or workdir.is_symlink() or _recorded(workdir) != fingerprint:
         return
     if finished or not resumable(workdir):

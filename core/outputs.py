@@ -154,11 +154,14 @@ def make_folders(path: Path) -> list[Path]:
 def output_lock(out: Path, wait_s: float = 0.0):
     """Hold OUT for this process: a second writer fails at once (or after `wait_s`) with a
     message naming the holder. The lock dies with its process, so a kill -9 leaves no stale
-    lock (at most an unlocked lock file, which the next run reuses and removes)."""
+    lock (at most an unlocked lock file, which the next run reuses and removes). In a
+    multi-process run only the main process, the one that writes, takes it."""
     import fcntl
 
+    from .distributed import is_main
+
     out = output_path(out)
-    if out in _HELD:
+    if out in _HELD or not is_main():
         yield out
         return
     created = make_folders(out.parent)

@@ -371,15 +371,18 @@ def run_recipe(recipe: Recipe | dict, out, *, overwrite: bool = False, device: s
     are skipped.
     """
     from . import checkpoints
+    from .distributed import active, check_trains, process_device
     from .loading import resolve_device
     from .outputs import check_output, output_lock
 
-    device = resolve_device(device)
+    device = process_device(resolve_device(device))  # several processes: each its own GPU
     plan = plan_recipe(recipe, out, overwrite=overwrite, device=device,
                        trust_remote_code=trust_remote_code)
     if resume and not plan.trains:
         raise InputError("--resume continues an interrupted training run; this recipe has no "
                          "training step. Run it without --resume.")
+    check_trains(plan.trains)  # several processes share training only,
+    cache = cache and not active()  # and every one would store the same steps
     run = RunOptions(device, trust_remote_code, allow_pickle, overwrite,
                      cache and not plan.load_options.get("lazy"))  # a lazy base: never whole
     fingerprint, workdir = plan.fingerprint, checkpoints.checkpoint_dir(plan.out)
@@ -441,8 +444,7 @@ def _load_cached(plan: Plan, run: RunOptions, entry, cached: int):
 def _execute(plan: Plan, run: RunOptions, training: dict | None = None) -> dict:
     """Load the model, apply the steps, evaluate, write the artifact (with OUT locked)."""
     from . import run_cache
-    from .artifacts import write_artifact
-    from .evaluate import evaluate
+    from .distributed import from_main
     from .loading import load_model
     from .registry import Context
     from .steps import apply_steps
@@ -473,6 +475,16 @@ def _execute(plan: Plan, run: RunOptions, training: dict | None = None) -> dict:
     loaded, done = apply_steps(loaded, plan.steps[cached:], ctx, first=cached + 1,
                                on_done=keep if run.cache else None)
     done = records + done
+    # several processes (accelerate launch): the main one evaluates and writes, all return it
+    return from_main(lambda: _finish(plan, run, loaded, done, data_info, cached))
+
+
+def _finish(plan: Plan, run: RunOptions, loaded, done: list, data_info, cached: int) -> dict:
+    """Evaluate the model the steps made, and write the artifact."""
+    from .artifacts import write_artifact
+    from .evaluate import evaluate
+
+    recipe = plan.recipe
     metrics = []
     if recipe.eval is not None:
         log.info("evaluating on the %s split", recipe.eval.split)

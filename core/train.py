@@ -167,15 +167,20 @@ def train(loaded, model, cfg: TrainingConfig, ctx, default_lr: float, masks=None
     from transformers import set_seed
 
     from .checkpoints import prepare_step
+    from .distributed import world_size
 
     train_items, eval_items = _training_data(loaded, model, cfg, ctx.dataset, masks)
     workdir = Path(ctx.workdir)
-    resume_from = prepare_step(workdir, ctx.fingerprint, ctx.resume)
     set_seed(ctx.seed)
-    steps_per_epoch = math.ceil(len(train_items) / (cfg.batch_size * cfg.grad_accum))
+    # several processes (accelerate launch) each take batch_size examples a step
+    per_step = cfg.batch_size * cfg.grad_accum * world_size()
+    steps_per_epoch = math.ceil(len(train_items) / per_step)
     total = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
     args = _training_arguments(cfg, ctx, workdir, total, default_lr, loaded.task != "causal-lm",
                                "input_ids" in train_items[0])
+    # the main process makes (or, resuming, tidies) the folder; the others then read it
+    with args.main_process_first(local=False, desc="checkpoint folder"):
+        resume_from = prepare_step(workdir, ctx.fingerprint, ctx.resume)
     trainer = _trainer(loaded, model, args, train_items, eval_items, ctx, cfg, masks, loss)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total_params = sum(p.numel() for p in model.parameters())
