@@ -133,6 +133,8 @@ def test_fewer_tokens_after_each_block_and_sdpa_equals_eager(vit, tmp_path):
     out, result = _merged(vit, tmp_path, "--r", "8,8,4,4")
     report = result["steps"][0]["report"]
     assert report["tokens_after_each_block"] == [57, 49, 45, 41]
+    _, clamped = _merged(vit, tmp_path, "--r", "20", name="c")  # as ToMe: late blocks merge
+    assert clamped["steps"][0]["report"]["tokens_after_each_block"] == [45, 25, 13, 7]  # less
     loaded = load_model(str(out))
     assert _hidden(loaded, _images()).shape[1] == 41
     eager = copy.deepcopy(loaded)  # a copy keeps merging

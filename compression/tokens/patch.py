@@ -170,22 +170,37 @@ def _spread(remove: int, tokens: int, layers: int, keep: float) -> list[int]:
     return r
 
 
+def _clamped(r: list[int], tokens: int) -> list[int]:
+    """Each block's r, cut to what the tokens it has allow."""
+    out, left = [], tokens
+    for n in r:
+        out.append(min(n, _most(left)))
+        left -= out[-1]
+    return out
+
+
 def per_block_r(cfg, tokens: int, layers: int) -> list[int]:
-    """The r of every block from --r / --keep / --schedule, checked against the tokens each
-    block has (at most half of them, less the class token, can merge)."""
+    """The r of every block from --r / --keep / --schedule. One r (ToMe's) must fit the first
+    block and is cut in late blocks to what they can merge (at most half their tokens, less
+    the class token), as ToMe does; a per-block list must fit every block as given."""
     if cfg.keep is not None:
         return _spread(tokens - max(1, round(cfg.keep * tokens)), tokens, layers, cfg.keep)
-    if len(cfg.r) == 1 and cfg.schedule == "decreasing":
-        total = cfg.r[0] * layers  # 2r falling linearly to 0, the same total
-        weights = [layers - i for i in range(layers)]
-        r = [round(total * w / sum(weights)) for w in weights]
-    elif len(cfg.r) == 1:
-        r = cfg.r * layers
-    else:
-        r = list(cfg.r)
-        if len(r) != layers:
-            raise InputError(f"--r lists {len(r)} values; this model's image tower has {layers} "
-                             "blocks. Give one value per block, or one for all.")
+    if len(cfg.r) == 1:
+        if cfg.r[0] > _most(tokens):
+            raise InputError(f"r = {cfg.r[0]}: the first block has {tokens} tokens, of which at "
+                             f"most {_most(tokens)} (half of them, less the class token) can "
+                             "merge. Use a smaller --r, or --keep.")
+        if cfg.schedule == "decreasing":
+            total = cfg.r[0] * layers  # 2r falling linearly to 0, the same total
+            weights = [layers - i for i in range(layers)]
+            r = [round(total * w / sum(weights)) for w in weights]
+        else:
+            r = cfg.r * layers
+        return _clamped(r, tokens)  # as ToMe does: a late block merges what it can
+    r = list(cfg.r)
+    if len(r) != layers:
+        raise InputError(f"--r lists {len(r)} values; this model's image tower has {layers} "
+                         "blocks. Give one value per block, or one for all.")
     over = _first_over(r, tokens)
     if over is not None:
         i = over[0]
