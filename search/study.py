@@ -6,10 +6,15 @@ journal file). RDB storages keep a heartbeat: a trial whose process died is mark
 its heartbeat is stale and is retried with the same parameters. The search's settings are
 stored in the study; running the same command again resumes it, another command is refused
 (unless the study holds no finished or running trial, which nothing would lose).
+
+On a database server (PostgreSQL with psycopg 3, the `distributed` extra) each process keeps
+one connection, so a search holds as many connections as it has workers.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
 import os
 from datetime import datetime, timedelta
@@ -33,6 +38,12 @@ GRACE_S = int(os.environ.get("MMKIT_SEARCH_GRACE", "10"))
 NO_HEARTBEAT_GRACE_S = 60  # a RUNNING trial still without a heartbeat this long is stale
 SAMPLERS = ("tpe", "nsga2", "nsga3", "random", "grid", "qmc")
 RUNS_ATTR = "mmkit_runs"  # how many `mmkit search` runs have started on the study
+DISTRIBUTED = "pip install 'mmkit[distributed]'"
+# a PostgreSQL URL's driver: SQLAlchemy 2.0 reads a plain postgresql:// as psycopg2, 2.1 as
+# psycopg (3); mmkit takes whichever is installed, psycopg first
+POSTGRES_DRIVERS = {"postgresql+psycopg": "psycopg", "postgresql+psycopg2": "psycopg2"}
+CONNECT_TIMEOUT_S = 10  # an unreachable server is an error after this, not a long hang
+_SERVER_STORAGES: dict = {}  # URL -> its storage: one engine (and connection) per process
 
 
 def storage_url(out: Path, storage: str | None) -> str:
@@ -85,6 +96,91 @@ class HeartbeatStorage(RDBStorage):
         return stale
 
 
+def shown_url(url: str) -> str:
+    """A storage URL as a message may echo it: without its password."""
+    if "://" not in url or "@" not in url:
+        return shown(url)
+    try:
+        from sqlalchemy.engine import make_url
+
+        return shown(make_url(url).render_as_string(hide_password=True))
+    except Exception:  # noqa: BLE001 - not an SQLAlchemy URL: say so later, not here
+        return shown(url.split("://", 1)[0] + "://...")
+
+
+def engine_url(url: str) -> str:
+    """The URL the engine opens: a plain postgresql:// URL names the PostgreSQL driver that is
+    installed (users type it, optuna-dashboard takes it); a missing driver is an InputError."""
+    scheme, _, rest = url.partition("://")
+    if not scheme.startswith("postgresql"):
+        return url
+    drivers = POSTGRES_DRIVERS if scheme == "postgresql" else \
+        {scheme: POSTGRES_DRIVERS.get(scheme)}
+    for driver, module in drivers.items():
+        if module is None:  # another driver (asyncpg, pg8000, ...): SQLAlchemy's business
+            return url
+        try:
+            importlib.import_module(module)
+            return f"{driver}://{rest}"
+        except ImportError:
+            continue
+    fix = f"install it with {DISTRIBUTED} (psycopg 3)" if scheme != "postgresql+psycopg2" \
+        else f"install psycopg2, or write postgresql:// and {DISTRIBUTED} (psycopg 3)"
+    raise InputError(f"--storage {shown_url(url)} needs a PostgreSQL driver, and "
+                     f"{' / '.join(drivers.values())} is not installed here: {fix}, on every "
+                     "machine that runs the search.")
+
+
+def _server_engine_kwargs(url: str, pooled: bool = True) -> dict:
+    """A database server's engine: one pooled connection per process (a worker's heartbeat
+    thread waits its turn on it), checked before use (a trial can outlast the server's or a
+    firewall's idle limit), named in pg_stat_activity, and a bounded wait for the server.
+    Unpooled: a connection per use, closed after it."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    kwargs = {"pool_size": 1, "max_overflow": 0, "pool_pre_ping": True} if pooled \
+        else {"poolclass": NullPool}
+    if url.startswith("postgresql+psycopg"):
+        query = make_url(url).query
+        kwargs["connect_args"] = {k: v for k, v in (("connect_timeout", CONNECT_TIMEOUT_S),
+                                                    ("application_name", "mmkit-search"))
+                                  if k not in query}
+    return kwargs
+
+
+def _server_storage(url: str):
+    """The storage of a database server, one per process and URL."""
+    if url not in _SERVER_STORAGES:
+        target = engine_url(url)
+        # optuna sets up a new database (tables, schema version) with a connection opened
+        # inside another one's session, which a pool of one would wait on for ever: that is
+        # done first, unpooled (two connections for a moment, on a new database only)
+        RDBStorage(target, engine_kwargs=_server_engine_kwargs(target, pooled=False),
+                   skip_compatibility_check=True).engine.dispose()
+        storage = HeartbeatStorage(target, engine_kwargs=_server_engine_kwargs(target),
+                                   skip_table_creation=True, skip_compatibility_check=True,
+                                   **_heartbeat())
+        _check_schema(storage)
+        _SERVER_STORAGES[url] = storage
+    return _SERVER_STORAGES[url]
+
+
+def _check_schema(storage) -> None:
+    """optuna's schema check, without its second connection inside a session."""
+    manager = storage._version_manager
+    current, head = manager.get_current_version(), manager.get_head_version()
+    if current != head:
+        raise RuntimeError(f"the database holds optuna's schema {current} and this optuna "
+                           f"uses {head}: upgrade the database with `optuna storage upgrade "
+                           "--storage URL`, or optuna itself")
+
+
+def _heartbeat() -> dict:
+    return {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S,
+            "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=2)}
+
+
 def _storage(url: str):
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
@@ -92,31 +188,56 @@ def _storage(url: str):
         path = Path(url.split(":", 1)[1]).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return HeartbeatStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S,
-                            grace_period=GRACE_S,
-                            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                                max_retry=2))
+    if url.startswith("sqlite"):
+        return HeartbeatStorage(url, engine_kwargs={"connect_args": {"timeout": 60}},
+                                **_heartbeat())
+    return _server_storage(url)
+
+
+def _created_meanwhile(exc: Exception) -> bool:
+    """True for the error of a table (or row) another process created at the same moment:
+    two searches setting up a new database at once."""
+    if isinstance(exc, sqlalchemy.exc.IntegrityError):
+        return True
+    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    return isinstance(exc, sqlalchemy.exc.ProgrammingError) and code in ("42P07", "42710")
+
+
+def _unreachable(url: str, exc: sqlalchemy.exc.OperationalError) -> InputError:
+    reason = " ".join(str(exc.orig).split())
+    return InputError(f"--storage {shown_url(url)} cannot be opened: the database server did "
+                      f"not accept the connection ({shown(reason)}). Check that it runs at that "
+                      "host and port and accepts connections from this machine, and the user, "
+                      "password (better kept in ~/.pgpass or PGPASSWORD than in the URL) and "
+                      "database name.")
+
+
+def _not_opened(url: str, exc: Exception) -> InputError:
+    reason = shown(" ".join(str(exc).split()).rstrip("."))
+    return InputError(f"--storage {shown_url(url)} cannot be opened: {reason}. Use "
+                      "sqlite:///PATH, an SQLAlchemy URL such as postgresql://user@host/db "
+                      f"(PostgreSQL needs {DISTRIBUTED}), or journal:PATH.")
 
 
 def open_storage(url: str):
     """An Optuna storage for a URL, or a clear error."""
     _quiet_optuna()
-    for attempt in (1, 2):
+    attempts = 3
+    for attempt in range(1, attempts + 1):
         try:
             return _storage(url)
-        except sqlalchemy.exc.IntegrityError as exc:
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as exc:
             # two processes set up a new database at once: the other one's tables are there now
-            if attempt == 2:
-                raise InputError(f"--storage {shown(url)} cannot be opened: {shown(exc)}.") \
-                    from None
+            if not _created_meanwhile(exc) or attempt == attempts:
+                raise _not_opened(url, exc) from None
+        except sqlalchemy.exc.OperationalError as exc:
+            if not url.startswith("sqlite"):
+                raise _unreachable(url, exc) from None
+            raise _not_opened(url, exc) from None
         except (ImportError, ValueError, OSError, sqlalchemy.exc.SQLAlchemyError,
                 optuna.exceptions.StorageInternalError,
                 RuntimeError) as exc:  # RuntimeError: a schema of another optuna version
-            raise InputError(f"--storage {shown(url)} cannot be opened: {shown(exc)}. Use "
-                             "sqlite:///PATH, an SQLAlchemy URL such as "
-                             "postgresql://user@host/db (with its driver installed), or "
-                             "journal:PATH.") from None
+            raise _not_opened(url, exc) from None
 
 
 def sampler_seed(seed: int, worker: int, run: int) -> int:
@@ -188,17 +309,50 @@ def check_settings(study, url: str, settings: SearchSettings) -> None:
         budget = {"budget_ms", "budget_ratio"} & set(changed)
         pick = (" To export the best point under a new budget without searching again, use "
                 "`mmkit search pick OUT --latency-budget ...`." if budget else "")
-        raise InputError(f"The storage {shown(url)} holds a search with other settings "
+        raise InputError(f"The storage {shown_url(url)} holds a search with other settings "
                          f"({', '.join(changed)} differ). Run the same command to resume it, "
                          "use another -o / --storage, or pass --overwrite to start afresh."
                          f"{pick}")
+
+
+def _create(storage, directions: list[str]):
+    """(the study, whether this process created it): of several searches creating it at once
+    (on several machines), exactly one does."""
+    try:
+        return optuna.create_study(study_name=STUDY_NAME, storage=storage,
+                                   directions=directions), True
+    except optuna.exceptions.DuplicatedStudyError:
+        return _load(storage), False
+
+
+def _claim_run(storage, study) -> int:
+    """This run's number (the runs counted before it), counted up at once: on a database
+    server under the study row's lock, so that searches started together on several machines
+    get different numbers and so their samplers different seeds. (The default SQLite storage
+    is counted with OUT locked.)"""
+    if not isinstance(storage, RDBStorage) or storage.engine.name == "sqlite":
+        run = study.user_attrs.get(RUNS_ATTR, 0)
+        study.set_user_attr(RUNS_ATTR, run + 1)
+        return run
+    with _create_scoped_session(storage.scoped_session) as session:
+        row = models.StudyModel.find_or_raise_by_id(study._study_id, session, for_update=True)
+        attr = models.StudyUserAttributeModel.find_by_study_and_key(row, RUNS_ATTR, session)
+        if attr is None:
+            run = 0
+            session.add(models.StudyUserAttributeModel(study_id=row.study_id, key=RUNS_ATTR,
+                                                       value_json=json.dumps(1)))
+        else:
+            run = json.loads(attr.value_json)
+            attr.value_json = json.dumps(run + 1)
+    return run
 
 
 def open_study(url: str, settings: SearchSettings, directions: list[str],
                baseline: dict | None):
     """Create the study (trial 0 queued: `baseline`, the unmodified model), or resume it when
     it was made by the same settings; count this run. Call it with OUT locked, so that two
-    searches started together do not both create it."""
+    searches started together do not both create it (searches on other machines, sharing a
+    database, may: one of them does)."""
     storage = open_storage(url)
     study = _load(storage)
     if study is not None:
@@ -206,26 +360,30 @@ def open_study(url: str, settings: SearchSettings, directions: list[str],
         stored = study.user_attrs.get("settings")
         if stored is not None and _differences(stored, settings):
             log.info("the study in %s had other settings (%s) and no finished trial: they are "
-                     "replaced by this command's", url, ", ".join(_differences(stored, settings)))
-            optuna.delete_study(study_name=STUDY_NAME, storage=storage)
+                     "replaced by this command's", shown_url(url),
+                     ", ".join(_differences(stored, settings)))
+            try:
+                optuna.delete_study(study_name=STUDY_NAME, storage=storage)
+            except KeyError:  # another search replaced it at the same moment
+                pass
             study = None
     if study is None:
-        study = optuna.create_study(study_name=STUDY_NAME, storage=storage,
-                                    directions=directions, load_if_exists=True)
-        study.set_user_attr("settings", settings.plain())  # as search.json holds them
-        if baseline is not None:
-            study.enqueue_trial(baseline)
-    run = study.user_attrs.get(RUNS_ATTR, 0)
-    study.set_user_attr(RUNS_ATTR, run + 1)
-    return study, run
+        study, created = _create(storage, directions)
+        if created:
+            study.set_user_attr("settings", settings.plain())  # as search.json holds them
+            if baseline is not None:
+                study.enqueue_trial(baseline)
+        else:  # another machine's search created it just now
+            check_settings(study, url, settings)
+    return study, _claim_run(storage, study)
 
 
 def load(url: str, sampler):
     """The search's study, for a worker."""
     study = _load(open_storage(url), sampler)
     if study is None:
-        raise InputError(f"The storage {shown(url)} holds no search (it was deleted while this "
-                         "worker started); run the search again.")
+        raise InputError(f"The storage {shown_url(url)} holds no search (it was deleted while "
+                         "this worker started); run the search again.")
     return study
 
 
