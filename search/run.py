@@ -367,6 +367,8 @@ def _stop_workers(helpers: list) -> None:
 def search(prep: Prepared, trials: int, timeout: float | None, workers: int,
            export: str) -> dict:
     """Run the search (with `workers` processes) and write its outputs."""
+    from . import study as studies
+
     out = Path(prep.job.out)
     start = time.perf_counter()
     helpers = []
@@ -376,8 +378,6 @@ def search(prep: Prepared, trials: int, timeout: float | None, workers: int,
         for p in helpers:
             p.wait()
     except BaseException:  # interrupted, or failed: the helpers must not run on alone
-        from . import study as studies
-
         _stop_workers(helpers)
         try:  # best effort: the heartbeat grace fails what this leaves RUNNING on resume
             studies.fail_orphans(prep.job.storage, {os.getpid(), *(p.pid for p in helpers)})
@@ -388,8 +388,8 @@ def search(prep: Prepared, trials: int, timeout: float | None, workers: int,
     bad = [p.returncode for p in helpers if p.returncode]
     if bad:
         raise RuntimeFailure(f"{len(bad)} search worker(s) failed (exit {bad[0]}); the study in "
-                             f"{prep.job.storage} keeps every completed trial — run the "
-                             "command again to resume.")
+                             f"{studies.shown_url(prep.job.storage)} keeps every completed "
+                             "trial — run the command again to resume.")
     return finish(prep.job, time.perf_counter() - start, export)
 
 
@@ -445,8 +445,8 @@ def finish(job: SearchJob, seconds: float, export: str) -> dict:
     elif export == "pareto":
         for r in front:
             exported.append(results.export(r, job, out / "pareto" / f"trial-{r['trial']}"))
-    return {"out": str(out), "storage": job.storage, **stats, "best": best,
-            "best_remeasured": remeasured, "front": front, "exported": exported,
+    return {"out": str(out), "storage": studies.shown_url(job.storage, None), **stats,
+            "best": best, "best_remeasured": remeasured, "front": front, "exported": exported,
             "table": results.table(front, s.objectives), "objectives": summary["objectives"]}
 
 

@@ -28,7 +28,7 @@ from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import TrialState
 from sqlalchemy.orm import selectinload
 
-from ..core.errors import InputError, shown
+from ..core.errors import ECHO_LIMIT, InputError, shown
 from .settings import SearchSettings
 
 log = logging.getLogger("mmkit")
@@ -96,16 +96,18 @@ class HeartbeatStorage(RDBStorage):
         return stale
 
 
-def shown_url(url: str) -> str:
-    """A storage URL as a message may echo it: without its password."""
+def shown_url(url: str, limit: int | None = ECHO_LIMIT) -> str:
+    """A storage URL as a message (cut to `limit` characters) or a result (`limit` None)
+    shows it: without its password."""
+    cut = (lambda text: text) if limit is None else (lambda text: shown(text, limit))
     if "://" not in url or "@" not in url:
-        return shown(url)
+        return cut(url)
     try:
         from sqlalchemy.engine import make_url
 
-        return shown(make_url(url).render_as_string(hide_password=True))
+        return cut(make_url(url).render_as_string(hide_password=True))
     except Exception:  # noqa: BLE001 - not an SQLAlchemy URL: say so later, not here
-        return shown(url.split("://", 1)[0] + "://...")
+        return cut(url.split("://", 1)[0] + "://...")
 
 
 def engine_url(url: str) -> str:
