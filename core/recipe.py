@@ -174,7 +174,8 @@ def _check_chain(source, config, steps) -> None:
             if state["quantized"] and not getattr(cfg, "bits", None):
                 raise InputError(f"{at} cannot train weights that are quantized already (by "
                                  f"{state['by']}); fine-tune before quantizing.")
-            merged = cfg.merge or method.name == "full"
+            # full, distill and elastic train every weight: they leave no adapter
+            merged = cfg.merge or method.name in ("full", "distill", "elastic")
             state.update(adapter=None if merged else method.name, qlora=bool(
                 getattr(cfg, "bits", None)), by=f"step {i}")
         elif method.step in ("prune", "quantize"):
