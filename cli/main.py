@@ -14,6 +14,7 @@ import click
 
 from ..core.distributed import is_main
 from ..core.errors import MmkitError, Terminated, interrupted_by
+from . import completion
 from . import (bench, cache, eval as eval_cmd, export, extract, finetune, inspect, merge,
                merge_tokens, prune, quantize, run, search)
 
@@ -150,6 +151,8 @@ cli.add_command(prune.prune_command)
 cli.add_command(quantize.quantize_command)
 cli.add_command(run.run_command)
 cli.add_command(search.search_group)
+
+completion.register()  # bash completion that keeps tiny:bert whole
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 
 from ..core.errors import InputError, shown
-from . import method_options as generated, options
+from . import completion, method_options as generated, options
 
 ONE = ("merging needs two or more models, or one adapter: '{ref}' is a full model. Give the "
        "models to merge (with --base BASE for task-arithmetic, ties and dare), or an adapter "
@@ -141,8 +141,8 @@ def _merge_step(models: list[str], base, method: str, given: dict, settings: dic
 
 
 @click.command("merge", cls=options.Command)
-@click.argument("models", nargs=-1, required=True)
-@click.option("--base", default=None,
+@click.argument("models", nargs=-1, required=True, shell_complete=completion.complete_model)
+@click.option("--base", default=None, shell_complete=completion.complete_model,
               help="The model MODELS were fine-tuned from: task vectors are taken against it, "
                    "and it gives the architecture. Needed by task-arithmetic, ties, dare and "
                    "atlas; linear, slerp and greedy-soup default to the first MODEL (not "

@@ -168,8 +168,19 @@ def _field_options(step: str, skip) -> list:
             decls = [f"{flag(name)}/--no-{name.replace('_', '-')}", name]
         else:
             decls = [flag(name), name]
-        made.append(click.Option(decls, default=None, help=_help(name, takers, count), **kwargs))
+        made.append(click.Option(decls, default=None, help=_help(name, takers, count),
+                                 shell_complete=_completer(name, takers), **kwargs))
     return made
+
+
+def _completer(name: str, takers: list):
+    """What completes a field's flag: model references for fields naming models (a teacher),
+    dataset names for calibration data; None (click's own) for the rest."""
+    from . import completion
+
+    if any(name in method.models for method, _ in takers):
+        return completion.complete_model
+    return completion.complete_data if name == "calib" else None
 
 
 def method_options(step: str, skip=()):

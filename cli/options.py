@@ -9,6 +9,7 @@ import sys
 import click
 
 from ..core.loading import TASKS
+from .completion import complete_data, complete_device, complete_model
 
 
 class Command(click.Command):
@@ -83,7 +84,8 @@ def common(func):
 
 def model_argument(func):
     """MODEL: a reference, or `-` to read artifact paths / JSON lines from stdin."""
-    return click.argument("model", default="minilm", required=False)(func)
+    return click.argument("model", default="minilm", required=False,
+                          shell_complete=complete_model)(func)
 
 
 def loading(func):
@@ -98,6 +100,7 @@ def loading(func):
 def device(default: str = "cpu"):
     """--device cpu|cuda|cuda:N|auto."""
     return click.option("--device", default=default, show_default=True,
+                        shell_complete=complete_device,
                         help="Where to run: cpu, cuda, cuda:N or auto.")
 
 
@@ -118,7 +121,7 @@ def data(func):
     options = [
         click.option("--task", type=click.Choice(TASKS), default=None,
                      help="What to score (default: the model's own task)."),
-        click.option("--data", default=None,
+        click.option("--data", default=None, shell_complete=complete_data,
                      help="A bundled dataset name, a CSV / TSV / JSONL / parquet / text file, an "
                           "image folder, or hf:<name>. Default: the task's bundled dataset."),
         click.option("--text-column", default=None, help="Column holding the text."),
