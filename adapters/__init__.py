@@ -1,4 +1,5 @@
-"""PEFT methods: LoRA family, IA3, prompt tuning, bottleneck adapters, SVFit.
+"""PEFT methods: LoRA family, IA3, prompt tuning, bottleneck adapters, SVFit, CLIP prompt
+learning (CoOp, MaPLe).
 
 Importing this package registers its finetune methods and the two adapter formats (peft's
 and mmkit's own); `mmkit.registrations` imports it.
@@ -9,7 +10,9 @@ from . import formats  # noqa: F401  (registers the adapter formats)
 from . import own
 from . import peft_methods as pm
 from .adaptformer import AdaptFormerConfig
+from .clip_prompts import CoOpConfig, coop_apply
 from .full import FullConfig, full_finetune
+from .maple import MaPLeConfig, maple_apply
 from .svfit import SVFitConfig
 from .vpt import VPTConfig
 
@@ -50,5 +53,13 @@ _finetune("vpt", VPTConfig, own.make_apply("vpt"),
           ("vision", "clip"), hint="For text models use --prompt or --prefix.")
 _finetune("svfit", SVFitConfig, own.make_apply("svfit"),
           "SVFit: train the top-r singular values of each weight (mergeable)", mergeable=True)
+_finetune("coop", CoOpConfig, coop_apply,
+          "CoOp: learned context vectors before each class name in CLIP's text prompts",
+          ("clip",), hint="CoOp learns CLIP's text prompts; for ViT use --vpt, for text models "
+                          "--prompt.")
+_finetune("maple", MaPLeConfig, maple_apply,
+          "MaPLe: coupled text and vision prompts in the first J layers of CLIP",
+          ("clip",), hint="MaPLe learns CLIP's prompts; for ViT use --vpt, for text models "
+                          "--prompt.")
 _finetune("full", FullConfig, full_finetune, "full fine-tuning of every weight (the reference)",
           mergeable=True)

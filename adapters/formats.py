@@ -1,5 +1,5 @@
 """The two adapter formats: peft's (`adapter_config.json`) and mmkit's own
-(`mmkit_adapter.json`: AdaptFormer, VPT, SVFit). Both go on top of a base model that
+(`mmkit_adapter.json`: AdaptFormer, VPT, SVFit, CoOp, MaPLe). Both go on top of a base model that
 `load_model` loads first."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _own_base(folder: Path) -> str | None:
 register_format(Format(
     "mmkit-adapter", detect=lambda folder: (folder / "mmkit_adapter.json").is_file(),
     load=_load_own, save=_save_own, adapter=True, base=_own_base,
-    summary="mmkit's own adapters (AdaptFormer, VPT, SVFit) on top of their base"))
+    summary="mmkit's own adapters (AdaptFormer, VPT, SVFit, CoOp, MaPLe) on top of their base"))
 register_format(Format(
     "peft-adapter", detect=lambda folder: (folder / PEFT_CONFIG).is_file(),
     load=_load_peft, save=lambda loaded, folder: loaded.model.save_pretrained(folder),

@@ -1,4 +1,5 @@
-"""mmkit's own adapters (AdaptFormer, VPT, SVFit): training, and their save / load format.
+"""mmkit's own adapters (AdaptFormer, VPT, SVFit; CoOp and MaPLe, which train through
+clip_prompts.py): training, and their save / load format.
 
 Format of an adapter folder (besides mmkit.json, recipe.yaml and the tokenizer / processor):
 - `mmkit_adapter.json`: {"format": "mmkit-adapter", "format_version": 1, "method": name,
@@ -20,13 +21,14 @@ from pathlib import Path
 from ..core.errors import InputError
 from ..core.layers import new_heads
 from ..core.sparsity import zero_masks
-from . import adaptformer, svfit, vpt
+from . import adaptformer, clip_prompts, maple, svfit, vpt
 from .training import train_adapted
 
 ADAPTER_JSON = "mmkit_adapter.json"
 ADAPTER_WEIGHTS = "mmkit_adapter.safetensors"
 FORMAT_VERSION = 1
-METHODS = {"adaptformer": adaptformer, "vpt": vpt, "svfit": svfit}
+METHODS = {"adaptformer": adaptformer, "vpt": vpt, "svfit": svfit, "coop": clip_prompts,
+           "maple": maple}
 HEADS = new_heads()  # new task heads: trained in full beside the adapter and saved with it
 
 

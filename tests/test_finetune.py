@@ -33,6 +33,9 @@ FINETUNE = {
     ("finetune", "adaptformer"): {"trains": "adapter", "merge_and_unload": False},  # mmkit's own
     ("finetune", "vpt"): {"trains": "adapter", "merge_and_unload": False},
     ("finetune", "svfit"): {"trains": "adapter", "merge_and_unload": False},  # merges its own way
+    # CLIP prompt learning (tests/test_clip_prompts.py: prompts against longhand forwards)
+    ("finetune", "coop"): {"trains": "adapter", "merge_and_unload": False},
+    ("finetune", "maple"): {"trains": "adapter", "merge_and_unload": False},
     ("finetune", "full"): {"trains": "everything", "merge_and_unload": False},
     # elastic slices the blocks of BERT, ViT, CLIP and Llama (tests/test_elastic.py: the rest)
     ("finetune", "elastic"): {"trains": "everything", "merge_and_unload": False,
