@@ -183,6 +183,12 @@ def unsupported(loaded) -> str | None:
         return (f"'{ref}' is an mmkit ptq model: its activation quantization is simulated in "
                 "float arithmetic (and its attention is mmkit's own), which in ONNX would be "
                 f"neither smaller nor faster than the float model. {fix}")
+    method = (loaded.extra.get("adapter") or {}).get("method")
+    if method in ("coop", "maple"):
+        return (f"'{ref}' is a {method} adapter: its learned text prompts are fed to CLIP by "
+                "mmkit when it classifies, and are not part of CLIP's own graph, so an export "
+                "would silently drop them. Use it through mmkit (`mmkit eval`), or export the "
+                "CLIP model it was trained on.")
     for name, module in loaded.model.named_modules():
         cls = type(module)
         where = f"{cls.__name__} at '{name}'"

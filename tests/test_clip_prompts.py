@@ -331,6 +331,9 @@ def test_cli_finetune_then_eval_uses_the_learned_prompts(digits, tmp_path):
     direct = zero_shot.evaluate(loaded, digits.split("test"), label_names=digits.label_names)
     assert scores["accuracy"] == direct["accuracy"]
     assert scores["accuracy"] == row["metrics"][0]["accuracy"]
+    exported = run_cli("export", out, "--onnx", "-o", tmp_path / "onnx")  # would drop them
+    assert exported.exit_code == 2 and "coop adapter" in exported.stderr
+    assert not (tmp_path / "onnx").exists()
 
 
 # ---------------------------------------------------------------- templates, linear probe
