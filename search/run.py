@@ -341,7 +341,11 @@ def work(job: SearchJob, trials: int, timeout: float | None, worker: int = 0, ru
         loaded = load_base(job, dataset)
     seed = studies.sampler_seed(s.seed, worker, run)
     study = studies.load(job.storage, studies.make_sampler(s.sampler, seed, s.space))
-    studies.run(study, Trial(s, loaded, dataset, repeats=10), trials, timeout)
+    try:
+        studies.run(study, Trial(s, loaded, dataset, repeats=10), trials, timeout)
+    except BaseException:  # interrupted or failed: no transaction left open for the cleanup
+        studies.release(study)
+        raise
 
 
 def _start_worker(out: Path, trials: int, timeout: float | None, worker: int, run: int):

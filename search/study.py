@@ -389,6 +389,47 @@ def load(url: str, sampler):
     return study
 
 
+def release(study) -> None:
+    """Give back a study's database connections after an interruption: a signal that lands
+    inside a transaction can leave it open, and an SQLite database then stays locked to the
+    cleanup that follows (fail_orphans waited out its 60 s timeout and gave up)."""
+    import gc
+    import sqlite3
+
+    storage = getattr(study, "_storage", None)
+    backend = getattr(storage, "_backend", storage)
+    try:
+        scoped = getattr(backend, "scoped_session", None)
+        if scoped is not None:
+            scoped.remove()  # this thread's session: rolled back, its connection returned
+        engine = getattr(backend, "engine", None)
+        if engine is not None:
+            engine.dispose()
+            if engine.url.get_backend_name() == "sqlite" and engine.url.database:
+                # a connection to the study's file that the pool lost track of when the
+                # signal landed: closing it rolls back and releases the lock
+                path = os.path.realpath(engine.url.database)
+                for obj in gc.get_objects():
+                    if isinstance(obj, sqlite3.Connection) and _file_of(obj) == path:
+                        try:
+                            obj.close()
+                        except sqlite3.Error:  # made by another thread: its own to close
+                            pass
+    except Exception as exc:  # noqa: BLE001 - best effort on the way out
+        log.warning("could not close the study's database connections: %s", exc)
+
+
+def _file_of(connection) -> str | None:
+    """The file of an open SQLite connection's main database (None when closed)."""
+    import sqlite3
+
+    try:
+        rows = connection.execute("PRAGMA database_list").fetchall()
+    except sqlite3.Error:
+        return None
+    return next((os.path.realpath(f) for _, name, f in rows if name == "main" and f), None)
+
+
 def fail_orphans(url: str, pids: set[int]) -> int:
     """Mark failed the RUNNING trials of processes that have stopped (`pids`, reaped): a
     signal that lands while optuna records a trial's end, or between its start and its
