@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import options
+from . import completion, options
 
 
 def _human(r: dict) -> str:
@@ -16,6 +16,7 @@ def _human(r: dict) -> str:
 @click.command("run", cls=options.Command)
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--model", "model", default=None, metavar="REF",
+              shell_complete=completion.complete_model,
               help="Run the recipe on this model instead of the one it names.")
 @click.option("--no-cache", is_flag=True,
               help="Neither reuse nor keep step results (see `mmkit cache`); by default a step "
