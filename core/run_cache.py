@@ -42,14 +42,6 @@ def _sha(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _hub_revision(ref: str) -> str | None:
     """The commit of a hub model's local snapshot, when there is one."""
     try:
@@ -81,11 +73,13 @@ def model_identity(source) -> dict:
 def _named_files(value) -> list:
     """The content hashes of the local files a step parameter names (a calibration CSV): a
     file edited in place must miss the cache."""
+    from .loading import _sha256
+
     values = value if isinstance(value, list) else [value]
     found = []
     for v in values:
         if isinstance(v, str) and len(v) < 4096 and os.path.isfile(v):
-            found.append([v, _file_sha(Path(v))])
+            found.append([v, _sha256(Path(v))])
         elif isinstance(v, str) and len(v) < 4096 and os.path.isdir(v):
             found.append([v, sorted((str(p.relative_to(v)), p.stat().st_size,
                                      p.stat().st_mtime_ns)
