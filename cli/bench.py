@@ -24,7 +24,9 @@ def _human(r: dict) -> str:
 
 def _human_generation(r: dict) -> str:
     env = r["environment"]
-    return (f"{r['model']}  {r['device']}  batch {r['batch_size']}  prompt {r['prompt_tokens']} "
+    runtime = f"  onnxruntime {r['dtype']}" if r.get("runtime") == "onnxruntime" else ""
+    return (f"{r['model']}  {r['device']}{runtime}  batch {r['batch_size']}  prompt "
+            f"{r['prompt_tokens']} "
             f"tokens: prefill {r['prefill_ms']['median']:.1f} ms; {r['new_tokens']} new tokens: "
             f"{r['decode_tokens_per_s']:.1f} tokens/s ({r['decode_ms_per_token']:.2f} ms/token, "
             f"greedy, KV cache)  [{env['threads']} threads, load {env['load_per_cpu']} per CPU]")
@@ -88,13 +90,10 @@ def _bench_onnx(ref, task, batch_size, seq_len, warmup, repeats, generate, threa
     a temporary folder first (float32, checked against PyTorch)."""
     import contextlib
 
+    from ..core.ort_decoding import profile_onnx_generation
     from ..core.ort_runtime import is_onnx_export, profile_onnx, read_export, \
         require_onnxruntime
 
-    if generate:
-        raise InputError("--generate times decoding on a KV cache, which mmkit's ONNX export "
-                         "does not have yet (causal LMs are exported without one); drop "
-                         "--generate, or use --runtime torch.")
     if device != "cpu":
         raise InputError(f"--runtime onnxruntime runs on the CPU (mmkit uses ONNX Runtime's "
                          f"CPU provider), not on --device {device}; use --device cpu.")
@@ -116,6 +115,11 @@ def _bench_onnx(ref, task, batch_size, seq_len, warmup, repeats, generate, threa
             del loaded
         info = read_export(folder)
         for bs in batch_size:
-            result = profile_onnx(folder, bs, seq_len, warmup=warmup, repeats=repeats,
-                                  threads=threads)
-            options.emit({"model": ref, "task": info["task"], **result}, as_json, _human)
+            if generate:
+                result = profile_onnx_generation(folder, bs, seq_len, generate, warmup=warmup,
+                                                 repeats=repeats, threads=threads)
+            else:
+                result = profile_onnx(folder, bs, seq_len, warmup=warmup, repeats=repeats,
+                                      threads=threads)
+            options.emit({"model": ref, "task": info["task"], **result}, as_json,
+                         _human_generation if generate else _human)

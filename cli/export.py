@@ -24,8 +24,10 @@ def _human(r: dict) -> str:
             for name, o in int8["outputs"].items())
         line += (f"\n  int8 vs PyTorch: max |diff| {int8['max_abs_diff']:.3g}, {agreement}; "
                  f"float32 graph was {r['fp32_onnx_mb']:.1f} MB")
-    if r.get("kv_cache") is False:
-        line += "\n  causal LM exported without a KV cache: each call scores the whole sequence"
+    decoding = fp32.get("decoding")
+    if decoding:  # a causal LM: its graph takes and returns the KV cache
+        line += (f"\n  KV cache: {decoding['new_tokens']} greedy steps on the graph's own cache "
+                 f"vs PyTorch: max |diff| {decoding['max_abs_diff']:.2g}")
     return line
 
 
@@ -45,7 +47,7 @@ def _human(r: dict) -> str:
 def export_command(ref, to_onnx, int8, task, out, overwrite, allow_pickle, trust_remote_code,
                    as_json):
     """Export MODEL to OUT for ONNX Runtime (batch and sequence axes dynamic; causal LMs
-    without a KV cache), after checking that the graph gives PyTorch's outputs on real
+    with their KV cache), after checking that the graph gives PyTorch's outputs on real
     inputs. A LoRA-style adapter is merged first."""
     from ..compression.onnx_export import export_onnx
 

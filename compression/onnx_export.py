@@ -5,8 +5,8 @@ tokenizer / image processor, and checked against PyTorch on real inputs before i
 The graph comes from torch's own exporter (`torch.onnx.export(dynamo=True)`, which needs
 onnxscript): optimum's ONNX exporter (optimum-onnx 0.1) requires transformers < 4.58, and
 torch's older TorchScript exporter is deprecated and slated for removal. Batch and sequence
-axes are dynamic. Causal LMs are exported without a KV cache (one call scores the whole
-sequence; generating with the graph recomputes the prefix at every step).
+axes are dynamic. Causal LMs are exported with a KV cache (`onnx_kv`): one graph scores whole
+sequences (an empty past) and decodes token by token on the cache it returns.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from ..core.errors import InputError, RuntimeFailure
 from ..core.ort_runtime import (INFO_FILE, INSTALL_HINT, MODEL_FILE, onnx_bytes,
                                 require_onnxruntime, session)
-from . import onnx_check
+from . import onnx_check, onnx_kv
 
 log = logging.getLogger("mmkit")
 
@@ -107,20 +107,28 @@ def export_model_(loaded, folder, *, int8: bool = False, threads: int | None = N
     plain_(loaded)
     names = input_names(loaded)
     trace, checks = onnx_check.batches(loaded, names)
-    outputs = output_names(loaded, trace)
-    graph = _Graph(loaded.model, names, outputs, loaded.kind == "causal-lm").eval()
+    if loaded.kind == "causal-lm":
+        graph, names, trace, checks = _kv_graph(loaded, names, trace, checks)
+        outputs = ["logits"]  # compared with PyTorch's; the presents by check_decoding
+    else:
+        outputs = output_names(loaded, trace)
+        graph = _Graph(loaded.model, names, outputs).eval()
     external = _weight_bytes(loaded.model) > EXTERNAL_BYTES
     start = time.perf_counter()
     target = folder / SCRATCH / MODEL_FILE if int8 else folder / MODEL_FILE
     target.parent.mkdir(exist_ok=True)
     log.info("exporting %s to ONNX (opset %d): inputs %s, outputs %s", ref, OPSET,
-             ", ".join(names), ", ".join(outputs))
-    _export(graph, trace, names, _axes(loaded, names), target, external, ref)
+             ", ".join(_short(names)), ", ".join(_short(graph.outputs)))
+    axes = onnx_kv.axes(names) if loaded.kind == "causal-lm" else _axes(loaded, names)
+    _export(graph, trace, names, axes, target, external, ref)
     seconds = {"export": round(time.perf_counter() - start, 2)}
     with torch.no_grad():
         expected = [[t.numpy() for t in graph(*(b[n] for n in names))] for b in checks]
     sess = session(target, threads)
     fp32 = check(sess, checks, expected, names, outputs)
+    if loaded.kind == "causal-lm":
+        fp32["decoding"] = _check_decoding(sess, loaded)
+        fp32["passed"] = fp32["passed"] and fp32["decoding"]["within_tolerance"]
     if not fp32["passed"]:
         raise RuntimeFailure(f"The ONNX graph of '{ref}' does not reproduce PyTorch's outputs: "
                              f"{_worst(fp32)} (tolerance {ATOL} + {RTOL} x |value|), so it was "
@@ -133,6 +141,8 @@ def export_model_(loaded, folder, *, int8: bool = False, threads: int | None = N
         seconds["quantize"] = round(time.perf_counter() - start, 2)
         sess = session(folder / MODEL_FILE, threads)
         report["int8"] = check(sess, checks, expected, names, outputs)
+        if loaded.kind == "causal-lm":
+            report["int8"]["decoding"] = _check_decoding(sess, loaded)
         _warn_if_far(ref, report["int8"])
         fp32_bytes = onnx_bytes(target.parent)
         shutil.rmtree(target.parent)
@@ -220,13 +230,13 @@ def input_names(loaded) -> list[str]:
 
 
 def output_names(loaded, batch: dict) -> list[str]:
-    """The graph's outputs: CLIP's image-text scores and both embeddings; else the head's
-    logits, or the last hidden state of a backbone without a head (feature extraction)."""
+    """The graph's outputs (a model without a KV cache): CLIP's image-text scores and both
+    embeddings; else the head's logits, or the last hidden state of a backbone without a head
+    (feature extraction)."""
     if loaded.kind == "clip":
         return ["logits_per_image", "text_embeds", "image_embeds"]
-    extra = {"use_cache": False} if loaded.kind == "causal-lm" else {}
     with torch.no_grad():
-        out = loaded.model(**batch, **extra)
+        out = loaded.model(**batch)
     return ["logits"] if getattr(out, "logits", None) is not None else ["last_hidden_state"]
 
 
@@ -244,14 +254,49 @@ def _axes(loaded, names: list[str]) -> dict:
 class _Graph(torch.nn.Module):
     """The model with positional tensor inputs and a tuple of named outputs."""
 
-    def __init__(self, model, names, outputs, causal: bool):
+    def __init__(self, model, names, outputs):
         super().__init__()
         self.model, self.names, self.outputs = model, list(names), list(outputs)
-        self.extra = {"use_cache": False} if causal else {}
 
     def forward(self, *tensors):
-        out = self.model(**dict(zip(self.names, tensors)), **self.extra)
+        out = self.model(**dict(zip(self.names, tensors)))
         return tuple(getattr(out, name) for name in self.outputs)
+
+
+def _kv_graph(loaded, names, trace, checks):
+    """A causal LM's graph with its KV cache (`onnx_kv`): (graph, its input names, the traced
+    batch, the checked batches: whole sequences on an empty past)."""
+    model = loaded.model
+    try:
+        layout = onnx_kv.cache_layout(model)
+    except Exception as exc:  # a family whose cache is not a plain per-layer key/value pair
+        raise InputError(f"'{loaded.source.ref}' ({loaded.family}) keeps a cache mmkit cannot "
+                         f"export as past / present tensors ({type(exc).__name__}: "
+                         f"{str(exc)[:200]}). Causal LMs whose cache is transformers' "
+                         "DynamicCache (Llama, SmolLM2, Qwen2, Mistral, GPT-2, ...) "
+                         "export; for this one use --runtime torch.") from exc
+    positions = onnx_kv.takes_positions(model)
+    names = names + (["position_ids"] if positions else []) + onnx_kv.past_names(len(layout))
+    graph = onnx_kv.KVGraph(model, names[:len(names) - 2 * len(layout)], len(layout)).eval()
+    return (graph, names, onnx_kv.trace_batch(trace, layout, positions),
+            [onnx_kv.prefill_batch(b, layout, positions) for b in checks])
+
+
+DECODE_CHECK = (2, 4)  # prompts, new tokens: the greedy decoding every causal export is checked on
+
+
+def _check_decoding(sess, loaded) -> dict:
+    """The graph's greedy decoding on its own cache against PyTorch's (`onnx_kv`)."""
+    rows, new = DECODE_CHECK
+    enc = loaded.tokenizer(onnx_check.TEXTS[0], return_tensors="pt")["input_ids"]
+    return onnx_kv.check_decoding(sess, loaded.model, enc.repeat(rows, 1), new, ATOL, RTOL)
+
+
+def _short(names: list[str]) -> list[str]:
+    """Input / output names for a log line, the cache's as one entry."""
+    cache = [n for n in names if n.startswith((onnx_kv.PAST, onnx_kv.PRESENT))]
+    rest = [n for n in names if n not in cache]
+    return rest + ([f"{cache[0].rsplit('.', 2)[0]}.* ({len(cache)})"] if cache else [])
 
 
 def _weight_bytes(model) -> int:
@@ -395,7 +440,7 @@ def describe(loaded, folder: Path, sess, outputs, report, quantization, seconds,
         "labels": loaded.labels, "merged_adapter": loaded.extra.get("merged_adapter"),
         "inputs": _specs(sess.get_inputs()), "outputs": _specs(sess.get_outputs()),
         "opset": OPSET, "exporter": "torch.onnx.export (dynamo)",
-        "kv_cache": False if loaded.kind == "causal-lm" else None,
+        "kv_cache": True if loaded.kind == "causal-lm" else None,
         "int8": quantization is not None, "quantization": quantization,
         "parameters": count_parameters(loaded.model),
         "onnx_mb": onnx_bytes(folder) / 1e6, "fp32_onnx_mb": fp32_bytes / 1e6,

@@ -84,7 +84,8 @@ def profile_generation(loaded: LoadedModel, device: str = "cpu", batch_size: int
         decodes.append(decode)
     decode = statistics.median(decodes)
     return {
-        "device": device, "batch_size": batch_size, "prompt_tokens": prompt_len,
+        "device": device, "runtime": "torch", "batch_size": batch_size,
+        "prompt_tokens": prompt_len,
         "new_tokens": new_tokens, "warmup": warmup, "repeats": repeats,
         "decoding": "greedy, KV cache",
         "prefill_ms": {"median": statistics.median(prefills) * 1e3, "min": min(prefills) * 1e3},

@@ -39,16 +39,29 @@ class OrtModel(torch.nn.Module):
         feeds = {}
         for name in self.inputs:
             value = batch.get(name)
-            if value is None and name == "token_type_ids":  # one segment
-                value = torch.zeros_like(batch["input_ids"])
             if value is None:
-                raise ValueError(f"the ONNX graph needs '{name}', which the batch lacks")
+                value = filler(name, self.session, batch["input_ids"])
             array = value.detach().cpu().numpy()
             feeds[name] = array.astype("int64") if "int64" in self.input_types[name] else \
                 array.astype("float32")
-        names = [o["name"] for o in self.info["outputs"]]
+        # a causal LM's presents are the next call's cache, which a whole-sequence call drops
+        names = [o["name"] for o in self.info["outputs"] if not o["name"].startswith("present")]
         values = self.session.run(names, feeds)
         return ModelOutput(**{n: torch.from_numpy(v) for n, v in zip(names, values)})
+
+
+def filler(name: str, sess, input_ids):
+    """The value of a graph input a whole-sequence batch does not hold: one segment, positions
+    from 0, an empty KV cache."""
+    batch, length = input_ids.shape
+    if name == "token_type_ids":
+        return torch.zeros_like(input_ids)
+    if name == "position_ids":
+        return torch.arange(length).expand(batch, length)
+    if name.startswith("past_key_values"):
+        shape = next(i.shape for i in sess.get_inputs() if i.name == name)
+        return torch.zeros(batch, int(shape[1]), 0, int(shape[3]))
+    raise ValueError(f"the ONNX graph needs '{name}', which the batch lacks")
 
 
 def as_onnx(loaded, folder, threads: int | None = None):

@@ -102,6 +102,12 @@ def dummy_feeds(folder, info: dict, batch_size: int, seq_len: int) -> dict:
             feeds[name] = batch[name].astype(np.dtype(spec["dtype"]))
         elif name == "token_type_ids":  # one segment, as the tokenizer makes for one text
             feeds[name] = np.zeros_like(batch["input_ids"]).astype(np.dtype(spec["dtype"]))
+        elif name == "position_ids":  # a whole sequence: positions from 0
+            ids = batch["input_ids"]
+            feeds[name] = np.tile(np.arange(ids.shape[1]), (ids.shape[0], 1)).astype(np.int64)
+        elif name.startswith("past_key_values"):  # a whole sequence: an empty KV cache
+            _, heads, _, dim = spec["shape"]
+            feeds[name] = np.zeros((batch_size, heads, 0, dim), np.float32)
         else:
             raise InputError(f"{folder} has a graph input '{name}' that mmkit cannot make up "
                              "a value for; it was not exported by this version of mmkit. "

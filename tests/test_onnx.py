@@ -66,20 +66,29 @@ def fresh_batch(loaded, batch_size=3, seq_len=9) -> dict:
     return batch
 
 
+def filler(spec, ids):
+    """A graph input the batch lacks: one segment, positions 0.., an empty KV cache."""
+    batch, length = ids.shape
+    if spec.name == "position_ids":
+        return np.tile(np.arange(length), (batch, 1))
+    if spec.name.startswith("past_key_values."):
+        return np.zeros((batch, spec.shape[1], 0, spec.shape[3]), np.float32)
+    return np.zeros_like(ids.numpy())
+
+
 def ort_outputs(folder, batch) -> dict:
     """Plain onnxruntime on the folder's model.onnx, fed the graph's inputs from `batch`."""
     sess = ort.InferenceSession(str(Path(folder) / "model.onnx"),
                                 providers=["CPUExecutionProvider"])
-    feeds = {i.name: batch[i.name].numpy() if i.name in batch
-             else np.zeros_like(batch["input_ids"].numpy()) for i in sess.get_inputs()}
+    feeds = {i.name: batch[i.name].numpy() if i.name in batch else filler(i, batch["input_ids"])
+             for i in sess.get_inputs()}
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))
 
 
 def torch_outputs(loaded, batch, names) -> dict:
-    extra = {"use_cache": False} if loaded.kind == "causal-lm" else {}
     with torch.no_grad():
-        out = loaded.model(**batch, **extra)
+        out = loaded.model(**batch)
     return {name: getattr(out, name).numpy() for name in names}
 
 
@@ -109,7 +118,13 @@ def test_onnx_runtime_gives_pytorchs_outputs(case, classifiers, tmp_path):
     model = str(classifiers[ref]) if case.endswith("classifier") else ref
     info = export(model, tmp_path / "onnx")
     folder = tmp_path / "onnx"
-    assert [o["name"] for o in info["outputs"]] == outputs
+    names = [o["name"] for o in info["outputs"]]
+    # a causal LM's graph also returns its KV cache (checked by the decoding test below)
+    if case in ("llama", "gpt2"):
+        layers = load_model(model).model.config.num_hidden_layers
+        outputs_and_cache = outputs + [f"present.{i}.{kv}" for i in range(layers)
+                                       for kv in ("key", "value")]
+    assert names == (outputs_and_cache if case in ("llama", "gpt2") else outputs)
     assert info["check"]["fp32"]["passed"] and not info["int8"]
     assert {"model.onnx", "config.json", "mmkit_onnx.json"} <= {p.name for p in folder.iterdir()}
     assert AutoConfig.from_pretrained(folder).model_type == load_model(model).family
@@ -124,6 +139,77 @@ def test_onnx_runtime_gives_pytorchs_outputs(case, classifiers, tmp_path):
         np.testing.assert_allclose(real_positions(batch, name, got[name]),
                                    real_positions(batch, name, want[name]),
                                    atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_causal_lm_decodes_on_its_exported_kv_cache_as_pytorch_does(family, tmp_path):
+    """Greedy decoding in ONNX Runtime, feeding back the presents the graph returns, picks
+    PyTorch's tokens with PyTorch's logits at every step (a prompt of another length and
+    batch than the exporter's own check)."""
+    from mmkit.core.decoding import greedy_decode
+    from mmkit.core.loading import load_model
+    from mmkit.core.ort_decoding import ort_greedy_decode
+
+    info = export(f"tiny:{family}", tmp_path / "onnx")
+    assert info["kv_cache"] is True and info["check"]["fp32"]["decoding"]["within_tolerance"]
+    names = [i["name"] for i in info["inputs"]]
+    layers = load_model(f"tiny:{family}").model.config.num_hidden_layers
+    assert names[:2] == ["input_ids", "attention_mask"]
+    assert names[-2 * layers:] == [f"past_key_values.{i}.{kv}" for i in range(layers)
+                                   for kv in ("key", "value")]
+    assert [o["name"] for o in info["outputs"]] == ["logits"] + [
+        f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+    loaded = load_model(f"tiny:{family}")
+    prompt = torch.randint(0, loaded.model.config.vocab_size, (3, 9),
+                           generator=torch.Generator().manual_seed(5))
+    want, _, _ = greedy_decode(loaded.model, prompt, 7)
+    sess = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"),
+                                providers=["CPUExecutionProvider"])
+    got, _, _, steps = ort_greedy_decode(sess, prompt.numpy(), 7)
+    np.testing.assert_array_equal(got, want.numpy())
+    # every step's logits: PyTorch's forward on the whole sequence so far, without a cache
+    with torch.no_grad():
+        full = loaded.model(torch.cat([prompt, want], dim=1), use_cache=False).logits
+    for step, logits in enumerate(steps):
+        np.testing.assert_allclose(logits, full[:, 8 + step].numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_bench_generates_in_onnx_runtime_with_the_pytorch_benchs_fields(tmp_path):
+    export("tiny:llama", tmp_path / "onnx", "--int8")
+    common = ("--generate", 5, "--seq-len", 12, "--repeats", 2, "--warmup", 1, "--threads", 1,
+              "--json")
+    reference = json.loads(run_cli("bench", "tiny:llama", *common).stdout)
+    assert reference["runtime"] == "torch"
+    for model in (tmp_path / "onnx", "tiny:llama"):  # an export, and a temporary one
+        run = run_cli("bench", model, "--runtime", "onnxruntime", "--batch-size", 1,
+                      "--batch-size", 3, *common)
+        assert run.exit_code == 0, run.output
+        rows = [json.loads(line) for line in run.stdout.strip().splitlines()]
+        assert [r["batch_size"] for r in rows] == [1, 3]
+        for r in rows:
+            assert set(reference) <= set(r) and r["runtime"] == "onnxruntime"
+            assert (r["prompt_tokens"], r["new_tokens"]) == (12, 5)
+            assert len(r["decode_seconds"]) == 2 and r["decode_tokens_per_s"] > 0
+            assert r["decode_tokens_per_s"] == pytest.approx(
+                r["batch_size"] * 5 / sorted(r["decode_seconds"])[0], rel=0.5)
+        assert rows[0]["dtype"] == ("int8" if model != "tiny:llama" else "float32")
+    human = run_cli("bench", tmp_path / "onnx", "--runtime", "onnxruntime", "--generate", 3,
+                    "--seq-len", 8, "--repeats", 1)
+    assert human.exit_code == 0 and "onnxruntime int8" in human.output and "tokens/s" in \
+        human.output
+
+
+def test_generating_with_an_export_that_cannot_is_refused(classifiers, tmp_path):
+    """An encoder's export, and a causal LM exported by an earlier mmkit (no cache)."""
+    export(str(classifiers["tiny:bert"]), tmp_path / "bert")
+    _refused(run_cli("bench", tmp_path / "bert", "--runtime", "onnxruntime", "--generate", 4,
+                     "--seq-len", 8), "needs a causal LM")
+    export("tiny:gpt2", tmp_path / "gpt2")
+    info_file = tmp_path / "gpt2" / "mmkit_onnx.json"
+    info_file.write_text(json.dumps({**json.loads(info_file.read_text()), "kv_cache": False}))
+    _refused(run_cli("bench", tmp_path / "gpt2", "--runtime", "onnxruntime", "--generate", 4,
+                     "--seq-len", 8), "without a KV cache")
 
 
 def _initializer_bytes(path) -> dict:
@@ -274,7 +360,6 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path):
     _refused(run_cli("export", "tiny:bert", "--onnx", "-o", stranger, "--overwrite"),
              "did not write")
     _refused(run_cli("bench", out), "--runtime onnxruntime")
-    _refused(run_cli("bench", out, "--runtime", "onnxruntime", "--generate", 4), "KV cache")
     _refused(run_cli("bench", out, "--runtime", "onnxruntime", "--task",
                      "text-classification", "--seq-len", 8), "exported for causal-lm")
 
