@@ -69,14 +69,27 @@ def _score(model, data, split="test") -> float:
     return evaluate(loaded, data, split)["accuracy"]
 
 
+def parse_space(text: str) -> dict:
+    """--space 'ffn=0.5,0.75,1;depth=3,4,5,6' -> {"ffn": [...], "depth": [...]} (empty: the
+    elastic method's defaults)."""
+    space = {}
+    for part in filter(None, (text or "").split(";")):
+        key, _, values = part.partition("=")
+        space[key.strip()] = [int(v) if key.strip() == "depth" else float(v)
+                              for v in values.split(",")]
+    return space
+
+
 def train(args, work: Path, data) -> dict:
     """Dense and elastic fine-tunes: full-network accuracy and training time."""
     common = {"step": "finetune", "epochs": args.epochs, "lr": args.lr}
     dense = _finetune(work, f"dense-n{args.train_samples}-e{args.epochs}",
                       {**common, "method": "full"}, args)
-    elastic = _finetune(work, f"elastic-n{args.train_samples}-e{args.epochs}-s{args.samples_k}",
-                        {**common, "method": "elastic", "mode": "sampled",
-                         "samples": args.samples_k}, args)
+    space = parse_space(args.space)
+    tag = "".join(f"-{k}{'_'.join(f'{x:g}' for x in v)}" for k, v in space.items())
+    elastic = _finetune(work, f"elastic-n{args.train_samples}-e{args.epochs}-s{args.samples_k}"
+                        f"{tag}", {**common, "method": "elastic", "mode": "sampled",
+                                   "samples": args.samples_k, **space}, args)
     for row in (dense, elastic):
         row["test_accuracy"] = _score(row["artifact"], data)
     return {"dense": dense, "elastic": elastic,
@@ -98,11 +111,13 @@ def cost(args, work: Path) -> dict:
     from mmkit.core.recipe import run_recipe
 
     runs = {"dense": [], "elastic-sampled": [], "elastic-nested": []}
+    space = parse_space(args.space)
     steps = {"dense": {"method": "full"},
              "elastic-sampled": {"method": "elastic", "mode": "sampled",
-                                 "samples": args.samples_k},
+                                 "samples": args.samples_k, **space},
              "elastic-nested": {"method": "elastic", "mode": "nested",
-                                "samples": args.samples_k}}
+                                "samples": args.samples_k,
+                                **{k: v for k, v in space.items() if k != "depth"}}}
     for _ in range(args.cost_repeats):
         for name, step in steps.items():
             out = work / "cost" / name
@@ -232,6 +247,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--samples-k", type=int, default=1,
                         help="elastic: random sub-networks per step")
+    parser.add_argument("--space", default="",
+                        help="the elastic space trained ('' for the method's defaults)")
     parser.add_argument("--recovery-steps", type=int, default=60)
     parser.add_argument("--cost-steps", type=int, default=20)
     parser.add_argument("--cost-repeats", type=int, default=3)

@@ -163,6 +163,8 @@ def main() -> None:
                         help="bench/elastic.py's folder: its fine-tunes are reused")
     parser.add_argument("--samples", type=int, default=500, help="tweets per split scored")
     parser.add_argument("--trials", type=int, default=30)
+    parser.add_argument("--space", default="",
+                        help="bench/elastic.py's --space: the elastic model searched")
     # 0.3x of the float export is about 2x faster than its int8 (0.6x): only the deepest cuts
     # reach it (a first run: none did, 0.302x at best), so the search runs at a budget its
     # accurate points can meet and the comparison says how far that is from 2x
@@ -184,7 +186,8 @@ def main() -> None:
 
     ea = argparse.Namespace(train_samples=200 if args.quick else 2000,
                             samples=100 if args.quick else args.samples,
-                            epochs=1 if args.quick else 2, lr=5e-5, samples_k=1)
+                            epochs=1 if args.quick else 2, lr=5e-5, samples_k=1,
+                            space=args.space)
     if args.quick:
         args.samples, args.trials, args.rounds, args.budget = 100, 4, 6, 0.9
     work = Path(args.work + ("-quick" if args.quick else ""))
