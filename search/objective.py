@@ -81,8 +81,6 @@ class Trial:
         """The Optuna objective."""
         import optuna
 
-        from ..core.layers import weight_bytes
-        from ..core.profile import megabytes
         from .space import point_key, steps_for
 
         start = time.perf_counter()
@@ -98,41 +96,70 @@ class Trial:
             log.info("trial %d: %s is trial %d's point; skipped", trial.number, key, twin)
             self._move_on(trial, {key, *settled, *running})
             raise optuna.TrialPruned(f"the point {key} is trial {twin}'s")
-        steps = steps_for(params, self.depth, self.calib, self.base.extra.get("elastic"))
+        elastic = self.base.extra.get("elastic")
+        steps = steps_for(params, self.depth, self.calib, elastic)
         trial.set_user_attr("steps", steps)
+        # recovery trains weights, not the architecture: the latency it would be timed at is
+        # the cut model's, so the training is paid for only by a point within the budget
+        deferred = steps if params.get("recovery") else None
         try:
-            loaded = self.build(steps)
+            loaded = self.build(steps_for({**params, "recovery": 0}, self.depth, self.calib,
+                                          elastic) if deferred else steps)
         except InputError as exc:  # e.g. every layer removed: not a candidate
             trial.set_user_attr("invalid", str(exc))
             self._stop_when_all_tried(trial, {key, *settled})
             raise optuna.TrialPruned(str(exc)) from None
         if self.runtime == "onnxruntime":
-            reference = self.reference()  # the unmodified model must export: else stop here
+            self.reference()  # the unmodified model must export: else stop here
             try:
-                with self.in_onnxruntime(loaded, params) as (candidate, size):
-                    measured = self._measure(trial, key, candidate, reference, size)
+                measured = self._measure(trial, key, loaded, params, deferred)
             except (InputError, RuntimeFailure) as exc:  # this cut's graph does not export
                 log.warning("trial %d (%s): %s", trial.number, key, exc)
                 trial.set_user_attr("invalid", f"ONNX export: {exc}")
                 self._stop_when_all_tried(trial, {key, *settled})
                 raise optuna.TrialPruned(str(exc)) from None
         else:
-            measured = self._measure(trial, key, loaded, self.base,
-                                     megabytes(weight_bytes(loaded.model)))
+            measured = self._measure(trial, key, loaded, params, deferred)
         trial.set_user_attr("seconds", time.perf_counter() - start)
         self._stop_when_all_tried(trial, {key, *settled})
         return tuple(measured.get(n, OBJECTIVES[n][1]) for n in self.objectives)
 
-    def _measure(self, trial, key: str, loaded, reference, size: float) -> dict:
-        """Latency (interleaved with `reference`), size, and quality when within budget; the
-        trial's attributes are set on the way."""
-        from ..core.evaluate import evaluate
+    def _measure(self, trial, key: str, loaded, params: dict, deferred: list | None) -> dict:
+        """Time `loaded` in the target runtime and, within the budget, score it; when its
+        recovery was `deferred` (the full steps), the model those steps build is scored."""
+        with self.candidate(loaded, params) as (candidate, reference, size):
+            measured = self._time(trial, candidate, reference, size)
+            if deferred is not None and measured["over"] > 0:
+                trial.set_user_attr("recovery_trained", False)
+            if measured["over"] > 0 or deferred is None:
+                return self._score(trial, key, candidate, measured)
+        loaded = self.build(deferred)
+        trial.set_user_attr("recovery_trained", True)
+        with self.candidate(loaded, params) as (candidate, _, _):
+            return self._score(trial, key, candidate, measured)
+
+    @contextlib.contextmanager
+    def candidate(self, loaded, params: dict):
+        """(the model the runtime runs, the unmodified model it is timed against, its size in
+        MB): `loaded` itself in PyTorch, its export under ONNX Runtime."""
+        from ..core.layers import weight_bytes
+        from ..core.profile import megabytes
+
+        if self.runtime == "onnxruntime":
+            with self.in_onnxruntime(loaded, params) as (exported, size):
+                yield exported, self.reference(), size
+        else:
+            yield loaded, self.base, megabytes(weight_bytes(loaded.model))
+
+    def _time(self, trial, candidate, reference, size: float) -> dict:
+        """Latency (interleaved with `reference`) and size, and how far over the budget
+        (`over`, > 0: over); the trial's attributes are set on the way."""
         from ..core.profile import profile_pair
         from .results import budget_text
 
         # timed interleaved with the unmodified model, so that the ratio holds while the
         # machine's speed drifts between (and during) trials
-        prof = profile_pair(loaded, reference, self.device, batch_size=self.batch_size,
+        prof = profile_pair(candidate, reference, self.device, batch_size=self.batch_size,
                             seq_len=self.seq_len, warmup=2, rounds=self.repeats)
         latency = prof["candidate_ms"]["median"]
         over = self._over_budget(latency, prof["ratio"])
@@ -145,21 +172,28 @@ class Trial:
         trial.set_user_attr("load_per_cpu", prof["environment"]["load_per_cpu"])
         trial.set_user_attr("size_mb", size)
         trial.set_user_attr("constraint", [over])
-        measured = {"latency": latency, "size": size}
-        if over > 0:  # over the budget: no need to pay for the evaluation
+        if over > 0:  # over the budget: no need to pay for the evaluation (nor the recovery)
             trial.set_user_attr("evaluated", False)
             log.info("trial %d: %.1f ms, %.2fx the unmodified model, over the %s budget; not "
                      "evaluated", trial.number, latency, prof["ratio"],
                      budget_text(self.budget_ms, self.settings.budget_ratio))
-        else:
-            metrics = evaluate(loaded, self.dataset, "validation")
-            measured.update({k: metrics[k] for k in QUALITY if k in metrics})
-            trial.set_user_attr("evaluated", True)
-            trial.set_user_attr("metrics", {k: metrics[k] for k in QUALITY if k in metrics})
-            log.info("trial %d (%s): %s, %.1f ms (%.2fx the unmodified model), %.1f MB",
-                     trial.number, key,
-                     ", ".join(f"{k} {v:.4f}" for k, v in trial.user_attrs["metrics"].items()),
-                     latency, prof["ratio"], size)
+        return {"latency": latency, "size": size, "ratio": prof["ratio"], "over": over}
+
+    def _score(self, trial, key: str, candidate, measured: dict) -> dict:
+        """`measured` with the candidate's quality on the validation split when it is within
+        the budget (as it is)."""
+        from ..core.evaluate import evaluate
+
+        if measured["over"] > 0:
+            return measured
+        metrics = evaluate(candidate, self.dataset, "validation")
+        measured = {**measured, **{k: metrics[k] for k in QUALITY if k in metrics}}
+        trial.set_user_attr("evaluated", True)
+        trial.set_user_attr("metrics", {k: metrics[k] for k in QUALITY if k in metrics})
+        log.info("trial %d (%s): %s, %.1f ms (%.2fx the unmodified model), %.1f MB",
+                 trial.number, key,
+                 ", ".join(f"{k} {v:.4f}" for k, v in trial.user_attrs["metrics"].items()),
+                 measured["latency"], measured["ratio"], measured["size"])
         return measured
 
     @contextlib.contextmanager

@@ -406,3 +406,16 @@ def test_search_recovery_distils_from_the_unmodified_model(tmp_path, tiny_artifa
                              for t in recovered)
     for t in recovered:
         assert t.user_attrs["steps"][-1]["method"] == "distill"
+        assert t.user_attrs["recovery_trained"] and t.user_attrs["evaluated"]
+
+    # over the budget, a point is timed without its recovery, which is never trained
+    tight = tmp_path / "t"
+    r = run_cli("search", str(tiny_artifacts["tiny:bert"]), "--data", "tweets-sentiment",
+                "--max-samples", "32", "--space", str(space), "--sampler", "grid",
+                "--trials", "4", "--seq-len", "16", "--export", "none",
+                "--latency-budget", "0.001ms", "-o", str(tight))
+    assert r.exit_code == 1 and "fastest point" in r.output
+    study = optuna.load_study(study_name="mmkit-search", storage=f"sqlite:///{tight}/study.db")
+    recovered = [t for t in study.trials if t.params.get("recovery")]
+    assert recovered and all(t.user_attrs["recovery_trained"] is False
+                             and t.user_attrs["latency_ms"] > 0 for t in recovered)
