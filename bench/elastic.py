@@ -11,8 +11,9 @@
   from the elastic model; pruned from the dense fine-tune (no recovery); pruned, then
   distilled from the uncut model for a fixed number of steps (`finetune distill`). Test
   accuracy and parameters of each.
-- search: `mmkit search` on the elastic model (TPE, 30 trials, budget 0.5x, knobs layers,
-  heads, ffn, quant); the exported model timed interleaved against the dense fine-tune
+- search: `mmkit search` on the elastic model (TPE, 30 trials, budget 0.5x, --knobs: layers,
+  heads, ffn, quant and recovery, the short distillation from the uncut model that a point
+  within the budget gets); the exported model timed interleaved against the dense fine-tune
   (batch 1, seq 64) and scored on test; hypervolume (validation accuracy x latency ratio, up
   to the budget) of the 30 TPE trials against 100 random ones on the same space.
 
@@ -190,7 +191,7 @@ def _search(model: str, sampler: str, trials: int, args, out: Path, export: str)
 
     request = SearchRequest(model=model, data=DataSpec(data="tweets-sentiment",
                                                        max_samples=args.samples, seed=0),
-                            budget=f"{args.budget}x", knobs="layers,heads,ffn,quant",
+                            budget=f"{args.budget}x", knobs=args.knobs,
                             sampler=sampler, seq_len=64, out=out)
     try:
         result = search(prepare(request, RunOptions(overwrite=True)), trials, None, 1, export)
@@ -249,6 +250,8 @@ def main() -> None:
                         help="elastic: random sub-networks per step")
     parser.add_argument("--space", default="",
                         help="the elastic space trained ('' for the method's defaults)")
+    parser.add_argument("--knobs", default="layers,heads,ffn,quant,recovery",
+                        help="the search's knobs (on the elastic model)")
     parser.add_argument("--recovery-steps", type=int, default=60)
     parser.add_argument("--cost-steps", type=int, default=20)
     parser.add_argument("--cost-repeats", type=int, default=3)

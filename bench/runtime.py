@@ -1,7 +1,7 @@
 """ONNX Runtime against PyTorch on the minilm sentiment classifier, and the model
 `mmkit search --runtime onnxruntime` finds, all timed interleaved on this CPU.
 
-    HF_HUB_OFFLINE=1 python bench/runtime.py [--parts compare,search] [--quick]
+    HF_HUB_OFFLINE=1 python bench/runtime.py [--parts compare,decode,search] [--quick]
 
 - compare: the dense fine-tune (bench/elastic.py's, 2,000 tweets, 2 epochs; trained once and
   cached in --work) as PyTorch fp32, mmkit dynamic-int8, ONNX Runtime fp32 and ONNX Runtime
@@ -9,10 +9,14 @@
   32 (seq 64, 2 threads), all four interleaved round by round, idle threads sleeping in both
   runtimes (OMP_WAIT_POLICY=PASSIVE for torch), which costs torch some of its own speed.
 - search: `mmkit search --runtime onnxruntime` on bench/elastic.py's elastic super-network
-  (its trained sub-networks x ONNX Runtime int8), 30 TPE trials under a budget relative to the
+  (its trained sub-networks x ONNX Runtime int8 x a short distillation from the uncut model
+  for points within the budget), 30 TPE trials under a budget relative to the
   unmodified model's float export; its exported graph is then timed interleaved with ONNX
   Runtime int8 of the dense fine-tune (the best a user gets from an exporter and ONNX
   Runtime's quantizer alone). Goal: >= 2x faster at <= 1 point of test accuracy.
+
+- decode: smollm2 exported with its KV cache (`mmkit export --onnx`, float32) against PyTorch
+  float32: prefill of 128 tokens and greedy decode tokens/s at batch 1 and 4, interleaved.
 
 Writes bench/results/runtime.json. Not a test; run it alone.
 """
@@ -125,7 +129,7 @@ def search_part(args, work: Path, data, trained: dict) -> dict:
     request = SearchRequest(model=trained["elastic"]["artifact"],
                             data=DataSpec(data="tweets-sentiment", max_samples=args.samples,
                                           seed=0),
-                            budget=f"{args.budget}x", knobs="layers,heads,ffn,quant",
+                            budget=f"{args.budget}x", knobs=args.knobs,
                             sampler="tpe", seq_len=64, threads=args.threads, out=out,
                             runtime="onnxruntime")
     try:
@@ -154,15 +158,68 @@ def search_part(args, work: Path, data, trained: dict) -> dict:
                                      and points_dense <= 1.0}}
 
 
+def decode_part(args, work: Path) -> dict:
+    """smollm2 decoding in PyTorch fp32 and in ONNX Runtime on its export with the KV cache
+    (fp32: dynamic int8 loses causal LMs' outliers), interleaved round by round: the same
+    prompt, the same forwards, and whether both pick the same greedy tokens."""
+    import numpy as np
+    import torch
+
+    from mmkit.compression.onnx_export import export_onnx
+    from mmkit.core.decoding import greedy_decode
+    from mmkit.core.loading import load_model
+    from mmkit.core.ort_decoding import ort_greedy_decode
+    from mmkit.core.ort_runtime import session
+
+    folder = work / "smollm2-onnx"
+    if not (folder / "mmkit_onnx.json").is_file():
+        export_onnx("smollm2", folder, overwrite=True)
+    model = load_model("smollm2", "causal-lm").model
+    sess = session(folder / "model.onnx", args.threads, spin=False)
+    rows = {}
+    for batch in (1, 4):
+        prompt = torch.randint(5, model.config.vocab_size, (batch, 128),
+                               generator=torch.Generator().manual_seed(0))
+        times = {"torch": ([], []), "onnxruntime": ([], [])}
+        for r in range(args.decode_rounds + 1):  # round 0 warms up
+            for name in (("torch", "onnxruntime") if r % 2 else ("onnxruntime", "torch")):
+                if name == "torch":
+                    tokens, prefill, decode = greedy_decode(model, prompt, args.new_tokens)
+                    torch_tokens = tokens.numpy()
+                else:
+                    tokens, prefill, decode, _ = ort_greedy_decode(sess, prompt.numpy(),
+                                                                   args.new_tokens)
+                    ort_tokens = tokens
+                if r:
+                    times[name][0].append(prefill * 1e3)
+                    times[name][1].append(decode * 1e3 / args.new_tokens)
+        row = {name: {"prefill_ms": statistics.median(p),
+                      "decode_tokens_per_s": batch * 1e3 / statistics.median(d)}
+               for name, (p, d) in times.items()}
+        row["ort_over_torch_decode"] = (row["onnxruntime"]["decode_tokens_per_s"]
+                                        / row["torch"]["decode_tokens_per_s"])
+        row["ort_over_torch_prefill_time"] = (row["onnxruntime"]["prefill_ms"]
+                                              / row["torch"]["prefill_ms"])
+        row["same_greedy_tokens"] = float(np.mean(ort_tokens == torch_tokens))
+        rows[f"batch_{batch}"] = row
+    return {"model": "smollm2 (float32 in both runtimes)",
+            "decoding": f"prompt 128 random tokens, {args.new_tokens} greedy tokens on the KV "
+                        f"cache; medians of {args.decode_rounds} interleaved rounds, "
+                        f"{args.threads} threads",
+            "onnx_mb": json.loads((folder / "mmkit_onnx.json").read_text())["onnx_mb"], **rows}
+
+
 def main() -> None:
     """Run the parts asked for and write the JSON (parts not run keep their old figures)."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="compare,search")
+    parser.add_argument("--parts", default="compare,decode,search")
     parser.add_argument("--work", default="/tmp/mmkit-bench-elastic",
                         help="bench/elastic.py's folder: its fine-tunes are reused")
     parser.add_argument("--samples", type=int, default=500, help="tweets per split scored")
     parser.add_argument("--trials", type=int, default=30)
+    parser.add_argument("--knobs", default="layers,heads,ffn,quant,recovery",
+                        help="the search's knobs (recovery: distillation from the uncut model)")
     parser.add_argument("--space", default="",
                         help="bench/elastic.py's --space: the elastic model searched")
     # 0.3x of the float export is about 2x faster than its int8 (0.6x): only the deepest cuts
@@ -171,6 +228,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.45)
     parser.add_argument("--rounds", type=int, default=60, help="interleaved rounds, batch 1")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--decode-rounds", type=int, default=5, help="decode: interleaved rounds")
+    parser.add_argument("--new-tokens", type=int, default=32, help="decode: greedy tokens")
     parser.add_argument("--quick", action="store_true", help="tiny settings to try the bench")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -203,6 +262,9 @@ def main() -> None:
     parts = args.parts.split(",")
     if "compare" in parts:
         result["compare"] = compare(args, work, data, trained["dense"]["artifact"])
+        write_result(result, out)
+    if "decode" in parts:
+        result["decode"] = decode_part(args, work)
         write_result(result, out)
     if "search" in parts:
         _variants(work, trained["dense"]["artifact"])  # the exports the search compares with
