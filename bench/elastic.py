@@ -12,8 +12,9 @@
   distilled from the uncut model for a fixed number of steps (`finetune distill`). Test
   accuracy and parameters of each.
 - search: `mmkit search` on the elastic model (TPE, 30 trials, budget 0.5x, --knobs: layers,
-  heads, ffn, quant and recovery, the short distillation from the uncut model that a point
-  within the budget gets); the exported model timed interleaved against the dense fine-tune
+  heads, ffn, quant; `--knobs layers,heads,ffn,quant,recovery` adds the short distillation
+  from the uncut model, its figures kept under its own key); the exported model timed
+  interleaved against the dense fine-tune
   (batch 1, seq 64) and scored on test; hypervolume (validation accuracy x latency ratio, up
   to the budget) of the 30 TPE trials against 100 random ones on the same space.
 
@@ -32,6 +33,7 @@ from pathlib import Path
 
 from results_io import RESULTS, write_result  # bench/ is on sys.path when run as a script
 
+KNOBS = "layers,heads,ffn,quant"  # the search's default knobs: sub-networks x quantization
 CUTS = {"ffn-50": {"ffn": 0.5}, "heads-50": {"heads": 0.5}, "depth-4": {"depth": 4},
         "all-three": {"ffn": 0.5, "heads": 0.5, "depth": 4}}
 
@@ -250,8 +252,9 @@ def main() -> None:
                         help="elastic: random sub-networks per step")
     parser.add_argument("--space", default="",
                         help="the elastic space trained ('' for the method's defaults)")
-    parser.add_argument("--knobs", default="layers,heads,ffn,quant,recovery",
-                        help="the search's knobs (on the elastic model)")
+    parser.add_argument("--knobs", default=KNOBS,
+                        help="the search's knobs (on the elastic model); with recovery, each "
+                             "point within the budget is distilled from the uncut model")
     parser.add_argument("--recovery-steps", type=int, default=60)
     parser.add_argument("--cost-steps", type=int, default=20)
     parser.add_argument("--cost-repeats", type=int, default=3)
@@ -285,8 +288,9 @@ def main() -> None:
         result["cost"] = cost(args, work)
     if "cuts" in parts:
         result["cuts"] = cuts(args, work, data, trained)
-    if "search" in parts:
-        result["search"] = search_part(args, work, data, trained)
+    if "search" in parts:  # another knob set than the default's is kept beside it
+        key = "search" if args.knobs == KNOBS else f"search ({args.knobs})"
+        result[key] = {**search_part(args, work, data, trained), "knobs": args.knobs}
     import torch
 
     result["settings"] = {k: v for k, v in vars(args).items() if k != "out"}

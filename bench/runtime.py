@@ -9,12 +9,11 @@
   32 (seq 64, 2 threads), all four interleaved round by round, idle threads sleeping in both
   runtimes (OMP_WAIT_POLICY=PASSIVE for torch), which costs torch some of its own speed.
 - search: `mmkit search --runtime onnxruntime` on bench/elastic.py's elastic super-network
-  (its trained sub-networks x ONNX Runtime int8 x a short distillation from the uncut model
-  for points within the budget), 30 TPE trials under a budget relative to the
-  unmodified model's float export; its exported graph is then timed interleaved with ONNX
-  Runtime int8 of the dense fine-tune (the best a user gets from an exporter and ONNX
-  Runtime's quantizer alone). Goal: >= 2x faster at <= 1 point of test accuracy.
-
+  (its trained sub-networks x ONNX Runtime int8; --knobs), 30 TPE trials under a budget
+  relative to the unmodified model's float export; its exported graph is then timed
+  interleaved with ONNX Runtime int8 of the dense fine-tune (the best a user gets from an
+  exporter and ONNX Runtime's quantizer alone). Goal: >= 2x faster at <= 1 point of test
+  accuracy.
 - decode: smollm2 exported with its KV cache (`mmkit export --onnx`, float32) against PyTorch
   float32: prefill of 128 tokens and greedy decode tokens/s at batch 1 and 4, interleaved.
 
@@ -218,8 +217,9 @@ def main() -> None:
                         help="bench/elastic.py's folder: its fine-tunes are reused")
     parser.add_argument("--samples", type=int, default=500, help="tweets per split scored")
     parser.add_argument("--trials", type=int, default=30)
-    parser.add_argument("--knobs", default="layers,heads,ffn,quant,recovery",
-                        help="the search's knobs (recovery: distillation from the uncut model)")
+    parser.add_argument("--knobs", default="layers,heads,ffn,quant",
+                        help="the search's knobs (add recovery: distillation from the uncut "
+                             "model for each point within the budget)")
     parser.add_argument("--space", default="",
                         help="bench/elastic.py's --space: the elastic model searched")
     # 0.3x of the float export is about 2x faster than its int8 (0.6x): only the deepest cuts
