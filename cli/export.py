@@ -14,7 +14,7 @@ def _human(r: dict) -> str:
     line = (f"{r['artifact']}  ONNX {kind} of {r['model']} ({what}): "
             f"model.onnx {r['onnx_mb']:.1f} MB, opset {r['opset']}\n"
             f"  float32 vs PyTorch: max |diff| {fp32['max_abs_diff']:.2g} on "
-            f"{sum(fp32['batches'])} inputs (within {fp32['atol']:g} + {fp32['rtol']:g} x |value|)")
+            f"{sum(fp32['batches'])} inputs (within {fp32['atol']:g} + {fp32['rtol']:g} x each row's largest |value|)")
     int8 = r["check"].get("int8")
     if int8:
         agreement = "; ".join(

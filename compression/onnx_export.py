@@ -32,7 +32,8 @@ log = logging.getLogger("mmkit")
 
 SCHEMA_VERSION = 1
 OPSET = 18  # the opset torch's exporter is built on; ONNX Runtime 1.17+ runs it
-ATOL = RTOL = 1e-4  # float32 graph vs PyTorch, each value: |ort - torch| <= ATOL + RTOL*|torch|
+# float32 graph vs PyTorch, each value: |ort - torch| <= ATOL + RTOL * max |torch| of its row
+ATOL = RTOL = 1e-4
 EXTERNAL_BYTES = 1_800_000_000  # above this the weights go to model.onnx.data (protobuf: 2 GB)
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 SCRATCH = ".fp32"  # inside the output being written: the float graph an int8 export starts from
@@ -93,13 +94,14 @@ def export_model_(loaded, folder, *, int8: bool = False, threads: int | None = N
     take (mmkit's packed quantized layers, bitsandbytes, simulated activation quantization)
     are refused with an InputError naming the layer and the fix.
 
-    The float32 graph must give PyTorch's outputs within ATOL + RTOL*|value| on real inputs
-    of several batch sizes and lengths, else RuntimeFailure (with `folder` holding partial
-    files: write into a staging or temporary folder, as `export_onnx` does). With `int8`, the
-    graph is then quantized by ONNX Runtime (dynamic: int8 weights per output channel, the
-    embedding tables too; activations quantized at run time) and its distance to PyTorch is
-    reported (largest difference, top-1 agreement or cosine), not enforced. `threads` sets
-    the checking sessions' threads (default: torch's count).
+    The float32 graph must give PyTorch's outputs within ATOL + RTOL x the largest |value| of
+    each row (`onnx_check.within`) on real inputs of several batch sizes and lengths, else
+    RuntimeFailure (with `folder` holding partial files: write into a staging or temporary
+    folder, as `export_onnx` does). With `int8`, the graph is then quantized by ONNX Runtime
+    (dynamic: int8 weights per output channel, the embedding tables too; activations
+    quantized at run time) and its distance to PyTorch is reported (largest difference, top-1
+    agreement or cosine), not enforced. `threads` sets the checking sessions' threads
+    (default: torch's count).
     """
     require_exporter()
     folder = Path(folder)
@@ -131,7 +133,7 @@ def export_model_(loaded, folder, *, int8: bool = False, threads: int | None = N
         fp32["passed"] = fp32["passed"] and fp32["decoding"]["within_tolerance"]
     if not fp32["passed"]:
         raise RuntimeFailure(f"The ONNX graph of '{ref}' does not reproduce PyTorch's outputs: "
-                             f"{_worst(fp32)} (tolerance {ATOL} + {RTOL} x |value|), so it was "
+                             f"{_worst(fp32)} (tolerance {ATOL} + {RTOL} x the row's largest |value|), so it was "
                              "not written. This is a bug in the exporter or in mmkit; please "
                              "report it with the model's config.json.")
     report = {"fp32": fp32}

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..core.ort_decoding import PAST, PRESENT, ort_greedy_decode
+from .onnx_check import within
 
 TRACE_PAST = 3  # past length of the traced call: above 1, so torch.export keeps it symbolic
 
@@ -169,5 +170,4 @@ def check_decoding(sess, model, prompt: torch.Tensor, new_tokens: int, atol: flo
             "max_abs_diff": float(max(d.max() for d in diffs)),
             "argmax_agreement": float(np.mean([(g.argmax(-1) == w.argmax(-1)).mean()
                                                for g, w in zip(got, want)])),
-            "within_tolerance": all(bool(np.all(d <= atol + rtol * np.abs(w)))
-                                    for d, w in zip(diffs, want))}
+            "within_tolerance": all(within(d, w, atol, rtol) for d, w in zip(diffs, want))}

@@ -404,3 +404,19 @@ def test_minilm_exports_and_matches_sentence_embeddings(tmp_path):
     cosine = np.sum(got8 * pooled(want), -1) / (np.linalg.norm(got8, axis=-1)
                                                 * np.linalg.norm(pooled(want), axis=-1))
     assert cosine.min() > 0.97
+
+
+def test_the_tolerance_scales_with_each_rows_largest_value():
+    """float32 rounding in a row (one token's logits) grows with its largest values: a logit
+    near 0 beside logits of 30 may differ by 1.5e-4 (smollm2's export), a row of small values
+    keeps the tight bound, and a real error (0.1) fails either way."""
+    from mmkit.compression.onnx_check import compare, within
+
+    ref = np.array([[30.0, 0.01, -2.0], [0.5, 0.01, -0.2]])
+    rounding = np.array([[0.0, 2e-4, 0.0], [0.0, 0.0, 0.0]])
+    assert within(rounding, ref, 1e-4, 1e-4)  # the first row's bound: 1e-4 + 30e-4
+    assert not within(rounding[::-1], ref, 1e-4, 1e-4)  # the second row's: 1.5e-4
+    assert not within(np.array([[0.0, 0.1, 0.0], [0.0] * 3]), ref, 1e-4, 1e-4)
+    report = compare("logits", [(ref, ref + rounding)], 1e-4, 1e-4)
+    assert report["within_tolerance"] and report["argmax_agreement"] == 1.0
+    assert report["max_abs_diff"] == pytest.approx(2e-4)
