@@ -15,7 +15,8 @@
   exporter and ONNX Runtime's quantizer alone). Goal: >= 2x faster at <= 1 point of test
   accuracy.
 - decode: smollm2 exported with its KV cache (`mmkit export --onnx`, float32) against PyTorch
-  float32: prefill of 128 tokens and greedy decode tokens/s at batch 1 and 4, interleaved.
+  float32: prefill of 128 tokens and greedy decode tokens/s at batch 1 and 4, interleaved in
+  one process; then at batch 1 each in its own `mmkit bench --generate` process, alternated.
 
 Writes bench/results/runtime.json. Not a test; run it alone.
 """
@@ -157,6 +158,35 @@ def search_part(args, work: Path, data, trained: dict) -> dict:
                                      and points_dense <= 1.0}}
 
 
+def _decode_alone(folder: Path, args) -> dict:
+    """Each runtime in its own `mmkit bench --generate` process with its default threading
+    (torch's threads spinning, as a user runs it), the two alternated: medians of the runs'
+    figures. In one process torch's threads must sleep between calls, which slows its decode
+    steps (many small ops per token) more than its prefill."""
+    import subprocess
+    import sys
+
+    common = ["--generate", str(args.new_tokens), "--seq-len", "128", "--threads",
+              str(args.threads), "--warmup", "1", "--repeats", "5", "--json"]
+    commands = {"torch": ["smollm2", "--task", "causal-lm"],
+                "onnxruntime": [str(folder), "--runtime", "onnxruntime"]}
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    runs = {name: [] for name in commands}
+    for _ in range(args.decode_rounds // 2 + 1):
+        for name, command in commands.items():
+            done = subprocess.run([sys.executable, "-m", "mmkit.cli.main", "bench", *command,
+                                   *common], capture_output=True, text=True, env=env,
+                                  check=True)
+            runs[name].append(json.loads(done.stdout))
+    row = {name: {"prefill_ms": statistics.median(r["prefill_ms"]["median"] for r in rs),
+                  "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in rs),
+                  "runs": len(rs)}
+           for name, rs in runs.items()}
+    row["ort_over_torch_decode"] = (row["onnxruntime"]["decode_tokens_per_s"]
+                                    / row["torch"]["decode_tokens_per_s"])
+    return row
+
+
 def decode_part(args, work: Path) -> dict:
     """smollm2 decoding in PyTorch fp32 and in ONNX Runtime on its export with the KV cache
     (fp32: dynamic int8 loses causal LMs' outliers), interleaved round by round: the same
@@ -201,6 +231,7 @@ def decode_part(args, work: Path) -> dict:
                                               / row["torch"]["prefill_ms"])
         row["same_greedy_tokens"] = float(np.mean(ort_tokens == torch_tokens))
         rows[f"batch_{batch}"] = row
+    rows["alone_batch_1"] = _decode_alone(folder, args)
     return {"model": "smollm2 (float32 in both runtimes)",
             "decoding": f"prompt 128 random tokens, {args.new_tokens} greedy tokens on the KV "
                         f"cache; medians of {args.decode_rounds} interleaved rounds, "
