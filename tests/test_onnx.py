@@ -5,6 +5,7 @@ the bench's figures have the PyTorch bench's fields, and bad input exits 2 with 
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -191,8 +192,10 @@ def test_bench_generates_in_onnx_runtime_with_the_pytorch_benchs_fields(tmp_path
             assert set(reference) <= set(r) and r["runtime"] == "onnxruntime"
             assert (r["prompt_tokens"], r["new_tokens"]) == (12, 5)
             assert len(r["decode_seconds"]) == 2 and r["decode_tokens_per_s"] > 0
+            # the median repeat's rate (not the fastest's: a check that holds on a loaded
+            # machine, where two repeats' times can differ several-fold)
             assert r["decode_tokens_per_s"] == pytest.approx(
-                r["batch_size"] * 5 / sorted(r["decode_seconds"])[0], rel=0.5)
+                r["batch_size"] * 5 / statistics.median(r["decode_seconds"]), rel=1e-9)
         assert rows[0]["dtype"] == ("int8" if model != "tiny:llama" else "float32")
     human = run_cli("bench", tmp_path / "onnx", "--runtime", "onnxruntime", "--generate", 3,
                     "--seq-len", 8, "--repeats", 1)
