@@ -288,9 +288,14 @@ def main() -> None:
         result["cost"] = cost(args, work)
     if "cuts" in parts:
         result["cuts"] = cuts(args, work, data, trained)
-    if "search" in parts:  # another knob set than the default's is kept beside it
-        key = "search" if args.knobs == KNOBS else f"search ({args.knobs})"
-        result[key] = {**search_part(args, work, data, trained), "knobs": args.knobs}
+    if "search" in parts:  # another knob set or trained space is kept beside the default's
+        key = "search" + (f" ({args.knobs})" if args.knobs != KNOBS else "") + (
+            f" (space {args.space})" if args.space else "")
+        result[key] = {**search_part(args, work, data, trained), "knobs": args.knobs,
+                       "space": args.space or "the elastic method's default",
+                       "elastic_test_accuracy": trained["elastic"]["test_accuracy"],
+                       "dense_test_accuracy": trained["dense"]["test_accuracy"],
+                       "training_time_ratio": trained["training_time_ratio"]}
     import torch
 
     result["settings"] = {k: v for k, v in vars(args).items() if k != "out"}

@@ -136,20 +136,38 @@ def test_fused_kernels_on_other_cpu_branches(capability, allowed):
     assert 0 < out["8"] < BF16_TOL and 0 < out["4"] < BF16_TOL
 
 
-@pytest.mark.parametrize("capability,rows,fused", [
-    ("AVX512", 1, True), ("AVX512", 2048, False), ("AVX2", 16, True), ("AVX2", 64, False),
-    ("DEFAULT", 1, False)])
-def test_the_faster_kernel_is_picked_by_rows_and_cpu(monkeypatch, capability, rows, fused):
-    """8-bit: fused for few rows, dequantize + fp32 matmul for many; never on a CPU without
-    AVX2 (the measured cross-overs are in kernels.FUSED_MAX_ROWS)."""
+@pytest.mark.parametrize("capability,fused_s,dequant_s,fused", [
+    ("AVX512", 1.0, 2.0, True), ("AVX512", 2.0, 1.0, False), ("AVX2", 1.0, 2.0, True),
+    ("DEFAULT", 1.0, 2.0, False)])
+def test_the_kernel_measured_faster_is_picked_once_per_shape_and_rows(
+        monkeypatch, capability, fused_s, dequant_s, fused):
+    """The faster kernel differs between CPUs of one capability (an EPYC and an AMX Xeon are
+    both AVX512 to torch), so it is measured: once per layer shape and power-of-two bucket of
+    rows; never fused on a CPU without AVX2."""
     monkeypatch.delenv("MMKIT_QUANT_KERNEL", raising=False)
     monkeypatch.setattr(kernels, "_capability", lambda: capability)
+    monkeypatch.setattr(kernels, "_FASTER", {})
+    timed = []
+
+    def timing(layer, plan, rows, repeats=3):
+        timed.append(rows)
+        return fused_s, dequant_s
+
+    monkeypatch.setattr(kernels, "time_kernels", timing)
     layer, _, _ = _layer(8, None, True)
-    x = torch.randn(rows, 96)
-    with torch.no_grad():
-        y = layer(x)
-    dequant = _with_kernel("dequant", lambda: layer(x))
-    assert torch.equal(y, dequant) is not fused
+    for rows in (5, 7, 8, 9):
+        x = torch.randn(rows, 96)
+        with torch.no_grad():
+            y = layer(x)
+        dequant = _with_kernel("dequant", lambda: layer(x))
+        assert torch.equal(y, dequant) is not fused
+    assert timed == ([8, 16] if capability != "DEFAULT" else [])
+
+
+def test_timing_the_two_kernels_runs_both():
+    layer, _, _ = _layer(4, 32, True)
+    fused_s, dequant_s = kernels.time_kernels(layer, kernels.fused_plan(layer), 16, repeats=2)
+    assert 0 < fused_s < 10 and 0 < dequant_s < 10
 
 
 def test_training_through_a_quantized_layer_uses_the_differentiable_kernel():

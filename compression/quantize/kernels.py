@@ -14,14 +14,17 @@ Two ways to run a weight-only layer:
   kernel); 4-bit scales and zero points go to the kernel in bf16.
 
 The fused kernels are vectorised for AVX2 and AVX-512 only; on other CPUs (torch's DEFAULT
-capability, ARM) they are 5-20x slower than dequantizing, so they are not used there. They win
-for few rows (decoding, batch 1) and lose to dequantize-then-matmul for many, where the matmul
-dominates and oneDNN's fp32 GEMM is better tuned: measured on a 1536 x 384 layer, 2 threads
-(fused / fp32 matmul, lower is better): AVX-512 int8 0.65 at 16 rows, 0.8 at 256, 1.5 at 2,048;
-int4 0.5 / 0.75 / 0.65; AVX2 (ATEN_CPU_CAPABILITY=avx2) int8 and int4 0.85-0.9 at 16 rows,
-1.3 at 64, 1.6 at 256. Hence FUSED_MAX_ROWS. The environment variable MMKIT_QUANT_KERNEL=dequant
-turns them off (to compare, or to get results identical to the float path); =fused forces them
-wherever the grid fits.
+capability, ARM) they are 5-20x slower than dequantizing, so they are not used there. Where
+they are allowed, which kernel is faster depends on the CPU model, not only on its
+capability, so it is measured: the first call of a layer shape with a number of input rows
+(rounded up to a power of two) times both kernels on that shape and keeps the faster for the
+rest of the process (`fused_wins`). Measured (fused / fp32 matmul on a 1536 x 384 or 384 x
+1536 layer, 2 threads, lower is better): on an AMD EPYC (AVX-512) int8 0.65 at 16 rows, 0.8
+at 256, 1.5 at 2,048, int4 0.5 / 0.75 / 0.65; on an Intel Xeon with AMX (also "AVX512" to
+torch) int8 0.7-1.3 at 16 rows but 1.9-2.4 at 64 and 2.3-2.9 at 256, where dequantizing
+(1.3-1.4) wins. A fixed row limit per capability picked the slower kernel on one of the two.
+The environment variable MMKIT_QUANT_KERNEL=dequant turns the fused kernels off (to compare,
+or to get results identical to the float path); =fused forces them wherever the grid fits.
 """
 
 from __future__ import annotations
@@ -29,12 +32,12 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 INT4_GROUPS = (256, 128, 64, 32)  # the group sizes torch's CPU int4 kernel accepts
-# rows (tokens x batch) up to which the fused kernel beats dequantizing, per CPU capability
-# (torch.backends.cpu.get_cpu_capability()) and kernel; None: always. Measured, see above.
-FUSED_MAX_ROWS = {"AVX512": {"int8": 512, "int4": None}, "AVX2": {"int8": 32, "int4": 32}}
+VECTORISED = ("AVX2", "AVX512")  # torch.backends.cpu.get_cpu_capability()s the kernels use
+_FASTER: dict[tuple, bool] = {}  # (kind, layer shape, rows bucket) -> fused measured faster
 
 
 def kernel_mode() -> str:
@@ -46,15 +49,40 @@ def kernel_mode() -> str:
 def fused_allowed() -> bool:
     """Whether the fused CPU kernels may run here at all (see the module docstring)."""
     mode = kernel_mode()
-    return mode == "fused" if mode != "auto" else _capability() in FUSED_MAX_ROWS
+    return mode == "fused" if mode != "auto" else _capability() in VECTORISED
 
 
-def fused_wins(plan: FusedPlan, rows: int) -> bool:
-    """Whether the fused kernel is the faster one for `rows` input rows on this CPU."""
+def fused_wins(layer, plan: FusedPlan, rows: int) -> bool:
+    """Whether the fused kernel is the faster one for `rows` input rows of `layer` on this
+    CPU: measured once per layer shape and power-of-two bucket of rows, then remembered."""
     if kernel_mode() == "fused":
         return True
-    limit = FUSED_MAX_ROWS.get(_capability(), {}).get(plan.kind, 0)
-    return limit is None or rows <= limit
+    bucket = 1 << max(0, min(rows, 1 << 14) - 1).bit_length()
+    key = (plan.kind, layer.out_features, layer.in_features, plan.group_size,
+           plan.perm is not None, bucket)
+    if key not in _FASTER:
+        fused_s, dequant_s = time_kernels(layer, plan, bucket)
+        _FASTER[key] = fused_s < dequant_s
+    return _FASTER[key]
+
+
+def time_kernels(layer, plan: FusedPlan, rows: int, repeats: int = 3) -> tuple[float, float]:
+    """(fused, dequantizing) seconds of one call of `layer` on `rows` random rows: the best of
+    `repeats` alternating calls of each, after one warm-up call of each."""
+    import torch
+
+    x = torch.randn(rows, layer.in_features)
+    runs = (lambda: run_fused(plan, x, layer.bias),
+            lambda: torch.nn.functional.linear(x, layer.weight_float(), layer.bias))
+    best = [float("inf"), float("inf")]
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            for k, run in enumerate(runs):
+                start = time.perf_counter()
+                run()
+                if i:  # the first round warms up
+                    best[k] = min(best[k], time.perf_counter() - start)
+    return best[0], best[1]
 
 
 @functools.cache

@@ -115,7 +115,7 @@ class QuantLinear(torch.nn.Module):
             # no autograd through the fused kernels: training on top (LoRA) dequantizes
             if (not (x.requires_grad and torch.is_grad_enabled()) and kernels.fused_allowed()
                     and (plan := self.fused_plan()) is not None
-                    and kernels.fused_wins(plan, x.numel() // max(x.shape[-1], 1))):
+                    and kernels.fused_wins(self, plan, x.numel() // max(x.shape[-1], 1))):
                 return kernels.run_fused(plan, x, self.bias)
         return torch.nn.functional.linear(x, self.weight_float().to(x.dtype),
                                           None if self.bias is None else self.bias.to(x.dtype))
