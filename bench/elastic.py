@@ -1,6 +1,6 @@
 """Elastic super-network figures: MiniLM on tweets-sentiment, on this machine's CPU.
 
-    HF_HUB_OFFLINE=1 python bench/elastic.py [--parts train,cost,cuts,search] [--quick]
+    HF_HUB_OFFLINE=1 python bench/elastic.py [--parts train,cost,cuts,search,table] [--space S] [--quick]
 
 - train: a dense full fine-tune and an elastic one (--elastic sampled, same epochs, data and
   learning rate); test accuracy of each full network, and the training-time ratio of the two
@@ -11,6 +11,9 @@
   from the elastic model; pruned from the dense fine-tune (no recovery); pruned, then
   distilled from the uncut model for a fixed number of steps (`finetune distill`). Test
   accuracy and parameters of each.
+- table (not in the default parts): every trained sub-network (FFN 25% left out) extracted,
+  quantized as --table-quant says: validation and test accuracy, latency ratio to the dense
+  fine-tune (batch 1, seq 64, interleaved). A run with --space is kept under its own key.
 - search: `mmkit search` on the elastic model (TPE, 30 trials, budget 0.5x, --knobs: layers,
   heads, ffn, quant; `--knobs layers,heads,ffn,quant,recovery` adds the short distillation
   from the uncut model, its figures kept under its own key); the exported model timed
@@ -175,6 +178,43 @@ def cuts(args, work: Path, data, trained: dict) -> dict:
             "goal_elastic_ffn50_within_1_point": ffn <= 1.0}
 
 
+def table(args, work: Path, data, trained: dict) -> dict:
+    """Every sub-network of the trained space (FFN 25% left out: the default space's
+    narrowest, never worth its accuracy), extracted and quantized per --table-quant: test and
+    validation accuracy and latency relative to the dense fine-tune (batch 1, seq 64,
+    interleaved) -- which cuts buy time on this CPU, and at what accuracy."""
+    import itertools
+
+    from mmkit.core.evaluate import evaluate
+    from mmkit.core.loading import load_model
+    from mmkit.core.profile import profile_pair
+    from mmkit.core.recipe import run_recipe
+
+    elastic = trained["elastic"]["artifact"]
+    space = json.loads((Path(elastic) / "mmkit_elastic.json").read_text())["space"]
+    dense = load_model(trained["dense"]["artifact"])
+    rows = []
+    for ffn, heads, depth, quant in itertools.product(
+            [f for f in space["ffn"] if f > 0.25], space["heads"], space["depth"],
+            args.table_quant.split(",")):
+        steps = [{"step": "extract", "ffn": ffn, "heads": heads, "depth": depth}]
+        steps += [{"step": "quantize", "method": quant}] if quant != "none" else []
+        out = work / "table" / f"{ffn:g}-{heads:g}-{depth}-{quant}"
+        run_recipe({"model": elastic, "data": "tweets-sentiment", "seed": 0, "steps": steps},
+                   out, overwrite=True)
+        cut = load_model(out)
+        pair = profile_pair(cut, dense, "cpu", batch_size=1, seq_len=64, warmup=3,
+                            rounds=args.rounds)
+        rows.append({"ffn": ffn, "heads": heads, "depth": depth, "quant": quant,
+                     "validation_accuracy": evaluate(cut, data, "validation")["accuracy"],
+                     "test_accuracy": evaluate(cut, data, "test")["accuracy"],
+                     "latency_ratio": pair["ratio"]})
+        print(json.dumps(rows[-1]), flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    return {"space": space, "dense_test_accuracy": trained["dense"]["test_accuracy"],
+            "rows": rows}
+
+
 def _hypervolume(rows: list[dict], budget: float) -> float:
     """bench/search.py's hypervolume over (validation accuracy, latency ratio), up to the
     budget ratio."""
@@ -256,6 +296,8 @@ def main() -> None:
                         help="the search's knobs (on the elastic model); with recovery, each "
                              "point within the budget is distilled from the uncut model")
     parser.add_argument("--recovery-steps", type=int, default=60)
+    parser.add_argument("--table-quant", default="dynamic-int8",
+                        help="table: the quantizations of each sub-network (none for fp32)")
     parser.add_argument("--cost-steps", type=int, default=20)
     parser.add_argument("--cost-repeats", type=int, default=3)
     parser.add_argument("--tpe", type=int, default=30)
@@ -288,6 +330,9 @@ def main() -> None:
         result["cost"] = cost(args, work)
     if "cuts" in parts:
         result["cuts"] = cuts(args, work, data, trained)
+    if "table" in parts:
+        result["table" + (f" (space {args.space})" if args.space else "")] = table(
+            args, work, data, trained)
     if "search" in parts:  # another knob set or trained space is kept beside the default's
         key = "search" + (f" ({args.knobs})" if args.knobs != KNOBS else "") + (
             f" (space {args.space})" if args.space else "")

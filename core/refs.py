@@ -113,13 +113,14 @@ def _hub_cached(repo_id: str) -> bool:
     return isinstance(hit, str)
 
 
-def resolve(ref: str) -> ModelSource:
-    """Resolve a model reference, or fail at once with what was tried.
+def resolve(ref: str | os.PathLike) -> ModelSource:
+    """Resolve a model reference (a string, or a path object for a local folder), or fail at
+    once with what was tried.
 
     Order: `tiny:<family>`, an embedded alias, a local folder, a hub id (online, or in the
     local hub cache when offline).
     """
-    ref = ref.strip()
+    ref = os.fspath(ref).strip()
     if not ref:
         raise InputError(f"The model reference is empty. {_aliases_hint()}")
     if ref.startswith("tiny:"):

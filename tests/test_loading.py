@@ -79,6 +79,12 @@ def test_missing_local_path_and_folder_without_config(tmp_path):
         resolve(str(tmp_path))
 
 
+def test_a_path_object_names_a_local_model_as_its_string_does(tiny_artifacts):
+    folder = tiny_artifacts["tiny:bert"]
+    assert resolve(folder) == resolve(str(folder))
+    assert load_model(folder).model.config == load_model(str(folder)).model.config
+
+
 def test_folder_with_only_pickle_weights_is_refused_by_default(tmp_path):
     from mmkit.core.tiny import tiny_config
 
