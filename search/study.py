@@ -73,14 +73,21 @@ class HeartbeatStorage(RDBStorage):
     def _create_new_trial(self, study_id, template_trial=None):
         trial = super()._create_new_trial(study_id, template_trial)
         if trial.state == TrialState.RUNNING:
-            self.record_heartbeat(trial._trial_id)
+            self._started(trial._trial_id)
         return trial
 
     def set_trial_state_values(self, trial_id, state, values=None) -> bool:
         changed = super().set_trial_state_values(trial_id, state, values)
         if changed and state == TrialState.RUNNING:  # a queued trial starts
-            self.record_heartbeat(trial_id)
+            self._started(trial_id)
         return changed
+
+    def _started(self, trial_id: int) -> None:
+        """A trial this process starts: its first heartbeat, and its process id, which
+        `fail_orphans` finds it by (set by the objective, a signal landing before it ran
+        left the trial RUNNING and unclaimed: seen under load)."""
+        self.record_heartbeat(trial_id)
+        self.set_trial_user_attr(trial_id, "worker_pid", os.getpid())
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         stale = super()._get_stale_trial_ids(study_id)
