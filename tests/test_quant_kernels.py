@@ -164,10 +164,14 @@ def test_the_kernel_measured_faster_is_picked_once_per_shape_and_rows(
     assert timed == ([8, 16] if capability != "DEFAULT" else [])
 
 
-def test_timing_the_two_kernels_runs_both():
+def test_timing_the_two_kernels_runs_both_and_leaves_the_random_state_alone():
     layer, _, _ = _layer(4, 32, True)
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
     fused_s, dequant_s = kernels.time_kernels(layer, kernels.fused_plan(layer), 16, repeats=2)
     assert 0 < fused_s < 10 and 0 < dequant_s < 10
+    assert torch.equal(torch.rand(4), expected)
 
 
 def test_training_through_a_quantized_layer_uses_the_differentiable_kernel():

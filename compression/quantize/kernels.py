@@ -71,7 +71,8 @@ def time_kernels(layer, plan: FusedPlan, rows: int, repeats: int = 3) -> tuple[f
     `repeats` alternating calls of each, after one warm-up call of each."""
     import torch
 
-    x = torch.randn(rows, layer.in_features)
+    # a private generator: timing must not move the caller's random state
+    x = torch.randn(rows, layer.in_features, generator=torch.Generator().manual_seed(0))
     runs = (lambda: run_fused(plan, x, layer.bias),
             lambda: torch.nn.functional.linear(x, layer.weight_float(), layer.bias))
     best = [float("inf"), float("inf")]
