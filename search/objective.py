@@ -88,6 +88,7 @@ class Trial:
                   for name, values in self.space.items()}
         key = point_key(params, self.space)
         trial.set_user_attr("point", key)
+        # the database storages set it already as the trial starts; a journal file does not
         trial.set_user_attr("worker_pid", os.getpid())
         settled, running = taken_points(trial.study, self.space, trial.number)
         twin = settled.get(key, running.get(key))

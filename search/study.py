@@ -83,9 +83,9 @@ class HeartbeatStorage(RDBStorage):
         return changed
 
     def _started(self, trial_id: int) -> None:
-        """A trial this process starts: its first heartbeat, and its process id, which
-        `fail_orphans` finds it by (set by the objective, a signal landing before it ran
-        left the trial RUNNING and unclaimed: seen under load)."""
+        """A trial this process starts: its first heartbeat, and its process id, by which
+        `fail_orphans` finds it. (Set later, by the objective, a signal landing in between
+        left the trial RUNNING and unclaimed: seen under load.)"""
         self.record_heartbeat(trial_id)
         self.set_trial_user_attr(trial_id, "worker_pid", os.getpid())
 

@@ -290,6 +290,20 @@ def test_a_trial_killed_before_its_first_heartbeat_is_found_stale(tmp_path):
     assert [t.state.name for t in study.get_trials()[:2]] == ["FAIL", "RUNNING"]
 
 
+def test_a_trial_names_its_process_as_it_starts(tmp_path):
+    """fail_orphans finds a stopped worker's RUNNING trials by this pid: it must be there
+    from the trial's first moment, not only once the objective runs."""
+    import optuna
+
+    from mmkit.search.study import open_storage
+
+    study = optuna.create_study(study_name="p", storage=open_storage(
+        f"sqlite:///{tmp_path / 'p.db'}"), directions=["maximize", "minimize"])
+    study.enqueue_trial({})
+    queued, new = study.ask(), study.ask()
+    assert queued.user_attrs["worker_pid"] == new.user_attrs["worker_pid"] == os.getpid()
+
+
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     """A LoRA adapter (mergeable) and a prompt-tuning one (not) on tiny:bert."""
