@@ -21,8 +21,8 @@ capability, so it is measured: the first call of a layer shape with a number of 
 rest of the process (`fused_wins`). Measured (fused / fp32 matmul on a 1536 x 384 or 384 x
 1536 layer, 2 threads, lower is better): on an AMD EPYC (AVX-512) int8 0.65 at 16 rows, 0.8
 at 256, 1.5 at 2,048, int4 0.5 / 0.75 / 0.65; on an Intel Xeon with AMX (also "AVX512" to
-torch) int8 0.7-1.3 at 16 rows but 1.9-2.4 at 64 and 2.3-2.9 at 256, where dequantizing
-(1.3-1.4) wins. A fixed row limit per capability picked the slower kernel on one of the two.
+torch) int8 0.7-1.3 at 16 rows, 1.6-2.4 at 64 (dequantizing: 1.9-2.0) and 2.0-2.9 at 256
+(dequantizing: 1.2-1.4). A fixed row limit per capability picked the slower kernel on one.
 The environment variable MMKIT_QUANT_KERNEL=dequant turns the fused kernels off (to compare,
 or to get results identical to the float path); =fused forces them wherever the grid fits.
 """
