@@ -482,6 +482,7 @@ def _execute(plan: Plan, run: RunOptions, training: dict | None = None) -> dict:
 
 def _finish(plan: Plan, run: RunOptions, loaded, done: list, data_info, cached: int) -> dict:
     """Evaluate the model the steps made, and write the artifact."""
+    from ..adapters.merging import has_adapter
     from .artifacts import write_artifact
     from .evaluate import evaluate
 
@@ -493,10 +494,23 @@ def _finish(plan: Plan, run: RunOptions, loaded, done: list, data_info, cached: 
                                 batch_size=recipe.eval.batch_size,
                                 max_length=recipe.eval.max_length))
     plan.resolved = _resolved(plan, done)
+    lineage, parent = done, plan.source if cached else None  # not the cache entry
+    if not done and has_adapter(loaded):  # the input adapter, copied as it came
+        lineage, parent = _unchanged_adapter(loaded.source)
     log.info("writing %s", plan.out)
-    path = write_artifact(loaded, plan.out, recipe=plan.resolved, steps=done, metrics=metrics,
-                          data_info=data_info, overwrite=run.overwrite,
-                          fmt=loaded.extra.get("format", "hf-model"),
-                          parent=plan.source if cached else None)  # not the cache entry
+    path = write_artifact(loaded, plan.out, recipe=plan.resolved, steps=lineage,
+                          metrics=metrics, data_info=data_info, overwrite=run.overwrite,
+                          fmt=loaded.extra.get("format", "hf-model"), parent=parent)
     return {"artifact": str(path), "model": recipe.model, "task": plan.task, "steps": done,
             "metrics": metrics}
+
+
+def _unchanged_adapter(adapter) -> tuple[list, object]:
+    """The steps and parent an adapter written with no step records: its own, so that the copy
+    sits on the adapter's base (an adapter on an adapter does not load) and keeps what its
+    training recorded (the QLoRA bits, the seed)."""
+    from .loading import _adapter_base
+
+    base = _adapter_base(adapter)
+    base.adapter = None
+    return list(adapter.manifest.get("steps") or []), base

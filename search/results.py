@@ -249,13 +249,18 @@ def point_text(params: dict) -> str:
 
 
 def export(row: dict, job: SearchJob, dest: Path, overwrite: bool = True) -> str:
-    """Write one trial's model as an artifact by running its recipe (a prune / quantize step
-    merges an adapter first)."""
+    """Write one trial's model as an artifact by running its recipe; an adapter input is
+    merged first, whatever the point's steps, as the trials measured it."""
     from ..core.recipe import run_recipe
 
+    from ..core.refs import resolve
+
     s = job.settings
+    steps = row["steps"]
+    if resolve(s.model).is_adapter:  # the trials measured it merged (`load_base`), so is it
+        steps = [{"step": "merge", "method": "adapter"}, *steps]
     recipe = {"model": s.model, "task": s.task, "data": s.data, "seed": s.seed,
-              "max_samples": s.max_samples, **s.columns, "steps": row["steps"],
+              "max_samples": s.max_samples, **s.columns, "steps": steps,
               "eval": {"split": "test"}}
     recipe = {k: v for k, v in recipe.items() if v is not None}
     if s.runtime == "onnxruntime":

@@ -105,6 +105,27 @@ def test_a_lora_then_quantize_chain_merges_and_runs(tmp_path):
     assert result["steps"][1]["report"]["merged_adapter_first"]
 
 
+def test_an_adapter_run_through_no_step_is_copied_onto_its_own_base(tmp_path):
+    """With no step, the adapter is written as it came: it must sit on the adapter's base (an
+    adapter on an adapter does not load) and keep its training's record."""
+    import torch
+
+    from mmkit.core.loading import load_model
+    from mmkit.core.refs import read_manifest
+
+    adapter = tmp_path / "lora"
+    run_recipe({"model": "tiny:bert", "max_samples": 16, "steps": [
+        {"step": "finetune", "method": "lora", "max_steps": 1}]}, adapter)
+    copy = tmp_path / "copy"
+    run_recipe({"model": str(adapter), "max_samples": 16, "steps": []}, copy)
+    made, copied = read_manifest(adapter), read_manifest(copy)
+    assert copied["parent"]["ref"] == made["parent"]["ref"] == "tiny:bert"
+    assert [s["method"] for s in copied["steps"]] == ["lora"]
+    first, second = (load_model(p, "text-classification") for p in (adapter, copy))
+    batch = first.tokenizer(["a fine day", "not good"], return_tensors="pt", padding=True)
+    torch.testing.assert_close(second.model(**batch).logits, first.model(**batch).logits)
+
+
 def test_errors_name_recipe_keys_in_recipes_and_flags_on_the_command_line(tmp_path):
     from click.testing import CliRunner
 

@@ -14,10 +14,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from mmkit.cli.main import cli
+from mmkit.core.loading import load_model
 from mmkit.core.recipe import run_recipe
+from mmkit.search import results
+from mmkit.search.settings import SearchJob
 
 BASE = ["tiny:bert", "--max-samples", "24", "--seq-len", "16"]
 GRACE_S = 3  # the heartbeat grace the subprocess searches run with
@@ -329,6 +333,17 @@ def test_a_lora_adapter_is_merged_before_the_search(adapters, tmp_path):
     cut = [t for t in trials if t.state.name == "COMPLETE" and t.params != trials[0].params]
     assert cut and json.loads(result.stdout)["trials_completed"] == 3
     assert (out / "best" / "mmkit.json").is_file()
+    # the unmodified point (no steps) too is exported as the trials measured it: merged
+    job = SearchJob.model_validate_json((out / "search.json").read_text())
+    plain = next(r for r in json.loads((out / "pareto.json").read_text())["evaluated"]
+                 if not r["steps"])
+    written = Path(results.export(plain, job, tmp_path / "unmodified"))
+    assert (written / "config.json").is_file() and not (written / "adapter_config.json").exists()
+    merged, adapter = (load_model(p, "text-classification") for p in (written, adapters["lora"]))
+    batch = adapter.tokenizer(["a fine day", "not good at all"], return_tensors="pt",
+                              padding=True)
+    torch.testing.assert_close(merged.model(**batch).logits, adapter.model(**batch).logits,
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_pick_exports_another_point_later_and_refuses_damaged_results(tmp_path):
