@@ -299,7 +299,10 @@ def main() -> None:
         write_result(result, out)
     if "search" in parts:
         _variants(work, trained["dense"]["artifact"])  # the exports the search compares with
-        result["search"] = search_part(args, work, data, trained)
+        key = "search" + (f" (space {args.space})" if args.space else "") + (
+            f" (budget {args.budget:g}x)" if args.budget != 0.45 else "")  # beside the default's
+        result[key] = {**search_part(args, work, data, trained),
+                       "space": args.space or "the elastic method's default"}
         write_result(result, out)
 
 

@@ -172,7 +172,8 @@ class Trial:
         trial.set_user_attr("threads", prof["environment"]["threads"])
         trial.set_user_attr("load_per_cpu", prof["environment"]["load_per_cpu"])
         trial.set_user_attr("size_mb", size)
-        trial.set_user_attr("constraint", [over])
+        trial.set_user_attr("constraint", [over])  # for pareto.json, as earlier searches have it
+        trial.set_constraint("latency", over)  # what the samplers and the plot read
         if over > 0:  # over the budget: no need to pay for the evaluation (nor the recovery)
             trial.set_user_attr("evaluated", False)
             log.info("trial %d: %.1f ms, %.2fx the unmodified model, over the %s budget; not "

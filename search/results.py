@@ -228,9 +228,7 @@ def _plots(out, study, rows, front, objectives, budget: tuple[float, str] | None
     import optuna
 
     if len(objectives) in (2, 3):
-        figure = optuna.visualization.plot_pareto_front(
-            study, target_names=objectives,
-            constraints_func=lambda t: t.user_attrs.get("constraint", [0.0]))
+        figure = optuna.visualization.plot_pareto_front(study, target_names=objectives)
         figure.write_html(str(out / "pareto.html"), include_plotlyjs=True)
 
 

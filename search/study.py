@@ -256,19 +256,14 @@ def sampler_seed(seed: int, worker: int, run: int) -> int:
 
 
 def make_sampler(name: str, seed: int, space: dict):
-    """An Optuna sampler that respects the latency constraint where it can."""
-    def constraints(trial):
-        return trial.user_attrs.get("constraint", [0.0])
-
+    """An Optuna sampler; TPE and NSGA steer by the latency constraint each trial sets
+    (`Trial.set_constraint`, which they read without being told)."""
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints,
-                                          n_startup_trials=8)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=8)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints,
-                                             population_size=10)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=10)
     if name == "nsga3":
-        return optuna.samplers.NSGAIIISampler(seed=seed, constraints_func=constraints,
-                                              population_size=10)
+        return optuna.samplers.NSGAIIISampler(seed=seed, population_size=10)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
