@@ -18,8 +18,11 @@ class SearchGroup(click.Group):
 
 
 def _human(r: dict) -> str:
+    skipped = r.get("skipped_over_budget")
+    skipped = (f"; {skipped} more point{'s' * (skipped > 1)} skipped untimed, cutting no more "
+               "than one of those") if skipped else ""
     lines = [f"{r['out']}: {r['trials_completed']} trials ({r['rejected_without_evaluation']} "
-             "over the budget, not evaluated)", r["table"]]
+             f"over the budget, not evaluated{skipped})", r["table"]]
     if r["space_exhausted"]:
         lines.append(f"every one of the {r['space_points']} points of the space has been tried")
     if r["exported"]:

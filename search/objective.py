@@ -81,7 +81,7 @@ class Trial:
         """The Optuna objective."""
         import optuna
 
-        from .space import point_key, steps_for
+        from .space import no_faster, point_key, steps_for
 
         start = time.perf_counter()
         params = {name: trial.suggest_categorical(name, values)
@@ -91,12 +91,20 @@ class Trial:
         # the database storages set it already as the trial starts; a journal file does not
         trial.set_user_attr("worker_pid", os.getpid())
         settled, running = taken_points(trial.study, self.space, trial.number)
+        over = self.over_budget_points(trial.study)
         twin = settled.get(key, running.get(key))
         if twin is not None:  # another trial has measured it, or is measuring it now
             trial.set_user_attr("duplicate_of", twin)
             log.info("trial %d: %s is trial %d's point; skipped", trial.number, key, twin)
-            self._move_on(trial, {key, *settled, *running})
+            self._move_on(trial, {key, *settled, *running}, over)
             raise optuna.TrialPruned(f"the point {key} is trial {twin}'s")
+        beaten = next((n for point, n in over if no_faster(params, point)), None)
+        if beaten is not None:  # it cannot meet the budget: a trial is worth more elsewhere
+            trial.set_user_attr("slower_than", beaten)
+            log.info("trial %d: %s cuts no more than trial %d's point, which is over the "
+                     "budget; skipped", trial.number, key, beaten)
+            self._move_on(trial, {key, *settled, *running}, over)
+            raise optuna.TrialPruned(f"the point {key} is no faster than trial {beaten}'s")
         elastic = self.base.extra.get("elastic")
         steps = steps_for(params, self.depth, self.calib, elastic)
         trial.set_user_attr("steps", steps)
@@ -250,18 +258,37 @@ class Trial:
                      size(self.space))
             trial.study.stop()
 
-    def _move_on(self, trial, taken: set[str]) -> None:
-        """After a point that was taken already: queue one that is not, so that a sampler
-        that keeps proposing known points still makes progress; stop when none is left."""
-        from .space import ENUMERATE_LIMIT, size, untried_point
+    def _move_on(self, trial, taken: set[str], over: list) -> None:
+        """After a point that was taken already, or cannot meet the budget: queue one that is
+        neither, so that a sampler that keeps proposing such points still makes progress; stop
+        when none is left."""
+        from .space import ENUMERATE_LIMIT, no_faster, size, untried_point
 
-        point = untried_point(self.space, taken, seed=trial.number)
+        point = untried_point(self.space, taken, seed=trial.number,
+                              skip=lambda p: any(no_faster(p, q) for q, _ in over))
         if point is not None:
             trial.study.enqueue_trial(point)
         elif size(self.space) <= ENUMERATE_LIMIT:
-            log.info("every point of the space has been tried or is being tried; this worker "
-                     "stops")
+            log.info("every point of the space has been tried, is being tried, or is no faster "
+                     "than one over the budget; this worker stops")
             trial.study.stop()
+
+    def over_budget_points(self, study) -> list[tuple[dict, int]]:
+        """The points measured over this search's budget, steadily, with their trial numbers:
+        a point that cuts no more than one of them cannot meet the budget either (an unsteady
+        figure rules nothing out)."""
+        import optuna
+
+        over = []
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            attrs = t.user_attrs
+            latency, ratio = attrs.get("latency_ms"), attrs.get("latency_ratio")
+            unknown = latency is None or (ratio is None and self.settings.budget_ratio is not None)
+            if unknown or attrs.get("latency_steady") is False:
+                continue
+            if self._over_budget(latency, ratio) > 0:
+                over.append((t.params, t.number))
+        return over
 
 
 def taken_points(study, space: dict, number: int | None = None) -> tuple[dict, dict]:

@@ -431,6 +431,9 @@ def finish(job: SearchJob, seconds: float, export: str) -> dict:
     points = spaces.size(s.space)
     stats = {"trials_completed": len(rows),
              "rejected_without_evaluation": sum(1 for r in rows if not r["evaluated"]),
+             # points never timed: they cut no more than one measured over the budget
+             "skipped_over_budget": len({t.user_attrs.get("point") for t in study.trials
+                                         if "slower_than" in t.user_attrs}),
              "space_points": points,
              "space_exhausted": len(taken_points(study, s.space)[0]) >= points,
              "seconds_this_run": seconds,

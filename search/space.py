@@ -223,9 +223,28 @@ def point_key(params: dict, space: dict) -> str | None:
     return " ".join(parts)
 
 
-def untried_point(space: dict, taken: set[str], seed: int) -> dict | None:
-    """A point whose key is not in `taken`, chosen at random by `seed`; None when every point
-    is taken (or, in a space too large to list, when random draws find none)."""
+# how a knob's value moves the latency: 1, a larger value cuts more (no slower); -1, a larger
+# value keeps more (no faster); 0, no effect (recovery trains the weights of the same cut).
+# The other knobs (quant, sparsity) are not ordered: points must match in them to compare.
+LATENCY_ORDER = {"layers": 1, "heads": 1, "ffn": 1, "tokens": -1, "recovery": 0}
+
+
+def no_faster(point: dict, than: dict) -> bool:
+    """True when `point` can be no faster than `than`: it cuts no more in any ordered knob
+    and matches it in the others. A point no faster than one over the budget is over it."""
+    for name, value in point.items():
+        order = LATENCY_ORDER.get(name)
+        if order is None and value != than.get(name):
+            return False
+        if order and (name not in than or order * (value - than[name]) > 0):
+            return False
+    return True
+
+
+def untried_point(space: dict, taken: set[str], seed: int, skip=None) -> dict | None:
+    """A point whose key is not in `taken` (nor one `skip(point)` is true of), chosen at random
+    by `seed`; None when every point is taken (or, in a space too large to list, when random
+    draws find none)."""
     import itertools
     import random
 
@@ -236,7 +255,8 @@ def untried_point(space: dict, taken: set[str], seed: int) -> dict | None:
         rng.shuffle(points)
     else:
         points = ({n: rng.choice(space[n]) for n in names} for _ in range(1000))
-    return next((p for p in points if point_key(p, space) not in taken), None)
+    return next((p for p in points if point_key(p, space) not in taken
+                 and not (skip and skip(p))), None)
 
 
 ELASTIC_KNOBS = ("layers", "heads", "ffn")  # knobs an elastic model answers by extraction

@@ -108,8 +108,9 @@ def test_search_under_a_relative_budget(tmp_path):
     assert summary["latency_budget_ratio"] == 0.9 and summary["latency_budget_ms"] is None
     with open(out / "pareto.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 4 and all(float(r["latency_ratio"]) > 0 for r in rows)
     study = optuna.load_study(study_name="mmkit-search", storage=f"sqlite:///{out}/study.db")
+    skipped = [t for t in study.trials if "slower_than" in t.user_attrs]  # see the next test
+    assert len(rows) + len(skipped) == 4 and all(float(r["latency_ratio"]) > 0 for r in rows)
     for t in study.trials:  # the ratio, not the time, decides which trials are evaluated
         if t.state.name == "COMPLETE":
             ratio, evaluated = t.user_attrs["latency_ratio"], t.user_attrs["evaluated"]
@@ -137,3 +138,69 @@ def test_search_under_a_relative_budget(tmp_path):
     assert results.check_summary(summary) is None
     assert results.best_under(summary["evaluated"], summary["objectives"], None, 0.9) is None
     assert "earlier mmkit" in str(results.no_candidate(summary["evaluated"], None, 0.9))
+
+
+def _linear_weights(loaded) -> int:
+    import torch
+
+    return sum(m.weight.numel() for m in loaded.model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_a_point_no_faster_than_one_over_the_budget_is_skipped_unmeasured(tmp_path, monkeypatch):
+    """With latency standing in as the linear layers' weight count (so that it is exactly
+    monotone in the cuts), no trial is paid for a point that cuts no more than one measured
+    over the budget; each such point is skipped and names that trial, and the trials it
+    saves go to the other points."""
+    import optuna
+
+    from mmkit.core import profile
+    from mmkit.search.space import no_faster
+
+    def by_weights(candidate, reference, device, **_):
+        mine, theirs = _linear_weights(candidate), _linear_weights(reference)
+        return {"candidate_ms": {"median": mine / 1e4, "p90": mine / 1e4},
+                "reference_ms": {"median": theirs / 1e4, "p90": theirs / 1e4},
+                "ratio": mine / theirs, "stable": True,
+                "environment": {"threads": 1, "load_per_cpu": 0.0}}
+
+    monkeypatch.setattr(profile, "profile_pair", by_weights)
+    space = tmp_path / "space.yaml"  # 16 points
+    space.write_text("knobs:\n  layers: [0, 1]\n  heads: [0, 0.5]\n  ffn: [0, 0.25, 0.5, 0.75]\n")
+    out = tmp_path / "s"
+    result = _cli(*BASE, "--space", space, "--sampler", "random", "--trials", 16,
+                  "--latency-budget", "0.4x", "--export", "none", "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    study = optuna.load_study(study_name="mmkit-search", storage=f"sqlite:///{out}/study.db")
+    measured, skipped, over = {}, [], []
+    for t in sorted(study.trials, key=lambda t: t.number):
+        if "slower_than" in t.user_attrs:
+            beaten = study.trials[t.user_attrs["slower_than"]]
+            assert beaten.user_attrs["latency_ratio"] > 0.4 and no_faster(t.params, beaten.params)
+            skipped.append(t.params)
+        elif t.state.name == "COMPLETE":
+            # never measured when a point measured before it ruled it out
+            assert not [p for p in over if no_faster(t.params, p)], t.params
+            measured[t.user_attrs["point"]] = t.params
+            if t.user_attrs["latency_ratio"] > 0.4:
+                over.append(t.params)
+    assert skipped and over and len(measured) < 16
+    assert all(any(no_faster(p, q) for q in over) for p in skipped)
+    # every point is accounted for: measured, or no faster than one measured over the budget
+    import itertools
+
+    for layers, heads, ffn in itertools.product([0, 1], [0, 0.5], [0, 0.25, 0.5, 0.75]):
+        point = {"layers": layers, "heads": heads, "ffn": ffn}
+        assert any(p == point for p in measured.values()) or any(
+            no_faster(point, q) for q in over), point
+
+
+def test_no_faster_orders_the_cuts_and_matches_the_rest():
+    from mmkit.search.space import no_faster
+
+    cut = {"layers": 1, "heads": 0.5, "ffn": 0.25, "quant": "dynamic-int8", "recovery": 50}
+    assert no_faster({**cut, "heads": 0.25}, cut) and no_faster(cut, cut)
+    assert not no_faster({**cut, "ffn": 0.5}, cut)  # cuts more: may be faster
+    assert not no_faster({**cut, "quant": "none"}, cut)  # quantizers are not ordered
+    assert no_faster({**cut, "recovery": 0}, cut)  # training does not move the latency
+    assert no_faster({"tokens": 1.0}, {"tokens": 0.5})  # keeps more tokens
+    assert not no_faster({"tokens": 0.3}, {"tokens": 0.5})
