@@ -22,4 +22,9 @@ def target_linears(model, skip) -> list[str]:
     if unused:
         raise InputError(f"--skip {unused[0]} matches no Linear layer. Layer names end in: "
                          f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in names}))}.")
-    return [n for n in names if not is_task_head(n) and not any(matches(n, p) for p in skip)]
+    kept = [n for n in names if not is_task_head(n) and not any(matches(n, p) for p in skip)]
+    if names and not kept and skip:
+        raise InputError(f"--skip {' '.join(skip)} leaves out every Linear layer, so there is "
+                         "nothing left to compress. Narrow the patterns (e.g. --skip "
+                         "'*.down_proj').")
+    return kept

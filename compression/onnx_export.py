@@ -109,7 +109,8 @@ def export_model_(loaded, folder, *, int8: bool = False, threads: int | None = N
     plain_(loaded)
     names = input_names(loaded)
     trace, checks = onnx_check.batches(loaded, names)
-    if loaded.kind == "causal-lm":
+    decoder = loaded.task == "causal-lm"  # a causal LM's classifier has no KV cache to feed
+    if decoder:
         graph, names, trace, checks = _kv_graph(loaded, names, trace, checks)
         outputs = ["logits"]  # compared with PyTorch's; the presents by check_decoding
     else:
@@ -121,14 +122,14 @@ def export_model_(loaded, folder, *, int8: bool = False, threads: int | None = N
     target.parent.mkdir(exist_ok=True)
     log.info("exporting %s to ONNX (opset %d): inputs %s, outputs %s", ref, OPSET,
              ", ".join(_short(names)), ", ".join(_short(graph.outputs)))
-    axes = onnx_kv.axes(names) if loaded.kind == "causal-lm" else _axes(loaded, names)
+    axes = onnx_kv.axes(names) if decoder else _axes(loaded, names)
     _export(graph, trace, names, axes, target, external, ref)
     seconds = {"export": round(time.perf_counter() - start, 2)}
     with torch.no_grad():
         expected = [[t.numpy() for t in graph(*(b[n] for n in names))] for b in checks]
     sess = session(target, threads)
     fp32 = check(sess, checks, expected, names, outputs)
-    if loaded.kind == "causal-lm":
+    if decoder:
         fp32["decoding"] = _check_decoding(sess, loaded)
         fp32["passed"] = fp32["passed"] and fp32["decoding"]["within_tolerance"]
     if not fp32["passed"]:
@@ -143,7 +144,7 @@ def export_model_(loaded, folder, *, int8: bool = False, threads: int | None = N
         seconds["quantize"] = round(time.perf_counter() - start, 2)
         sess = session(folder / MODEL_FILE, threads)
         report["int8"] = check(sess, checks, expected, names, outputs)
-        if loaded.kind == "causal-lm":
+        if decoder:
             report["int8"]["decoding"] = _check_decoding(sess, loaded)
         _warn_if_far(ref, report["int8"])
         fp32_bytes = onnx_bytes(target.parent)
@@ -442,7 +443,7 @@ def describe(loaded, folder: Path, sess, outputs, report, quantization, seconds,
         "labels": loaded.labels, "merged_adapter": loaded.extra.get("merged_adapter"),
         "inputs": _specs(sess.get_inputs()), "outputs": _specs(sess.get_outputs()),
         "opset": OPSET, "exporter": "torch.onnx.export (dynamo)",
-        "kv_cache": True if loaded.kind == "causal-lm" else None,
+        "kv_cache": True if loaded.task == "causal-lm" else None,
         "int8": quantization is not None, "quantization": quantization,
         "parameters": count_parameters(loaded.model),
         "onnx_mb": onnx_bytes(folder) / 1e6, "fp32_onnx_mb": fp32_bytes / 1e6,

@@ -93,6 +93,13 @@ def check_weights(source: ModelSource, allow_pickle: bool) -> None:
                              "mmkit loads safetensors by default because unpickling can run "
                              "code. Convert them to safetensors, or pass --allow-pickle if you "
                              "trust the files.")
+        from .ort_runtime import is_onnx_export
+
+        if not pickled and is_onnx_export(folder):
+            raise InputError(f"'{source.ref}' is an ONNX export (mmkit export --onnx), which "
+                             "only `mmkit bench --runtime onnxruntime` and ONNX Runtime itself "
+                             "run. Pass the PyTorch model it was exported from (its "
+                             "mmkit_onnx.json names it under \"model\").")
         if not pickled:
             raise InputError(f"'{source.ref}' has a config but no weight files (*.safetensors). "
                              "Pass the folder that save_pretrained wrote.")

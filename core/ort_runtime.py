@@ -40,8 +40,17 @@ def read_export(folder) -> dict:
     runtime reads."""
     from .artifacts import read_json_file
 
-    return read_json_file(Path(folder) / INFO_FILE, "an mmkit ONNX export description",
+    info = read_json_file(Path(folder) / INFO_FILE, "an mmkit ONNX export description",
                           {"task": str, "inputs": list, "outputs": list, "int8": bool})
+    files = info.get("files") if isinstance(info.get("files"), dict) else {}
+    for name, recorded in files.items():  # sizes only: hashing a large graph costs seconds
+        path = Path(folder) / name
+        size = path.stat().st_size if path.is_file() else None
+        if isinstance(recorded, dict) and size != recorded.get("bytes"):
+            what = "missing" if size is None else "not the size it was written at"
+            raise InputError(f"{path} is {what}; the export is damaged (cut short, or edited). "
+                             "Re-create it with `mmkit export MODEL --onnx`.")
+    return info
 
 
 def onnx_bytes(folder) -> int:
@@ -75,7 +84,13 @@ def session(path, threads: int | None = None, spin: bool = True):
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: its warnings are about fusions it skipped
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    errors = ort.capi.onnxruntime_pybind11_state
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except (errors.InvalidProtobuf, errors.InvalidGraph, errors.NoSuchFile, errors.Fail) as exc:
+        raise InputError(f"ONNX Runtime cannot load {path} ({str(exc)[:300]}); the graph is "
+                         "damaged or not an ONNX model. Re-create it with `mmkit export MODEL "
+                         "--onnx`.") from None
 
 
 def dummy_feeds(folder, info: dict, batch_size: int, seq_len: int) -> dict:

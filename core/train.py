@@ -4,6 +4,7 @@ kept, and resume from the last checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -154,6 +155,21 @@ def _compute_metrics(task):
     return None if task == "causal-lm" else compute
 
 
+@contextlib.contextmanager
+def _without_kv_cache(model):
+    """Training needs no KV cache; a causal LM's classifier would return one from each
+    evaluation batch (past_key_values), which the Trainer cannot gather."""
+    configs = {id(m.config): m.config for m in model.modules()
+               if getattr(getattr(m, "config", None), "use_cache", False)}
+    for config in configs.values():
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for config in configs.values():
+            config.use_cache = True
+
+
 def train(loaded, model, cfg: TrainingConfig, ctx, default_lr: float, masks=None,
           loss=None) -> dict:
     """Train `model` (the loaded model, possibly wrapped) on ctx.dataset; return a report.
@@ -189,7 +205,8 @@ def train(loaded, model, cfg: TrainingConfig, ctx, default_lr: float, masks=None
     log.info("training %s of %s parameters (%.2f%%), %d examples, %s%s", f"{trainable:,}",
              f"{total_params:,}", 100 * trainable / total_params, len(train_items), length,
              f", resuming from {resume_from}" if resume_from else "")
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    with _without_kv_cache(model):
+        result = trainer.train(resume_from_checkpoint=resume_from)
     history = [h for h in trainer.state.log_history if "eval_loss" in h]
     return {
         "trainable_parameters": trainable, "total_parameters": total_params,

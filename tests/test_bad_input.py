@@ -52,6 +52,15 @@ def corpus(tmp_path_factory, tiny_artifacts):
         elif files:
             manifest["files"] = files
         (path / "mmkit.json").write_text(json.dumps(manifest if files else []))
+    onnx = model("onnx-export")  # as `mmkit export --onnx` lays it out, its graph cut short
+    (onnx / "model.safetensors").unlink()
+    (onnx / "model.onnx").write_bytes(b"\x08\x07" + b"\xff" * 64)
+    (onnx / "mmkit_onnx.json").write_text(json.dumps(
+        {"task": "text-classification", "inputs": [], "outputs": [], "int8": False}))
+    cut = root / "onnx-cut"
+    shutil.copytree(onnx, cut)
+    _edit_json(cut / "mmkit_onnx.json", files={"model.onnx": {"sha256": "0", "bytes": 9000}})
+    f["onnx-cut"] = cut
     quant = root / "quant"
     run_recipe({"model": "tiny:llama", "steps": [{"step": "quantize", "method": "rtn"}]}, quant)
     for name, text in (("quant-empty", ""), ("quant-json", "{"), ("quant-layer",
@@ -136,6 +145,11 @@ def _cases(f):
         "corrupt mmkit_quant.json": (["eval", f["quant-json"]], "", "mmkit_quant.json"),
         "mmkit_quant.json layer": (["eval", f["quant-layer"]], "", "nope.proj"),
         "reference too long": (["inspect", "m" * 5000], "", "not a usable path"),
+        "ONNX export scored": (["eval", f["onnx-export"]], "", "is an ONNX export"),
+        "ONNX graph damaged": (["bench", f["onnx-export"], "--runtime", "onnxruntime"], "",
+                               "cannot load"),
+        "ONNX graph cut short": (["bench", f["onnx-cut"], "--runtime", "onnxruntime"], "",
+                                 "not the size it was written at"),
         # data
         "NaN label in JSONL": (["eval", "tiny:bert", "--data", f["nan.jsonl"]], "", "row 4"),
         "NaN label in CSV": (["eval", "tiny:bert", "--data", f["nan.csv"]], "", "NaN"),
@@ -175,6 +189,10 @@ def _cases(f):
         "--bits twice": (["quantize", "tiny:bert", "--bits", "4", "--bits", "8", "-o", OUT],
                          "", "given 2 times"),
         "--bits 4.7": (["quantize", "tiny:bert", "--bits", "4.7", "-o", OUT], "", "4.7"),
+        "--bits 16 (float) alone": (["quantize", "tiny:llama", "--method", "rtn", "--bits",
+                                     "16", "-o", OUT], "", "per-layer map"),
+        "--skip every layer": (["quantize", "tiny:llama", "--bits", "4", "--skip", "*",
+                                "-o", OUT], "", "every Linear layer"),
         "bits file 4.7": (["quantize", "tiny:bert", "--bits", f["bits-frac.yaml"], "-o", OUT],
                           "", "whole number"),
         "bits file true": (["quantize", "tiny:bert", "--bits", f["bits-bool.yaml"], "-o", OUT],

@@ -283,6 +283,29 @@ def test_a_lora_adapter_is_merged_before_export(tmp_path):
                                atol=1e-4, rtol=1e-4)
 
 
+def test_a_causal_lms_classifier_trains_fully_and_exports_its_logits_without_a_kv_cache(
+        tmp_path):
+    """A Llama with a classification head: full fine-tuning evaluates without the KV cache
+    the model would return (the Trainer cannot gather it), and the export is the classifier's
+    graph (logits, no cache inputs), not the decoder's."""
+    from mmkit.core.loading import load_model
+    from mmkit.core.recipe import run_recipe
+
+    tuned = run_recipe({"model": "tiny:llama", "task": "text-classification",
+                        "data": "tweets-sentiment", "max_samples": 16, "steps": [
+                            {"step": "finetune", "method": "full", "max_steps": 1}]},
+                       tmp_path / "tuned")["artifact"]
+    loaded = load_model(tuned)
+    assert loaded.model.config.use_cache  # as it was before training
+    info = export(tuned, tmp_path / "onnx")
+    assert info["kv_cache"] is None and info["head"] == "logits"
+    assert [o["name"] for o in info["outputs"]] == ["logits"]
+    batch = fresh_batch(loaded)
+    want = torch_outputs(loaded, batch, ["logits"])["logits"]
+    np.testing.assert_allclose(ort_outputs(tmp_path / "onnx", batch)["logits"], want,
+                               atol=1e-4, rtol=1e-4)
+
+
 PROFILE_FIELDS = {"device", "batch_size", "seq_len", "input_shapes", "warmup", "repeats",
                   "latency_ms", "spread", "stable", "measurements", "throughput_per_s",
                   "peak_memory_mb", "peak_memory_kind", "parameters", "weights_mb", "disk_mb",

@@ -363,6 +363,25 @@ def test_ptq_w8a8_stays_close_and_reloads(ref, tmp_path):
     assert 0 < float((out - before).norm() / before.norm()) < 0.1
 
 
+@pytest.mark.parametrize("method", ["gptq", "ptq"])
+def test_a_classifier_calibrates_on_unlabelled_text(method, tmp_path):
+    """Calibration reads inputs only: a text corpus without labels (bbc-text) calibrates a
+    text classifier as well as its own labelled data does."""
+    from mmkit.compression.calibration import calibration_batches
+    from mmkit.core.data import load_data
+
+    loaded = load_model("tiny:bert", labels=["a", "b"])
+    corpus = load_data("bbc-text", "text-classification", max_samples=4)
+    assert corpus.split("train").labels is None
+    batches = calibration_batches(loaded, corpus, 4, 16)
+    assert sum(len(b["input_ids"]) for b in batches) == 4 and "labels" not in batches[0]
+    result = run_recipe({"model": "tiny:bert", "data": "tweets-sentiment", "max_samples": 16,
+                         "steps": [{"step": "quantize", "method": method, "bits": 8,
+                                    "calib": "bbc-text", "calib_samples": 4,
+                                    "calib_length": 16}]}, tmp_path / "q")
+    assert result["steps"][0]["report"]["method"] == method
+
+
 def test_ptq_refuses_other_families(tmp_path):
     result = run_cli("quantize", "tiny:llama", "--bits", "8", "--method", "ptq", "--calib",
                      "bbc-text", "-o", tmp_path / "x")

@@ -13,10 +13,14 @@ KEEP = 16  # in a bits mapping: leave the layer in floating point
 
 
 def _check_bits(value, allowed: tuple[int, ...], method: str):
-    values = value.values() if isinstance(value, dict) else [value]
+    values = list(value.values()) if isinstance(value, dict) else [value]
     bad = [b for b in values if b not in allowed and b != KEEP]
     if bad:
         raise ValueError(f"{method} takes bits {', '.join(map(str, allowed))}, not {bad[0]}")
+    if all(b == KEEP for b in values):  # 16 keeps a layer float: alone, it quantizes nothing
+        raise ValueError(f"bits {KEEP} leaves a layer in floating point, so it belongs in a "
+                         f"per-layer map beside layers that are quantized (q_proj={KEEP},"
+                         f"default=4); {method} takes bits {', '.join(map(str, allowed))}")
     return value
 
 

@@ -57,6 +57,9 @@ def layer_bits(model, bits, skip: list[str]) -> dict[str, int]:
                              "entry (e.g. default=4).")
         if b != KEEP:
             out[n] = b
+    if names and not out:
+        raise InputError(f"The bits mapping keeps every layer in floating point ({KEEP}), so "
+                         "there is nothing to quantize; give some layers 2-8 bits.")
     return out
 
 

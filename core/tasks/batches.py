@@ -20,7 +20,9 @@ class _Items:
 def _text_items(loaded, split, max_length):
     enc = loaded.tokenizer(split.inputs, truncation=True, max_length=max_length)
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-    return [{**{k: enc[k][i] for k in keys}, "labels": split.labels[i]} for i in range(len(split))]
+    labels = {} if split.labels is None else {"labels": split.labels}  # calibration text: none
+    return [{**{k: enc[k][i] for k in keys}, **{k: v[i] for k, v in labels.items()}}
+            for i in range(len(split))]
 
 
 def _lm_items(loaded, split, max_length):
@@ -36,7 +38,9 @@ def build_items(loaded, split, max_length):
         return _Items(_text_items(loaded, split, max_length))
     if loaded.task == "causal-lm":
         return _Items(_lm_items(loaded, split, max_length))
-    return _Items([{"image": x, "labels": y} for x, y in zip(split.inputs, split.labels)])
+    labels = split.labels if split.labels is not None else [None] * len(split.inputs)
+    return _Items([{"image": x, **({} if y is None else {"labels": y})}
+                   for x, y in zip(split.inputs, labels)])
 
 
 class Collator:
@@ -53,6 +57,8 @@ class Collator:
 
             pixels = self.loaded.image_processor(images=[as_rgb(b["image"]) for b in batch],
                                                  return_tensors="pt")["pixel_values"]
+            if "labels" not in batch[0]:  # calibration images
+                return {"pixel_values": pixels}
             return {"pixel_values": pixels, "labels": torch.tensor([b["labels"] for b in batch])}
         pad = self.loaded.tokenizer.pad_token_id or 0
         width = max(len(b["input_ids"]) for b in batch)
