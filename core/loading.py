@@ -177,7 +177,9 @@ def _head_labels(config, labels: list[str] | None, task: str, has_head: bool, re
     else:
         if labels is None:
             raise InputError(f"'{ref}' has no trained {task} head and no labels were given to "
-                             "create one. Pass --data so mmkit can read the class names.")
+                             "create one. Pass --data naming labelled data (tweets-sentiment, or "
+                             "a CSV / JSONL with a label column) so mmkit can read the class "
+                             "names; a corpus without labels, such as bbc-text, cannot.")
         if len(labels) < 2:
             raise InputError(f"{task} needs at least two classes in the data; found {labels}.")
         names = list(labels)
