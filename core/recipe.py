@@ -434,8 +434,11 @@ def _load_cached(plan: Plan, run: RunOptions, entry, cached: int):
                             plan.labels, device=run.device, seed=plan.seed,
                             trust_remote_code=run.trust_remote_code)
     except (MmkitError, OSError) as exc:
-        log.warning("the cached result of step %d (%s) cannot be loaded (%s); running every "
-                    "step again", cached, entry, exc)
+        from .run_cache import discard
+
+        log.warning("the cached result of step %d (%s) cannot be loaded (%s); removed it, "
+                    "running every step again", cached, entry, exc)
+        discard(entry)  # this run's result takes its place
         return None
     log.info("step%s %s cached: skipped (%s)", "s" * (cached > 1),
              "1" if cached == 1 else f"1-{cached}", entry)

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -174,27 +175,50 @@ def store(loaded, key: str, recipe: dict, steps: list, data_info, parent) -> Non
         log.warning("could not cache step %d (%s); the run goes on without it", len(steps), exc)
 
 
+ENTRY_NAME = re.compile(r"^[0-9a-f]{32}$")  # entry_path's: what else is in the folder is not ours
+# what a killed run leaves beside an entry (core.outputs' staging and lock names)
+LEFT_BESIDE = re.compile(r"^\.([0-9a-f]{32})\.mmkit-(?:tmp|old|lock)(?:-[a-z0-9_]{8})?$")
+
+
+def _ours(root: Path) -> list[Path]:
+    """The entries in the cache folder and what killed runs left beside them; any other file
+    or folder there (a mistyped MMKIT_RUN_CACHE may point anywhere) is not the cache's."""
+    if not root.is_dir():
+        return []
+    return [p for p in root.iterdir() if ENTRY_NAME.match(p.name) or LEFT_BESIDE.match(p.name)]
+
+
 def usage() -> dict:
     """The cache's folder, entries and bytes on disk."""
     root = runs_dir()
-    entries = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")] \
-        if root.is_dir() else []
-    size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.is_dir() else 0
+    ours = _ours(root)
+    entries = [p for p in ours if p.is_dir() and ENTRY_NAME.match(p.name)]
+    size = sum(f.stat().st_size for p in ours for f in ([p] if p.is_file() else p.rglob("*"))
+               if f.is_file())
     return {"path": str(root), "entries": len(entries), "bytes": size}
+
+
+def discard(path: Path) -> None:
+    """Remove one entry that cannot be loaded, so that the run's result replaces it (an entry
+    a run is writing is left to it)."""
+    from .outputs import output_lock
+
+    try:
+        with output_lock(path):
+            shutil.rmtree(path, ignore_errors=True)
+    except InputError:
+        pass
 
 
 def clear() -> dict:
     """Remove every entry no run is writing right now, with what killed runs left beside
     them (unfinished folders, lock files); returns what was removed."""
-    import re
-
     from .outputs import output_lock
 
     root, before = runs_dir(), usage()
-    hidden = re.compile(r"^\.(.+)\.mmkit-(?:tmp|old|lock)(?:-[a-z0-9_]{8})?$")
     names = set()
-    for path in root.iterdir() if root.is_dir() else []:
-        match = hidden.match(path.name)
+    for path in _ours(root):
+        match = LEFT_BESIDE.match(path.name)
         names.add(match.group(1) if match else path.name)
     removed, busy = 0, 0
     for name in sorted(names):

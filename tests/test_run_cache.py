@@ -124,6 +124,8 @@ def test_a_damaged_entry_is_run_again(tmp_path):
     again, err = _run(_recipe(tmp_path), "-o", tmp_path / "b")
     assert "cannot be loaded" in err and _cached(again) == [False] * 3
     assert _same_weights(tmp_path / "a", tmp_path / "b")
+    third, err = _run(_recipe(tmp_path), "-o", tmp_path / "c")  # the damaged entry was replaced
+    assert "cannot be loaded" not in err and _cached(third) == [True] * 3
 
 
 SLOW = """model: tiny:bert
@@ -176,6 +178,12 @@ def test_cache_info_and_clear(tmp_path):
     info = json.loads(run_cli("cache", "info", "--json").stdout)
     assert info["entries"] == 3 and info["bytes"] > 0
     root = Path(info["path"])
+    # what the cache did not make (MMKIT_RUN_CACHE pointed at a folder in use) is never
+    # counted or removed
+    (root / "thesis").mkdir()
+    (root / "thesis" / "draft.txt").write_text("months of work")
+    (root / "notes.txt").write_text("x")
+    assert json.loads(run_cli("cache", "info", "--json").stdout) == info
     held = sorted(p for p in root.iterdir() if p.is_dir())[0]
     leftover = root / f".{held.name}.mmkit-tmp-abcdefgh"  # what a killed writer leaves
     leftover.mkdir()
@@ -186,9 +194,11 @@ def test_cache_info_and_clear(tmp_path):
     assert result.exit_code == 0, result.stderr
     cleared = json.loads(result.stdout)
     assert cleared["removed"] == 2 and cleared["busy"] == 1 and cleared["freed_bytes"] > 0
-    assert [p.name for p in root.iterdir() if p.is_dir()] == [held.name, leftover.name]
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted(
+        [held.name, leftover.name, "thesis"])
     cleared = json.loads(run_cli("cache", "clear", "--json").stdout)
     assert cleared["removed"] == 1 and run_cache.usage() == {**info, "entries": 0, "bytes": 0}
-    assert list(root.iterdir()) == []
+    assert sorted(p.name for p in root.iterdir()) == ["notes.txt", "thesis"]
+    assert (root / "thesis" / "draft.txt").read_text() == "months of work"
     human = run_cli("cache", "info")
     assert human.exit_code == 0 and "0 step result(s)" in human.stdout
