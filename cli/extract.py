@@ -24,7 +24,7 @@ def extract_command(model, do_eval, data_spec, out, overwrite, device, allow_pic
     """Cut the sub-network of the given widths and depth out of SUPERNET (a model trained
     with `mmkit finetune --elastic`) and write it to OUT as a standalone model."""
     if model == "-":
-        model = options.models_from(model)[0]
+        model = options.one_model_from(model, "extract")
     params = generated.step_params("extract", "subnet", settings, "extract")
     result = options.run_one_step(
         {"step": "extract", "method": "subnet", **params}, model=model, data_spec=data_spec,

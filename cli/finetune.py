@@ -45,7 +45,7 @@ def finetune_command(model, data_spec, method, elastic_mode, eval_split, out, ov
                          "fine-tuning. Drop one of them.")
     method = "elastic" if elastic_mode else method or default_method("finetune")
     if model == "-":
-        model = options.models_from(model)[0]
+        model = options.one_model_from(model, "finetune")
     flag = f"--elastic {elastic_mode}" if elastic_mode else f"--{method}"
     params = generated.step_params("finetune", method, settings, flag)
     if elastic_mode:

@@ -26,7 +26,7 @@ def merge_tokens_command(model, method, do_eval, data_spec, out, overwrite, devi
     """Make MODEL (ViT, CLIP) merge similar image tokens in each block and write OUT: the
     same weights plus the setting, which every mmkit command applies on load. Training-free."""
     if model == "-":
-        model = options.models_from(model)[0]
+        model = options.one_model_from(model, "merge-tokens")
     params = generated.step_params("tokens", method, settings, f"--method {method}")
     result = options.run_one_step(
         {"step": "tokens", "method": method, **params}, model=model, data_spec=data_spec,

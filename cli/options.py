@@ -184,6 +184,18 @@ def models_from(model: str) -> list[str]:
     return refs
 
 
+def one_model_from(model: str, command: str) -> str:
+    """The one model reference a command that writes one OUT works on: MODEL, or the single
+    artifact path stdin holds for `-` (more would be silently dropped)."""
+    refs = models_from(model)
+    if len(refs) > 1:
+        raise click.BadParameter(f"stdin held {len(refs)} artifact paths ({', '.join(refs[:3])}"
+                                 f"{', ...' if len(refs) > 3 else ''}); `mmkit {command}` writes "
+                                 "one OUT from one model. Pipe one path, or loop: "
+                                 f"`... | while read m; do mmkit {command} \"$m\" ...; done`.")
+    return refs[0]
+
+
 def _path_of(line: str) -> str:
     """The artifact a stdin line names: the whole line when it is a path, else its first
     field (a command's human result line starts with the artifact, then two spaces)."""

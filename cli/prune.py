@@ -36,7 +36,7 @@ def prune_command(model, method, do_eval, data_spec, out, overwrite, device, all
     """Prune MODEL and write OUT: zeroed weights (magnitude, wanda, nm), or a smaller model
     (heads, neurons, layers)."""
     if model == "-":
-        model = options.models_from(model)[0]
+        model = options.one_model_from(model, "prune")
     params = generated.step_params("prune", method, settings, f"--method {method}")
     result = options.run_one_step(
         {"step": "prune", "method": method, **params}, model=model, data_spec=data_spec,

@@ -79,7 +79,7 @@ def quantize_command(model, bits, method, do_eval, data_spec, out, overwrite, de
     """Quantize MODEL's Linear weights and write OUT (task heads stay in floating point)."""
     bits = parse_bits(bits)
     if model == "-":
-        model = options.models_from(model)[0]
+        model = options.one_model_from(model, "quantize")
     params = generated.step_params("quantize", method, settings, f"--method {method}")
     result = options.run_one_step(
         {"step": "quantize", "method": method, "bits": bits, **params}, model=model,

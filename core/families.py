@@ -57,10 +57,12 @@ def max_positions(config) -> int | None:
 
 
 def prompt_tokens(model) -> int:
-    """Positions a prompt-tuning adapter puts before the input (0 for other models)."""
+    """Positions a prompt- or prefix-tuning adapter puts before the input (0 for other
+    models): prefix tuning's keys shift the input's positions as a prompt does."""
     configs = getattr(model, "peft_config", None) or {}
     config = configs.get(getattr(model, "active_adapter", None))
-    if config is None or str(config.peft_type.value) not in ("PROMPT_TUNING", "P_TUNING"):
+    if config is None or str(config.peft_type.value) not in ("PROMPT_TUNING", "P_TUNING",
+                                                             "PREFIX_TUNING"):
         return 0
     return int(config.num_virtual_tokens)
 
@@ -76,6 +78,6 @@ def check_length(config, length: int | None, option: str, ref: str, reserved: in
     positions taken by prompt-tuning tokens)."""
     limit = length_limit(config, reserved)
     if length is not None and limit is not None and length > limit:
-        taken = f" (less {reserved} for the prompt's virtual tokens)" if reserved else ""
+        taken = f" (less {reserved} for the adapter's virtual tokens)" if reserved else ""
         raise InputError(f"{option} {length} is longer than the {limit} positions '{ref}' "
                          f"takes{taken}; use {option} {limit} or less.")

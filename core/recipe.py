@@ -37,8 +37,8 @@ class EvalSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     split: str = "test"
-    batch_size: int = Field(32, ge=1)
-    max_length: int | None = Field(None, ge=2)
+    batch_size: int = Field(32, ge=1, strict=True)  # strict: YAML's `true` is not 1
+    max_length: int | None = Field(None, ge=2, strict=True)
 
 
 class Recipe(BaseModel):
@@ -48,8 +48,8 @@ class Recipe(BaseModel):
     model: str = "minilm"
     task: str | None = None
     data: str | None = None
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
-    max_samples: int | None = Field(None, ge=1)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, strict=True)  # YAML's `true` is not 1
+    max_samples: int | None = Field(None, ge=1, strict=True)
     text_column: str | None = None
     image_column: str | None = None
     label_column: str | None = None
@@ -72,6 +72,14 @@ class _LineLoader(yaml.SafeLoader):
 
 
 def _construct_mapping(loader, node):
+    seen = set()
+    for key_node, _ in node.value:  # a repeated key would let the later value silently win
+        key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, (str, int, float, bool)) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the key '{key}' is given twice in one mapping; keep one",
+                key_node.start_mark)
+        seen.add(key)
     data = _LineDict(loader.construct_mapping(node, deep=True))
     data.line = node.start_mark.line + 1
     return data

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from . import plugins
 from .errors import InputError
@@ -25,6 +25,30 @@ class MethodConfig(BaseModel):
     (nan, inf) rejected."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_yes_no_numbers(cls, data):
+        # lax validation reads YAML's `true` as 1 (`max_steps: true`: one step); only a field
+        # that takes a yes / no may have one
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key)
+                if isinstance(value, bool) and field is not None and not _takes_bool(
+                        field.annotation):
+                    raise ValueError(f"'{key}' takes a value, not {str(value).lower()}")
+        return data
+
+
+def _takes_bool(annotation) -> bool:
+    """True when a field's type admits True / False (bool, Any, or a union or Literal of
+    them)."""
+    import typing
+
+    if annotation is bool or annotation is typing.Any:
+        return True
+    return any(arg is True or arg is False or _takes_bool(arg)
+               for arg in typing.get_args(annotation))
 
 
 @dataclass(frozen=True)

@@ -232,6 +232,10 @@ def _training_data(loaded, model, cfg: TrainingConfig, dataset, masks):
     eval_items = build_items(loaded, dataset.split("validation"), cfg.max_length)
     if len(train_items) == 0:
         raise InputError("The training split is empty; use more data.")
+    if len(eval_items) == 0:  # the best epoch is chosen on it
+        raise InputError(f"The validation split is empty ({len(train_items)} training examples "
+                         "in all): the data is too small to split. Give it more rows (a file "
+                         "of 10 or more), or a validation split of its own.")
     labels = dataset.split("train").labels
     if labels is not None and len(set(labels)) < 2:
         raise InputError(f"The training data has a single class ({dataset.label_names[labels[0]]}"

@@ -85,6 +85,8 @@ def corpus(tmp_path_factory, tiny_artifacts):
     jsonl("dict.jsonl", '{"text": "x", "label": {"a": 1}}')
     jsonl("text-dict.jsonl", '{"text": {"a": 1}, "label": 1}')
     jsonl("deep.jsonl", "[" * 100_000 + "]" * 100_000)
+    (data / "two-rows.csv").write_text("text,label\nhello,0\nbye,1\n")
+    f["two-rows.csv"] = data / "two-rows.csv"
     (data / "nan.csv").write_text("text,label\n" + "\n".join(
         f"t{i},{'NaN' if i == 3 else i % 2}" for i in range(20)))
     f["nan.csv"] = data / "nan.csv"
@@ -113,6 +115,9 @@ def corpus(tmp_path_factory, tiny_artifacts):
         "seed-huge.yaml": b"model: tiny:bert\nseed: 1.0e+26\n",
         "steps-int.yaml": b"model: tiny:bert\nsteps: 5\n",
         "nan-lr.yaml": b"model: tiny:bert\nsteps:\n  - {step: finetune, lr: .nan}\n",
+        "key-twice.yaml": b"model: tiny:bert\nmodel: tiny:gpt2\n",
+        "samples-true.yaml": b"model: tiny:bert\nmax_samples: true\n",
+        "steps-true.yaml": b"model: tiny:bert\nsteps:\n  - {step: finetune, max_steps: true}\n",
         "bits-frac.yaml": b"default: 4.7\n",
         "bits-bool.yaml": b"default: true\n",
         "bits-latin.yaml": b"default: 4 # \xe9\n",
@@ -175,6 +180,13 @@ def _cases(f):
         "recipe seed 1e26": (run("seed-huge.yaml"), "", "'seed'"),
         "recipe steps not a list": (run("steps-int.yaml"), "", "'steps'"),
         "recipe lr NaN": (run("nan-lr.yaml"), "", "finite"),
+        "recipe key twice": (run("key-twice.yaml"), "", "'model' is given twice"),
+        "recipe max_samples true": (run("samples-true.yaml"), "", "'max_samples'"),
+        "recipe step number true": (run("steps-true.yaml"), "", "not true"),
+        "data too small to split": (["finetune", "tiny:bert", "--data", f["two-rows.csv"], "-o",
+                                     OUT], "", "too small to split"),
+        "prefix beyond the positions": (["finetune", "tiny:bert", "--prefix", "-o", OUT], "",
+                                        "virtual tokens"),
         # options
         "--seed -1": (["eval", "tiny:bert", "--seed", "-1"], "", "--seed"),
         "--seed 1e26": (["eval", "tiny:bert", "--seed", str(10 ** 26)], "", "--seed"),
@@ -207,6 +219,8 @@ def _cases(f):
         "-o empty": (["quantize", "tiny:bert", "--bits", "8", "-o", ""], "", "-o"),
         "-o the root": (["quantize", "tiny:bert", "--bits", "8", "-o", "/"], "", "names no"),
         # stdin
+        "stdin two paths, one OUT": (["prune", "-", "-o", OUT], "tiny:bert\ntiny:gpt2\n",
+                                     "2 artifact paths"),
         "stdin artifact 5": (["eval", "-"], '{"artifact": 5}\n', "'artifact' key"),
         "stdin artifact null": (["eval", "-"], '{"artifact": null}\n', "'artifact' key"),
         "stdin JSON array": (["eval", "-"], "[1, 2]\n", "'artifact' key"),

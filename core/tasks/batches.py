@@ -18,6 +18,8 @@ class _Items:
 
 
 def _text_items(loaded, split, max_length):
+    if len(split) == 0:  # a tokenizer fails on no text
+        return []
     enc = loaded.tokenizer(split.inputs, truncation=True, max_length=max_length)
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
     labels = {} if split.labels is None else {"labels": split.labels}  # calibration text: none
