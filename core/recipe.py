@@ -474,6 +474,7 @@ def _execute(plan: Plan, run: RunOptions, training: dict | None = None) -> dict:
                             seed=plan.seed, trust_remote_code=run.trust_remote_code,
                             allow_pickle=run.allow_pickle, **plan.load_options)
     ctx = Context(device=run.device, seed=plan.seed, dataset=plan.dataset, models=plan.models,
+                  allow_pickle=run.allow_pickle, trust_remote_code=run.trust_remote_code,
                   max_samples=recipe.max_samples, out=plan.out, origin=plan.source,
                   **(training or {}))
     data_info = plan.dataset.info if plan.dataset is not None else None

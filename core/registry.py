@@ -102,6 +102,8 @@ class Context:
     resume: bool = False
     callbacks: list = field(default_factory=list)  # extra HF TrainerCallbacks
     models: dict = field(default_factory=dict)  # further models the step names: ref -> source
+    allow_pickle: bool = False  # how those further models may be read (the run's flags)
+    trust_remote_code: bool = False
     # the model the steps started from (a LoadedModel, or a source to load): the teacher a
     # distillation step uses when it names none
     origin: object = None

@@ -294,6 +294,10 @@ def test_bad_inputs_exit_2_with_the_cause(supernet, tmp_path, tiny_artifacts):
     bad.write_text(json.dumps({"ffn": [0.5, 0.3]}))
     r = run_cli("extract", str(supernet), "--per-layer", str(bad), "-o", str(tmp_path / "x"))
     assert r.exit_code == 2 and "outside the space" in r.output
+    bad.write_text(json.dumps({"heads": [1, 1]}))  # a width flag beside the file: unused
+    r = run_cli("extract", str(supernet), "--per-layer", str(bad), "--ffn", "0.5", "-o",
+                str(tmp_path / "x"))
+    assert r.exit_code == 2 and "--ffn would go unused" in r.output
     damaged = tmp_path / "damaged"
     import shutil
 

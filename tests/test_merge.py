@@ -4,6 +4,7 @@ inputs against their own merges, `mmkit merge ADAPTER`, task heads of other task
 followed by quantize, and bad input on the command line."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,6 +162,29 @@ def test_merging_identical_models_returns_the_model(method, params, finetunes, t
     merged, want = _state(result["artifact"]), _state(a)
     assert max((merged[k] - want[k]).abs().max().item() for k in want
                if want[k].is_floating_point()) <= 1e-6
+
+
+def test_a_pickled_model_merges_only_with_allow_pickle(finetunes, tmp_path):
+    """--allow-pickle reaches the models merged, not only the base: a fine-tune kept as
+    pytorch_model.bin merges with it, and is refused (exit 2) without it."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    a, b = finetunes["tiny:bert"]
+    pickled = tmp_path / "pickled"
+    shutil.copytree(b, pickled)
+    for name in ("model.safetensors", "mmkit.json"):
+        (pickled / name).unlink()
+    torch.save(load_file(str(Path(b) / "model.safetensors")), pickled / "pytorch_model.bin")
+    refused = run_cli("merge", a, pickled, "-o", tmp_path / "no")
+    assert refused.exit_code == 2 and "--allow-pickle" in refused.stderr
+    assert not (tmp_path / "no").exists()
+    done = run_cli("merge", a, pickled, "--allow-pickle", "-o", tmp_path / "yes")
+    assert done.exit_code == 0, done.stderr
+    want = _state(_merge("tiny:bert", [a, b], tmp_path / "ref")["artifact"])
+    merged = _state(tmp_path / "yes")
+    assert all(torch.allclose(merged[k], want[k]) for k in want if want[k].is_floating_point())
 
 
 @pytest.mark.parametrize("ref", ["tiny:gpt2", "tiny:vit"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ...core.registry import MethodConfig
 from ...core.train import TrainingConfig
@@ -87,3 +87,12 @@ class ExtractConfig(MethodConfig):
     per_layer: str | None = Field(None, description="a JSON / YAML file of per-layer widths "
                                                     "({ffn: [...], heads: [...]}, one value per "
                                                     "layer)")
+
+    @model_validator(mode="after")
+    def _one_source_of_widths(self):
+        if self.per_layer and (self.ffn != 1.0 or self.heads != 1.0):
+            given = "--ffn" if self.ffn != 1.0 else "--heads"
+            raise ValueError(f"--per-layer sets every layer's widths, so {given} would go "
+                             f"unused; drop {given}, or put its value in the file (a key the "
+                             "file leaves out keeps that width at 1)")
+        return self

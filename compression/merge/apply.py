@@ -246,7 +246,7 @@ def open_inputs(method: str, loaded, cfg, ctx, stack: ExitStack):
     base_source, base_seed = _base_identity(loaded, ctx)
     inputs = [open_input(ref, ctx.models[ref], loaded, base_source, base_seed, ctx.seed,
                          stream_adapters, method not in ("linear", "slerp", "greedy-soup"),
-                         stack) for ref in cfg.models]
+                         stack, ctx.allow_pickle, ctx.trust_remote_code) for ref in cfg.models]
     return inputs, requantize
 
 

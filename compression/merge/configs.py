@@ -28,6 +28,17 @@ class _Models(MethodConfig):
                               "the recipe's model is the base")
 
 
+MAX_SCALE = 1000.0  # a weight or lambda beyond it overflows float32 weights (1e39: inf)
+
+
+def _check_scale(option: str, values) -> None:
+    big = [v for v in values if isinstance(v, (int, float)) and abs(v) > MAX_SCALE]
+    if big:
+        raise ValueError(f"{option} {big[0]:g} is too large: weights and lambda scale the "
+                         f"models' weights, so they stay within +-{MAX_SCALE:g} (merges use "
+                         "0.1 to a few)")
+
+
 class _Weighted(_Models):
     weights: list[float] | None = Field(None, description="one weight per model, comma-"
                                         "separated")
@@ -37,6 +48,7 @@ class _Weighted(_Models):
         if self.weights is not None and len(self.weights) != len(self.models):
             raise ValueError(f"--weights gives {len(self.weights)} weights for "
                              f"{len(self.models)} models: give one weight per model")
+        _check_scale("--weights", self.weights or [])
         return self
 
 
@@ -77,6 +89,11 @@ class _TaskVectors(_Weighted):
         1.0, alias="lambda", description="scale of the summed task vectors, or auto: the value "
         "of 0.1, 0.2, ... 1.5 that scores best on the validation split of the data")
     data: list[str] | None = _data()
+
+    @model_validator(mode="after")
+    def _lambda_scale(self):
+        _check_scale("--lambda", [self.lam])
+        return self
 
 
 class TaskArithmeticConfig(_TaskVectors, _AsAdapter):

@@ -206,10 +206,11 @@ class MemoryInput:
 
     kind = "memory"
 
-    def __init__(self, ref: str, source, task: str, model, seed: int):
+    def __init__(self, ref: str, source, task: str, model, seed: int, **reading):
         from .quantized import dequantize_
 
-        loaded = load_model(source, task, task_head=False, seed=seed)
+        # `reading`: allow_pickle / trust_remote_code, as the run was given them
+        loaded = load_model(source, task, task_head=False, seed=seed, **reading)
         if has_adapter(loaded):
             merge_adapter_(loaded, "mmkit merge")
         if dequantize_(loaded, f"'{ref}'") is not None:
@@ -297,7 +298,8 @@ def same_model(a, b, seed_a: int, seed_b: int) -> bool:
 
 
 def open_input(ref: str, source, loaded, base_source, base_seed: int, seed: int,
-               stream_adapters: bool, task_vectors: bool, stack: ExitStack):
+               stream_adapters: bool, task_vectors: bool, stack: ExitStack,
+               allow_pickle: bool = False, trust_remote_code: bool = False):
     """The input for one model to merge. `source` is its resolved ModelSource (an adapter's
     base, with `.adapter` set); `base_source` / `base_seed` identify the base's weights.
     `task_vectors`: the method takes task vectors against the base, so an adapter must have
@@ -307,13 +309,14 @@ def open_input(ref: str, source, loaded, base_source, base_seed: int, seed: int,
     whole)."""
     task, model = loaded.task, loaded.model
     adapter = source.adapter
-    config = peek(source, task)[1]
+    config = peek(source, task, trust_remote_code)[1]
+    reading = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
     if adapter is not None:
-        check_weights(adapter, allow_pickle=False)
+        check_weights(adapter, allow_pickle)
         trained_seed = (adapter.manifest.get("parent") or {}).get("seed", 0)
         own_base = same_model(source, base_source, trained_seed, base_seed)
         if not own_base and not task_vectors:
-            return MemoryInput(ref, source, task, model, trained_seed)
+            return MemoryInput(ref, source, task, model, trained_seed, **reading)
         if not own_base:
             raise InputError(f"'{ref}' is an adapter of '{source.ref}', not of the base "
                              f"'{base_source.ref}' these models are merged onto: an adapter's "
@@ -324,14 +327,14 @@ def open_input(ref: str, source, loaded, base_source, base_seed: int, seed: int,
         if lora is not None:
             return LoraInput(ref, adapter.path, lora, model, _labels(source, config, task),
                              stack)
-        return MemoryInput(ref, source, task, model, trained_seed)
+        return MemoryInput(ref, source, task, model, trained_seed, **reading)
     fmt = detect(source.path) if source.kind not in ("tiny", "hub") else None
     quantized = getattr(config, "quantization_config", None) is not None
     if (fmt is not None and fmt.name == PLAIN and not quantized
             and any(Path(source.path).glob("*.safetensors"))):
-        check_weights(source, allow_pickle=False)
+        check_weights(source, allow_pickle)
         try:
             return FileInput(ref, source.path, model, _labels(source, config, task), stack)
         except _NeedsLoading:
             pass  # fused / stacked tensors: let transformers read the files
-    return MemoryInput(ref, source, task, model, seed)
+    return MemoryInput(ref, source, task, model, seed, **reading)
