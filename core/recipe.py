@@ -494,7 +494,6 @@ def _execute(plan: Plan, run: RunOptions, training: dict | None = None) -> dict:
 
 def _finish(plan: Plan, run: RunOptions, loaded, done: list, data_info, cached: int) -> dict:
     """Evaluate the model the steps made, and write the artifact."""
-    from ..adapters.merging import has_adapter
     from .artifacts import write_artifact
     from .evaluate import evaluate
 
@@ -507,7 +506,7 @@ def _finish(plan: Plan, run: RunOptions, loaded, done: list, data_info, cached: 
                                 max_length=recipe.eval.max_length))
     plan.resolved = _resolved(plan, done)
     lineage, parent = done, plan.source if cached else None  # not the cache entry
-    if not done and has_adapter(loaded):  # the input adapter, copied as it came
+    if not done and loaded.source.is_adapter:  # the input adapter, copied as it came
         lineage, parent = _unchanged_adapter(loaded.source)
     log.info("writing %s", plan.out)
     path = write_artifact(loaded, plan.out, recipe=plan.resolved, steps=lineage,

@@ -164,6 +164,29 @@ def test_merging_identical_models_returns_the_model(method, params, finetunes, t
                if want[k].is_floating_point()) <= 1e-6
 
 
+def test_task_vectors_need_models_made_from_the_base(finetunes, tmp_path):
+    """The recorded lineages decide: a model whose lineage starts from another seed of the
+    tiny model (other starting weights) than the base's is refused as a task vector against
+    it; a fine-tune of a fine-tune of the base starts where the base does."""
+    a = finetunes["tiny:bert"][0]
+    loaded = load_model("tiny:bert", labels=LABELS.get("tiny:bert"), seed=1)
+    other = write_artifact(loaded, tmp_path / "seed1", recipe={"model": "tiny:bert", "seed": 1},
+                           steps=[], metrics=[])
+    refused = run_cli("merge", a, other, "--base", "tiny:bert", "--method", "ties", "-o",
+                      tmp_path / "no")
+    assert refused.exit_code == 2 and "'tiny:bert' (seed 1)" in refused.stderr, refused.stderr
+    assert "(seed 0)" in refused.stderr and not (tmp_path / "no").exists()
+    grandchild, sibling = _finetune_copy(a, tmp_path / "grandchild", 3), finetunes["tiny:bert"][1]
+    done = run_cli("merge", grandchild, sibling, "--base", "tiny:bert", "--method",
+                   "task-arithmetic", "-o", tmp_path / "from-root")
+    assert done.exit_code == 0, done.stderr
+    done = run_cli("merge", grandchild, "--base", a, "--method", "task-arithmetic", "-o",
+                   tmp_path / "from-parent")
+    assert done.exit_code == 0, done.stderr
+    # linear and slerp average weights: no base to descend from, nothing refused
+    assert run_cli("merge", a, other, "-o", tmp_path / "mean").exit_code == 0
+
+
 def test_a_pickled_model_merges_only_with_allow_pickle(finetunes, tmp_path):
     """--allow-pickle reaches the models merged, not only the base: a fine-tune kept as
     pytorch_model.bin merges with it, and is refused (exit 2) without it."""

@@ -297,6 +297,39 @@ def same_model(a, b, seed_a: int, seed_b: int) -> bool:
     return (a.kind, a.path) == (b.kind, b.path)
 
 
+def lineage_root(source, seed: int):
+    """Where a model's recorded lineage starts, following the parents mmkit's manifests
+    record: ("tiny", ref, seed), ("sha256", weights hash), or None when unknown (a hub id)."""
+    from ...core.refs import read_manifest
+
+    if source.kind == "tiny":
+        return ("tiny", source.ref, seed)
+    manifest, root, seen = source.manifest, None, {source.path}
+    for _ in range(64):  # longer than any lineage mmkit writes
+        parent = manifest.get("parent") if isinstance(manifest, dict) else None
+        if not isinstance(parent, dict):
+            break
+        root, path = parent, parent.get("path")
+        if path in seen:  # a folder written over from itself: its record says no more
+            return None
+        seen.add(path)
+        try:
+            manifest = read_manifest(path) if isinstance(path, str) and Path(path).is_dir() \
+                else {}
+        except InputError:
+            return None
+    if root is None:  # not made by mmkit: the model is its own root
+        digest = weights_hash(source)
+        return ("sha256", digest) if digest else None
+    if root.get("kind") == "tiny":
+        return ("tiny", root.get("ref"), root.get("seed", 0))
+    return ("sha256", root["weights_sha256"]) if root.get("weights_sha256") else None
+
+
+def _root_text(root) -> str:
+    return f"'{root[1]}' (seed {root[2]})" if root[0] == "tiny" else f"weights {root[1][:12]}"
+
+
 def open_input(ref: str, source, loaded, base_source, base_seed: int, seed: int,
                stream_adapters: bool, task_vectors: bool, stack: ExitStack,
                allow_pickle: bool = False, trust_remote_code: bool = False):
@@ -318,8 +351,11 @@ def open_input(ref: str, source, loaded, base_source, base_seed: int, seed: int,
         if not own_base and not task_vectors:
             return MemoryInput(ref, source, task, model, trained_seed, **reading)
         if not own_base:
-            raise InputError(f"'{ref}' is an adapter of '{source.ref}', not of the base "
-                             f"'{base_source.ref}' these models are merged onto: an adapter's "
+            seeds = (f" (seed {trained_seed})", f" (seed {base_seed})") \
+                if source.ref == base_source.ref else ("", "")
+            raise InputError(f"'{ref}' is an adapter of '{source.ref}'{seeds[0]}, not of the "
+                             f"base '{base_source.ref}'{seeds[1]} these models are merged onto: "
+                             "an adapter's "
                              "delta only means something on its own base. Pass --base "
                              f"{source.ref} (or merge the adapter into its base first with "
                              f"`mmkit merge {ref} -o OUT`).")
@@ -328,6 +364,14 @@ def open_input(ref: str, source, loaded, base_source, base_seed: int, seed: int,
             return LoraInput(ref, adapter.path, lora, model, _labels(source, config, task),
                              stack)
         return MemoryInput(ref, source, task, model, trained_seed, **reading)
+    if task_vectors:  # its task vector means something only against its own starting point
+        own, base = lineage_root(source, seed), lineage_root(base_source, base_seed)
+        if own and base and own[0] == base[0] and own != base:
+            raise InputError(f"'{ref}' was fine-tuned from {_root_text(own)}, and the base "
+                             f"'{base_source.ref}' these models are merged onto comes from "
+                             f"{_root_text(base)}: its task vector would be mostly the gap "
+                             "between the two starting points. Pass --base with the model the "
+                             "inputs were fine-tuned from.")
     fmt = detect(source.path) if source.kind not in ("tiny", "hub") else None
     quantized = getattr(config, "quantization_config", None) is not None
     if (fmt is not None and fmt.name == PLAIN and not quantized
