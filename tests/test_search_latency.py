@@ -54,7 +54,9 @@ def test_profile_pair_finds_the_slower_model_and_a_model_equal_to_itself(bert_pa
     # the other way round: the reciprocal, as far as two separate measurements agree
     shallow = profile_pair(fast, slow, "cpu", 1, 16, rounds=10)
     assert shallow["ratio"] < 1 / 1.5 and 0.6 < deep["ratio"] * shallow["ratio"] < 1.6
-    alone = profile_pair(fast, fast, "cpu", 1, 16, rounds=10)
+    # a model against itself: 1 within noise; more rounds, as a busy machine (the other test
+    # process) once put the median of 10 at 1.9
+    alone = profile_pair(fast, fast, "cpu", 1, 16, rounds=60)
     assert 0.6 < alone["ratio"] < 1.6
     with pytest.raises(InputError, match="--rounds must be at least 1"):
         profile_pair(fast, fast, "cpu", 1, 16, rounds=0)
