@@ -75,7 +75,9 @@ def _construct_mapping(loader, node):
     seen = set()
     for key_node, _ in node.value:  # a repeated key would let the later value silently win
         key = loader.construct_object(key_node, deep=True)
-        if isinstance(key, (str, int, float, bool)) and key in seen:
+        if not isinstance(key, (str, int, float, bool)):
+            continue  # a list or mapping as a key: the recipe's own checks refuse it
+        if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"the key '{key}' is given twice in one mapping; keep one",
                 key_node.start_mark)
