@@ -22,9 +22,11 @@ def _text_items(loaded, split, max_length):
         return []
     enc = loaded.tokenizer(split.inputs, truncation=True, max_length=max_length)
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-    labels = {} if split.labels is None else {"labels": split.labels}  # calibration text: none
-    return [{**{k: enc[k][i] for k in keys}, **{k: v[i] for k, v in labels.items()}}
-            for i in range(len(split))]
+    items = [{k: enc[k][i] for k in keys} for i in range(len(split))]
+    if split.labels is not None:  # calibration text may have none
+        for item, label in zip(items, split.labels):
+            item["labels"] = label
+    return items
 
 
 def _lm_items(loaded, split, max_length):
