@@ -246,7 +246,8 @@ def _search(model: str, sampler: str, trials: int, args, out: Path, export: str)
             "failure": result.get("failure"),
             "rejected_without_evaluation": result["rejected_without_evaluation"],
             "seconds": result["seconds_this_run"], "best": result["best"],
-            "best_remeasured": result["best_remeasured"], "exported": result["exported"],
+            "best_remeasured": result["best_remeasured"],
+            "confirmation": result.get("confirmation"), "exported": result["exported"],
             "hypervolume": _hypervolume(evaluated, args.budget)}
 
 

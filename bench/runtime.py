@@ -149,6 +149,7 @@ def search_part(args, work: Path, data, trained: dict) -> dict:
     return {"budget": f"{args.budget}x of the unmodified model's float export",
             "trials": result["trials_completed"], "seconds": result["seconds_this_run"],
             "best": result["best"], "best_remeasured": result["best_remeasured"],
+            "confirmation": result.get("confirmation"),
             "variants": rows,
             "searched_vs_ort_int8": {"speedup_batch_1": speedups[1],
                                      "speedup_batch_32": speedups[32],

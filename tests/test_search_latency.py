@@ -206,3 +206,85 @@ def test_no_faster_orders_the_cuts_and_matches_the_rest():
     assert no_faster({**cut, "recovery": 0}, cut)  # training does not move the latency
     assert no_faster({"tokens": 1.0}, {"tokens": 0.5})  # keeps more tokens
     assert not no_faster({"tokens": 0.3}, {"tokens": 0.5})
+
+
+def _noisy_in_search(budget_factor: float):
+    """A stand-in for profile_pair: latency is the linear layers' weight count, exactly, when
+    the exported model is measured again at the end (REMEASURE_ROUNDS rounds); in the
+    search's own trials every point reads `budget_factor` times its ratio, and the slower
+    models read faster, as noise between trials can make them."""
+    from mmkit.search import results
+
+    def measure(candidate, reference, device, rounds=10, **_):
+        mine, theirs = _linear_weights(candidate), _linear_weights(reference)
+        ratio = mine / theirs
+        if rounds != results.REMEASURE_ROUNDS:
+            ratio, mine = budget_factor * ratio, 1e12 / mine
+        return {"candidate_ms": {"median": mine / 1e4, "p90": mine / 1e4},
+                "reference_ms": {"median": theirs / 1e4, "p90": theirs / 1e4},
+                "ratio": ratio, "ratio_p10": ratio, "ratio_p90": ratio, "stable": True,
+                "environment": {"threads": 1, "load_per_cpu": 0.0}}
+
+    return measure
+
+
+def test_a_point_under_the_budget_only_in_the_search_is_passed_over(tmp_path, monkeypatch):
+    """Points that read under the budget in the search but not when measured again are
+    passed over for the next most accurate, in order; the export is the first that holds,
+    and `search pick` does the same. When none of them holds, the fastest measured again is
+    exported and a warning says so."""
+    import optuna
+
+    from mmkit.core import profile
+    from mmkit.search import results
+
+    monkeypatch.setattr(profile, "profile_pair", _noisy_in_search(0.1))
+    space = tmp_path / "space.yaml"  # four points, all under 0.6x in the search
+    space.write_text("knobs:\n  layers: [0, 1]\n  heads: [0, 0.5]\n")
+    out = tmp_path / "s"
+    result = _cli(*BASE, "--space", space, "--sampler", "grid", "--trials", 4,
+                  "--latency-budget", "0.6x", "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    shown = json.loads(result.stdout)
+    summary = json.loads((out / "pareto.json").read_text())
+    ranked = results.ranked_under(summary["evaluated"], summary["objectives"], None, 0.6)
+    assert len(ranked) == 4  # every point read under the budget in the search
+    study = optuna.load_study(study_name="mmkit-search", storage=f"sqlite:///{out}/study.db")
+    true_ratio = {t.number: t.user_attrs["latency_ratio"] / 0.1 for t in study.trials}
+    # tried in order of accuracy (ties: the faster in the search, here the larger models)
+    # until one holds; the unmodified model (1.0x) reads fastest, so it is tried and passed
+    holds = [true_ratio[r["trial"]] <= 0.6 for r in ranked]
+    first = holds.index(True)
+    tried = shown["confirmation"]
+    assert [c["trial"] for c in tried] == [r["trial"] for r in ranked[:first + 1]]
+    assert [c["within_budget"] for c in tried] == [False] * first + [True]
+    assert first >= 1, "the unmodified model reads fastest, so it must have been passed over"
+    assert shown["best"]["trial"] == ranked[first]["trial"]
+    assert shown["best_remeasured"]["ratio"] == pytest.approx(true_ratio[ranked[first]["trial"]])
+    again = shown["best_remeasured"]  # the stand-in's ms are weight counts / 1e4
+    assert _linear_weights(load_exported(out / "best")) == pytest.approx(
+        1e4 * again["reference_median_ms"] * true_ratio[ranked[first]["trial"]])
+    human = _cli(*BASE, "--space", space, "--sampler", "grid", "--trials", 4,
+                 "--latency-budget", "0.6x", "-o", out)
+    assert human.exit_code == 0, human.stderr
+    assert f"trial {ranked[0]['trial']} (" in human.stdout and "passed over" in human.stdout
+    picked = _cli("pick", out, "--latency-budget", "0.6x", "--json")
+    assert picked.exit_code == 0, picked.stderr
+    assert json.loads(picked.stdout)["trial"] == ranked[first]["trial"]
+    # nothing holds under 0.11x (all four read under it in the search): the fastest measured again is exported, with a warning
+    picked = CliRunner().invoke(cli, ["search", "pick", str(out), "--latency-budget", "0.11x",
+                                      "--json"])
+    assert picked.exit_code == 0, picked.stderr
+    shown = json.loads(picked.stdout)
+    tried = shown["confirmation"]
+    assert len(tried) == results.CONFIRM_CANDIDATES and not any(c["within_budget"] for c in tried)
+    fastest = min(tried, key=lambda c: c["remeasured_ratio"])
+    assert shown["trial"] == fastest["trial"]
+    assert shown["remeasured"]["ratio"] == pytest.approx(fastest["remeasured_ratio"])
+    assert "stayed within it when measured again" in picked.stderr
+
+
+def load_exported(ref):
+    from mmkit.core.loading import load_model
+
+    return load_model(str(ref))
