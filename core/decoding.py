@@ -13,6 +13,7 @@ import time
 
 from .errors import InputError
 from .families import check_length
+from .layers import own_memory_
 from .loading import LoadedModel, resolve_device
 from .versions import environment
 
@@ -72,6 +73,7 @@ def profile_generation(loaded: LoadedModel, device: str = "cpu", batch_size: int
     if threads:
         torch.set_num_threads(threads)
     model = loaded.model.to(device) if device != "cpu" else loaded.model
+    own_memory_(model)  # not timed as mapped from its file: see own_memory_
     vocab = loaded.model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (batch_size, prompt_len), generator=generator).to(device)

@@ -1,6 +1,7 @@
 """evaluate and profile: checked against references computed another way."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -164,3 +165,49 @@ def test_unsteady_timings_are_measured_again_and_flagged(monkeypatch):
     assert any("unsteady" in message for message in seen)
     env = flagged["environment"]
     assert env["threads"] >= 1 and "load_per_cpu" in env
+
+
+def _mapped_ranges(path) -> list[tuple[int, int]]:
+    """The address ranges where this process maps the file at `path`."""
+    ranges = []
+    for line in open("/proc/self/maps"):
+        if line.rstrip().endswith(str(path)):
+            lo, hi = line.split()[0].split("-")
+            ranges.append((int(lo, 16), int(hi, 16)))
+    return ranges
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="Linux's /proc only")
+def test_a_model_is_timed_in_its_own_memory_not_mapped_from_its_file(tmp_path):
+    """transformers maps a safetensors file and serves the weights from it, so a model's
+    speed depended on how the page cache held its file (13% between two identical BERTs).
+    profile copies them into the process's own memory first: same values, ties kept."""
+    from transformers import LlamaForCausalLM
+
+    from mmkit.core.tiny import byte_tokenizer, tiny_config
+
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    byte_tokenizer("llama").save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path))
+    ranges = _mapped_ranges(tmp_path / "model.safetensors")
+
+    def mapped():
+        return [n for n, p in loaded.model.named_parameters()
+                if any(lo <= p.data_ptr() < hi for lo, hi in ranges)]
+
+    assert mapped(), "transformers no longer maps the weights: own_memory_ may be moot"
+    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    batch = {"input_ids": torch.randint(0, 200, (1, 8))}
+    with torch.no_grad():
+        logits = loaded.model(**batch).logits
+    profile(loaded, seq_len=8, warmup=0, repeats=2)
+    assert mapped() == []
+    for n, p in loaded.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    model = loaded.model
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, logits)
