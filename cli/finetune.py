@@ -11,7 +11,9 @@ def _human(r: dict) -> str:
     line = (f"{r['artifact']}  {r['steps'][0]['method']} on {r['model']}: trained "
             f"{rep['trainable_parameters']:,} of {rep['total_parameters']:,} parameters "
             f"({rep['trainable_percent']:.2f}%), {rep['steps']} steps, "
-            f"{rep['train_samples_per_second']:.1f} samples/s")
+            + (f"{rep['train_samples_per_second']:.1f} samples/s"
+               if rep.get("train_samples_per_second") is not None
+               else "none left to train (resumed at the last step)"))
     line += options.metric_lines(r)
     return line
 

@@ -207,20 +207,32 @@ def train(loaded, model, cfg: TrainingConfig, ctx, default_lr: float, masks=None
              f", resuming from {resume_from}" if resume_from else "")
     with _without_kv_cache(model):
         result = trainer.train(resume_from_checkpoint=resume_from)
+    ran = trainer.state.global_step - _checkpoint_step(resume_from)
+    if not ran:
+        log.info("the checkpoint resumed from was at the last step: nothing left to train")
     history = [h for h in trainer.state.log_history if "eval_loss" in h]
     return {
         "trainable_parameters": trainable, "total_parameters": total_params,
         "trainable_percent": 100 * trainable / total_params, "epochs": cfg.epochs,
         "steps": trainer.state.global_step, "train_examples": len(train_items),
-        "train_loss": result.training_loss,
+        # the Trainer's loss and speed cover the steps this run trained (none: not 0.0)
+        "steps_this_run": ran, "train_loss": result.training_loss if ran else None,
         "train_seconds": result.metrics.get("train_runtime"),
-        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        "train_samples_per_second": result.metrics.get("train_samples_per_second")
+        if ran else None,
         "best_checkpoint_metric": trainer.state.best_metric,
         "validation_history": [{k: v for k, v in h.items() if k.startswith("eval_") or k == "epoch"}
                                for h in history],
         "lr": cfg.lr or default_lr, "resumed_from": resume_from,
         "device": str(next(model.parameters()).device),
     }
+
+
+def _checkpoint_step(checkpoint: str | None) -> int:
+    """The step a checkpoint was saved at (0: none)."""
+    if checkpoint is None:
+        return 0
+    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
 
 
 def _training_data(loaded, model, cfg: TrainingConfig, dataset, masks):

@@ -191,6 +191,36 @@ def test_resume_ends_where_the_uninterrupted_run_ends(tmp_path):
         assert na == nb and torch.allclose(pa, pb, atol=1e-6), na
 
 
+def test_resume_from_the_last_step_trains_nothing_and_says_so(tmp_path):
+    """Killed after the last checkpoint but before the model was written: resuming trains no
+    step, writes the same weights, and reports no loss or speed rather than 0.0."""
+    from transformers import TrainerCallback
+
+    recipe = {"model": "tiny:bert", "max_samples": 32, "steps": [
+        {"step": "finetune", "method": "lora", "epochs": 1, "batch_size": 8, "lr": 5e-3}]}
+
+    class Interrupt(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            raise KeyboardInterrupt
+
+    straight = run_recipe(recipe, tmp_path / "straight")["steps"][0]["report"]
+    assert straight["steps_this_run"] == straight["steps"] > 0
+    assert straight["train_loss"] > 0 and straight["train_samples_per_second"] > 0
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, tmp_path / "cut", callbacks=[Interrupt()])
+    resumed = run_recipe(recipe, tmp_path / "cut", resume=True)
+    report = resumed["steps"][0]["report"]
+    assert report["resumed_from"].endswith(f"checkpoint-{straight['steps']}")
+    assert report["steps_this_run"] == 0 and report["steps"] == straight["steps"]
+    assert report["train_loss"] is None and report["train_samples_per_second"] is None
+    a, b = load_model(str(tmp_path / "straight")), load_model(resumed["artifact"])
+    for (na, pa), (nb, pb) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert na == nb and torch.allclose(pa, pb, atol=1e-6), na
+    from mmkit.cli.finetune import _human
+
+    assert "none left to train" in _human(resumed)
+
+
 def test_resume_refuses_another_runs_checkpoints(tmp_path):
     from transformers import TrainerCallback
 
