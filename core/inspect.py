@@ -98,18 +98,60 @@ def applicable_methods(loaded: LoadedModel) -> list[str]:
     return out
 
 
+def _dtype(tensor) -> str:
+    return str(tensor.dtype).replace("torch.", "")
+
+
+def _stored(module, name: str, tensor) -> tuple[int, str]:
+    """(logical elements, what they are stored as) of one of a module's own tensors: a
+    bitsandbytes 4-bit weight counts its unpacked elements, as nf4 / fp4."""
+    state = getattr(tensor, "quant_state", None)
+    if state is not None and name == "weight":
+        import math
+
+        return math.prod(state.shape), str(getattr(state, "quant_type", "4-bit"))
+    return tensor.numel(), _dtype(tensor)
+
+
+def _quantized(module) -> list[tuple[int, str]]:
+    """A quantized layer's weights kept outside its parameters, by their logical size: mmkit's
+    QuantLinear / QuantEmbedding codes (int4 / int8, in a buffer) and their bias (the kernels
+    it builds from them are not submodules)."""
+    if getattr(module, "qweight", None) is None or not hasattr(module, "bits"):
+        return []
+    n = (module.num_embeddings * module.embedding_dim if hasattr(module, "num_embeddings")
+         else module.in_features * module.out_features)
+    bias = getattr(module, "bias", None)
+    return [(n, f"int{module.bits}")] + ([(bias.numel(), _dtype(bias))] if bias is not None
+                                          else [])
+
+
+def _breakdown(model) -> tuple[Counter, Counter]:
+    """Parameters by module type and by dtype, tied tensors once, quantized layers' weights
+    by their logical size (their sums are `count_parameters`' total)."""
+    by_type, dtypes, seen = Counter(), Counter(), set()
+    for mod in model.modules():
+        kept = []
+        for name, p in mod.named_parameters(recurse=False):
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                kept.append(_stored(mod, name, p))
+        codes = getattr(mod, "qweight", None)
+        if codes is None or codes.data_ptr() not in seen:
+            if codes is not None:
+                seen.add(codes.data_ptr())
+            kept += _quantized(mod)
+        for n, dtype in kept:
+            by_type[type(mod).__name__] += n
+            dtypes[dtype] += n
+    return by_type, dtypes
+
+
 def inspect_model(loaded: LoadedModel) -> dict:
     """Family, parameters by module type, sizes (MB = 10^6 bytes), dtypes, linear layers,
     the adapter it carries, an elastic super-network's space, and the methods that apply."""
     model = loaded.model
-    by_type = Counter()
-    for mod in model.modules():
-        own = sum(p.numel() for p in mod.parameters(recurse=False))
-        if own:
-            by_type[type(mod).__name__] += own
-    dtypes = Counter()
-    for p in model.parameters():
-        dtypes[str(p.dtype).replace("torch.", "")] += p.numel()
+    by_type, dtypes = _breakdown(model)
     layers = _linear_layers(model)
     manifest = loaded.source.manifest
     return {

@@ -182,3 +182,27 @@ def test_inspect_tells_what_an_artifact_is_and_what_applies(three_class, tmp_pat
     assert quantized["parameters"] == plain["parameters"]  # packed layers count in full
     assert quantized["weights_mb"] < plain["weights_mb"]
     assert not any(m.startswith(("quantize:", "prune:")) for m in quantized["methods"])
+
+
+@pytest.mark.parametrize("method,stored", [("rtn", "int4"), ("dynamic-int8", "int8")])
+def test_inspect_counts_quantized_layers_by_type_and_dtype(tmp_path, method, stored):
+    """A quantized layer's weights live outside its parameters (mmkit's codes, in buffers):
+    the breakdowns by module type and dtype count them at their logical size, so that both
+    add up to the parameter total."""
+    from mmkit.core.inspect import inspect_model
+
+    steps = [{"step": "quantize", "method": method, **({"bits": 4} if method == "rtn" else {})}]
+    out = run_recipe({"model": "tiny:bert", "max_samples": 16, "steps": steps},
+                     tmp_path / "q")["artifact"]
+    plain, report = inspect_model(load_model("tiny:bert", labels=["a", "b"])), \
+        inspect_model(load_model(out))
+    assert report["parameters"] == plain["parameters"]
+    assert sum(report["dtypes"].values()) == report["parameters"]
+    assert sum(report["parameters_by_module_type"].values()) == report["parameters"]
+    linear = sum(layer["in"] * layer["out"] for layer in plain["linear_layers"]
+                 if not layer["name"].startswith("classifier"))  # the head stays float
+    assert report["dtypes"][stored] == linear
+    quant_types = {k for k in report["parameters_by_module_type"] if k != "Linear"} - set(
+        plain["parameters_by_module_type"])
+    assert quant_types and sum(report["parameters_by_module_type"][k] for k in quant_types) \
+        >= linear
