@@ -31,6 +31,8 @@ from pathlib import Path
 
 from results_io import RESULTS, write_result  # bench/ is on sys.path when run as a script
 
+KNOBS = "layers,heads,ffn,quant"  # the search's knobs unless --knobs says otherwise
+
 
 def _variants(work: Path, dense: str) -> dict:
     """name -> folder: the dense model in each runtime / precision (exports cached)."""
@@ -249,7 +251,7 @@ def main() -> None:
                         help="bench/elastic.py's folder: its fine-tunes are reused")
     parser.add_argument("--samples", type=int, default=500, help="tweets per split scored")
     parser.add_argument("--trials", type=int, default=30)
-    parser.add_argument("--knobs", default="layers,heads,ffn,quant",
+    parser.add_argument("--knobs", default=KNOBS,
                         help="the search's knobs (add recovery: distillation from the uncut "
                              "model for each point within the budget)")
     parser.add_argument("--space", default="",
@@ -301,7 +303,8 @@ def main() -> None:
     if "search" in parts:
         _variants(work, trained["dense"]["artifact"])  # the exports the search compares with
         key = "search" + (f" (space {args.space})" if args.space else "") + (
-            f" (budget {args.budget:g}x)" if args.budget != 0.45 else "")  # beside the default's
+            f" (budget {args.budget:g}x)" if args.budget != 0.45 else "") + (
+            f" ({args.knobs})" if args.knobs != KNOBS else "")  # beside the default's
         result[key] = {**search_part(args, work, data, trained),
                        "space": args.space or "the elastic method's default"}
         write_result(result, out)
