@@ -11,6 +11,11 @@ and against fp32, on smollm2 (decoding) and the minilm sentiment classifier (bat
   memory-bound, so the ceiling of each speed-up is fp32's weight bytes over the variant's.
 - classifier: the same comparison on the minilm classifier: accuracy with either kernel,
   batch-1 and batch-32 forward latency interleaved with fp32 (seq 64), size on disk.
+- layers: one MiniLM-shaped layer (384 -> 1536, 1536 -> 384, 384 -> 384) at 1, 16, 64 and 256
+  input rows, each kernel timed in turns with fp32 `F.linear`: torch's weight-only int8
+  kernel (bf16 activations, what rtn-8 runs), a bf16 `F.linear` (AMX where the CPU has it)
+  and torch's dynamic int8 Linear (activations quantized too). Which kernel a CPU favours at
+  which row count; figures are each kernel's median over fp32's.
 
 Writes bench/results/quant_kernels.json. Not a test. Run it alone: two benchmarks on two cores
 measure each other.
@@ -19,6 +24,7 @@ measure each other.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -180,10 +186,51 @@ def classifier_part(workdir: Path, samples: int, rounds: int) -> dict:
             "variants": rows}
 
 
+def layers_part(rounds: int) -> dict:
+    """Per-layer kernel times over fp32's (see the module docstring), in turns: each round
+    calls every kernel once, after five warm-up rounds."""
+    import torch
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    rows_out = []
+    for rows in (1, 16, 64, 256):
+        for n_in, n_out in ((384, 1536), (1536, 384), (384, 384)):
+            x = torch.randn(rows, n_in)
+            w = torch.randn(n_out, n_in) * 0.02
+            scale = w.abs().amax(1) / 127
+            codes = (w / scale[:, None]).round().to(torch.int8).contiguous()
+            dynamic = DynamicLinear(n_in, n_out, dtype=torch.qint8)
+            dynamic.set_weight_bias(torch.quantize_per_channel(
+                w, scale.double(), torch.zeros(n_out, dtype=torch.long), 0, torch.qint8), None)
+            w_bf16, ones = w.bfloat16(), torch.ones(n_out, dtype=torch.bfloat16)
+            kernels = {
+                "fp32": lambda: torch.nn.functional.linear(x, w),
+                "weight_int8pack_mm": lambda: torch.ops.aten._weight_int8pack_mm(
+                    x.bfloat16(), codes, ones).float() * scale,
+                "bf16_linear": lambda: torch.nn.functional.linear(x.bfloat16(), w_bf16).float(),
+                "dynamic_int8": lambda: dynamic(x),
+            }
+            times = {k: [] for k in kernels}
+            with torch.inference_mode():
+                for i in range(rounds + 5):
+                    for name, run in kernels.items():
+                        start = time.perf_counter()
+                        run()
+                        if i >= 5:
+                            times[name].append(time.perf_counter() - start)
+            fp32 = statistics.median(times["fp32"])
+            rows_out.append({"rows": rows, "in": n_in, "out": n_out,
+                             "fp32_ms": 1e3 * fp32,
+                             **{f"{k}_over_fp32": statistics.median(v) / fp32
+                                for k, v in times.items() if k != "fp32"}})
+            print(rows_out[-1], flush=True)
+    return {"rounds": rounds, "threads": torch.get_num_threads(), "rows": rows_out}
+
+
 def main() -> None:
     """Run the parts asked for and write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--part", choices=["lm", "classifier", "all"], default="all")
+    parser.add_argument("--part", choices=["lm", "classifier", "layers", "all"], default="all")
     parser.add_argument("--docs", type=int, default=20, help="bbc-text documents per split")
     parser.add_argument("--samples", type=int, default=2000, help="tweets per split")
     parser.add_argument("--rounds", type=int, default=7)
@@ -197,9 +244,13 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(2)
     workdir = Path(tempfile.mkdtemp(prefix="mmkit-bench-k-"))
-    result = {"environment": environment("cpu"),
-              "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() else {}  # parts not run are kept
+    result.update({"environment": environment("cpu"),
+                   "cpu_capability": torch.backends.cpu.get_cpu_capability()})
     try:
+        if args.part in ("layers", "all"):
+            result["layers"] = layers_part(max(args.rounds * 5, 30))
         if args.part in ("classifier", "all"):
             result["classifier"] = classifier_part(workdir, args.samples, args.rounds)
         if args.part in ("lm", "all"):
