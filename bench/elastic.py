@@ -22,7 +22,10 @@
   to the budget) of the 30 TPE trials against 100 random ones on the same space.
 
 Data as bench/search.py: training on --train-samples tweets, every score on --samples per
-split (seed 0). Fine-tunes are cached in --work. Writes bench/results/elastic.json.
+split (seed 0). The search runs on --samples per split too, so its recovery trains on that many
+tweets: MiniLM's depth-4 cut (75% heads, int8) distilled on 500 stayed 1.0 point below the dense
+model on all 2,314 test tweets (50 or 150 steps), on 2,000 it came within 0.5 point (50 steps)
+and level (100 steps). Fine-tunes are cached in --work. Writes bench/results/elastic.json.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from pathlib import Path
 
 from results_io import RESULTS, write_result  # bench/ is on sys.path when run as a script
 
+SAMPLES = 500  # tweets per split, as bench/search.py
 KNOBS = "layers,heads,ffn,quant"  # the search's default knobs: sub-networks x quantization
 CUTS = {"ffn-50": {"ffn": 0.5}, "heads-50": {"heads": 0.5}, "depth-4": {"depth": 4},
         "all-three": {"ffn": 0.5, "heads": 0.5, "depth": 4}}
@@ -286,7 +290,10 @@ def main() -> None:
     parser.add_argument("--parts", default="train,cost,cuts,search")
     parser.add_argument("--work", default="/tmp/mmkit-bench-elastic")
     parser.add_argument("--train-samples", type=int, default=2000)
-    parser.add_argument("--samples", type=int, default=500, help="tweets per split scored")
+    parser.add_argument("--samples", type=int, default=SAMPLES,
+                        help="tweets per split: the search's data (its recovery trains on them) "
+                             "and every score; another number than the default keeps a search "
+                             "under its own key")
     parser.add_argument("--epochs", type=float, default=2)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--samples-k", type=int, default=1,
@@ -336,7 +343,8 @@ def main() -> None:
             args, work, data, trained)
     if "search" in parts:  # another knob set or trained space is kept beside the default's
         key = "search" + (f" ({args.knobs})" if args.knobs != KNOBS else "") + (
-            f" (space {args.space})" if args.space else "")
+            f" (space {args.space})" if args.space else "") + (
+            f" (samples {args.samples})" if args.samples != SAMPLES else "")
         result[key] = {**search_part(args, work, data, trained), "knobs": args.knobs,
                        "space": args.space or "the elastic method's default",
                        "elastic_test_accuracy": trained["elastic"]["test_accuracy"],

@@ -249,7 +249,9 @@ def main() -> None:
     parser.add_argument("--parts", default="compare,decode,search")
     parser.add_argument("--work", default="/tmp/mmkit-bench-elastic",
                         help="bench/elastic.py's folder: its fine-tunes are reused")
-    parser.add_argument("--samples", type=int, default=500, help="tweets per split scored")
+    parser.add_argument("--samples", type=int, default=500,
+                        help="tweets per split: the search's data (its recovery trains on "
+                             "them) and every score")
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--knobs", default=KNOBS,
                         help="the search's knobs (add recovery: distillation from the uncut "
@@ -304,7 +306,8 @@ def main() -> None:
         _variants(work, trained["dense"]["artifact"])  # the exports the search compares with
         key = "search" + (f" (space {args.space})" if args.space else "") + (
             f" (budget {args.budget:g}x)" if args.budget != 0.45 else "") + (
-            f" ({args.knobs})" if args.knobs != KNOBS else "")  # beside the default's
+            f" ({args.knobs})" if args.knobs != KNOBS else "") + (
+            f" (samples {args.samples})" if args.samples != 500 else "")  # beside the default's
         result[key] = {**search_part(args, work, data, trained),
                        "space": args.space or "the elastic method's default"}
         write_result(result, out)
