@@ -64,13 +64,14 @@ def export_onnx(ref: str, out, *, task: str | None = None, int8: bool = False,
 
 
 @contextlib.contextmanager
-def temporary_export(loaded, *, int8: bool = False, threads: int | None = None):
+def temporary_export(loaded, *, int8: bool = False, threads: int | None = None,
+                     warn: bool = True):
     """`export_model_` into a temporary folder, yielded as a Path and removed afterwards:
     for timing a model in ONNX Runtime without keeping its export."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="mmkit-onnx-") as tmp:
-        export_model_(loaded, tmp, int8=int8, threads=threads)
+        export_model_(loaded, tmp, int8=int8, threads=threads, warn=warn)
         yield Path(tmp)
 
 
@@ -85,7 +86,8 @@ def require_exporter() -> None:
                              f"{INSTALL_HINT}") from None
 
 
-def export_model_(loaded, folder, *, int8: bool = False, threads: int | None = None) -> dict:
+def export_model_(loaded, folder, *, int8: bool = False, threads: int | None = None,
+                  warn: bool = True) -> dict:
     """Write `loaded` as model.onnx (+ config.json, tokenizer / processor, mmkit_onnx.json)
     into the existing folder `folder`, and return the description written to mmkit_onnx.json.
 
@@ -100,8 +102,8 @@ def export_model_(loaded, folder, *, int8: bool = False, threads: int | None = N
     folder, as `export_onnx` does). With `int8`, the graph is then quantized by ONNX Runtime
     (dynamic: int8 weights per output channel, the embedding tables too; activations
     quantized at run time) and its distance to PyTorch is reported (largest difference, top-1
-    agreement or cosine), not enforced. `threads` sets the checking sessions' threads
-    (default: torch's count).
+    agreement or cosine), not enforced: a warning when it strays far, unless not `warn`.
+    `threads` sets the checking sessions' threads (default: torch's count).
     """
     require_exporter()
     folder = Path(folder)
@@ -146,7 +148,8 @@ def export_model_(loaded, folder, *, int8: bool = False, threads: int | None = N
         report["int8"] = check(sess, checks, expected, names, outputs)
         if decoder:
             report["int8"]["decoding"] = _check_decoding(sess, loaded)
-        _warn_if_far(ref, report["int8"])
+        if warn:
+            _warn_if_far(ref, report["int8"])
         fp32_bytes = onnx_bytes(target.parent)
         shutil.rmtree(target.parent)
     else:

@@ -217,7 +217,10 @@ class Trial:
         from .space import ort_int8
 
         threads = self.settings.threads
-        with temporary_export(loaded, int8=ort_int8(params), threads=threads) as folder:
+        # no warning when the int8 graph strays from PyTorch: the trial scores its accuracy,
+        # and the warning would name the searched model, not this candidate, on every trial
+        with temporary_export(loaded, int8=ort_int8(params), threads=threads,
+                              warn=False) as folder:
             yield as_onnx(loaded, folder, threads), megabytes(onnx_bytes(folder))
 
     def reference(self):
