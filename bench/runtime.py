@@ -131,7 +131,9 @@ def search_part(args, work: Path, data, trained: dict) -> dict:
     request = SearchRequest(model=trained["elastic"]["artifact"],
                             data=DataSpec(data="tweets-sentiment", max_samples=args.samples,
                                           seed=0),
-                            budget=f"{args.budget}x", knobs=args.knobs,
+                            budget=f"{args.budget}x",
+                            knobs=None if args.space_file else args.knobs,
+                            space_file=args.space_file or None,
                             sampler="tpe", seq_len=64, threads=args.threads, out=out,
                             runtime="onnxruntime")
     try:
@@ -258,6 +260,9 @@ def main() -> None:
                              "model for each point within the budget)")
     parser.add_argument("--space", default="",
                         help="bench/elastic.py's --space: the elastic model searched")
+    parser.add_argument("--space-file", default="",
+                        help="the search's space file (instead of --knobs), e.g. to give the "
+                             "recovery knob more steps")
     # 0.3x of the float export is about 2x faster than its int8 (0.6x): only the deepest cuts
     # reach it (a first run: none did, 0.302x at best), so the search runs at a budget its
     # accurate points can meet and the comparison says how far that is from 2x
@@ -307,7 +312,8 @@ def main() -> None:
         key = "search" + (f" (space {args.space})" if args.space else "") + (
             f" (budget {args.budget:g}x)" if args.budget != 0.45 else "") + (
             f" ({args.knobs})" if args.knobs != KNOBS else "") + (
-            f" (samples {args.samples})" if args.samples != 500 else "")  # beside the default's
+            f" (samples {args.samples})" if args.samples != 500 else "") + (
+            f" (space file {Path(args.space_file).name})" if args.space_file else "")
         result[key] = {**search_part(args, work, data, trained),
                        "space": args.space or "the elastic method's default"}
         write_result(result, out)

@@ -1,5 +1,7 @@
 """mmkit's exceptions. The library raises these; only `cli/` turns them into exit codes."""
 
+import contextlib
+
 ECHO_LIMIT = 200  # characters of a user's value that an error message repeats
 
 
@@ -32,6 +34,33 @@ class RuntimeFailure(MmkitError):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised as an interruption so that every cleanup runs: exit code 143."""
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold Ctrl-C and SIGTERM over the few statements inside (database writes that must land
+    together): a signal arriving meanwhile is handled as its own handler says once they end.
+    Off the main thread, where Python runs no signal handler, nothing is held."""
+    import signal
+
+    caught = []
+    try:
+        previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+                    for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if caught:
+            handler = previous[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(caught[0])
 
 
 def interrupted_by(exc: BaseException) -> KeyboardInterrupt | None:

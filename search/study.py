@@ -28,7 +28,7 @@ from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import TrialState
 from sqlalchemy.orm import selectinload
 
-from ..core.errors import ECHO_LIMIT, InputError, shown
+from ..core.errors import ECHO_LIMIT, InputError, shown, signals_held
 from .settings import SearchSettings
 
 log = logging.getLogger("mmkit")
@@ -71,21 +71,25 @@ class HeartbeatStorage(RDBStorage):
     """
 
     def _create_new_trial(self, study_id, template_trial=None):
-        trial = super()._create_new_trial(study_id, template_trial)
-        if trial.state == TrialState.RUNNING:
-            self._started(trial._trial_id)
+        with signals_held():  # the trial and its process id land together, or neither
+            trial = super()._create_new_trial(study_id, template_trial)
+            if trial.state == TrialState.RUNNING:
+                self._started(trial._trial_id)
         return trial
 
     def set_trial_state_values(self, trial_id, state, values=None) -> bool:
-        changed = super().set_trial_state_values(trial_id, state, values)
-        if changed and state == TrialState.RUNNING:  # a queued trial starts
-            self._started(trial_id)
+        with signals_held():
+            changed = super().set_trial_state_values(trial_id, state, values)
+            if changed and state == TrialState.RUNNING:  # a queued trial starts
+                self._started(trial_id)
         return changed
 
     def _started(self, trial_id: int) -> None:
         """A trial this process starts: its first heartbeat, and its process id, by which
-        `fail_orphans` finds it. (Set later, by the objective, a signal landing in between
-        left the trial RUNNING and unclaimed: seen under load.)"""
+        `fail_orphans` finds it. Set later, by the objective, a signal landing in between
+        left the trial RUNNING and unclaimed; set here, but with the signal handled between
+        the writes, the same (a heartbeat and no process id, under load): the callers hold
+        signals until both are written."""
         self.record_heartbeat(trial_id)
         self.set_trial_user_attr(trial_id, "worker_pid", os.getpid())
 

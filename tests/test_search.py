@@ -308,6 +308,41 @@ def test_a_trial_names_its_process_as_it_starts(tmp_path):
     assert queued.user_attrs["worker_pid"] == new.user_attrs["worker_pid"] == os.getpid()
 
 
+@pytest.mark.parametrize("queued", [False, True])
+def test_a_signal_between_a_trial_start_writes_waits_for_both(tmp_path, monkeypatch, queued):
+    """Seen under load: SIGTERM handled between a trial's first heartbeat and its process id
+    left it RUNNING with no pid, so fail_orphans never ended it. The signal now waits until
+    both are written; then the handler's exception comes, as before."""
+    import optuna
+
+    from mmkit.core.errors import Terminated
+    from mmkit.search.study import HeartbeatStorage, open_storage
+
+    study = optuna.create_study(study_name="s", storage=open_storage(
+        f"sqlite:///{tmp_path / 's.db'}"), directions=["maximize", "minimize"])
+    if queued:
+        study.enqueue_trial({})
+    heartbeat = HeartbeatStorage.record_heartbeat
+
+    def record_then_signalled(self, trial_id):
+        heartbeat(self, trial_id)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode, unless held
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    monkeypatch.setattr(HeartbeatStorage, "record_heartbeat", record_then_signalled)
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        with pytest.raises(Terminated):
+            study.ask()
+        assert signal.getsignal(signal.SIGTERM) is terminate  # put back as it was
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    (trial,) = study.get_trials()
+    assert trial.state.name == "RUNNING" and trial.user_attrs["worker_pid"] == os.getpid()
+
+
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     """A LoRA adapter (mergeable) and a prompt-tuning one (not) on tiny:bert."""
