@@ -25,7 +25,7 @@ Data as bench/search.py: training on --train-samples tweets, every score on --sa
 split (seed 0). The search runs on --samples per split too, so its recovery trains on that many
 tweets: MiniLM's depth-4 cut (75% heads, int8) distilled on 500 stayed 1.0 point below the dense
 model on all 2,314 test tweets (50 or 150 steps), on 2,000 it came within 0.5 point (50 steps)
-and level (100 steps). Fine-tunes are cached in --work. Writes bench/results/elastic.json.
+and level (100 steps), at 5e-5. Fine-tunes are cached in --work. Writes bench/results/elastic.json.
 """
 
 from __future__ import annotations
