@@ -274,6 +274,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny settings to try the bench")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.space_file and args.knobs != KNOBS:
+        parser.error("--space-file names the knobs itself: give it or --knobs, not both")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # torch and ONNX Runtime timed in turns in one process: idle threads must sleep, or one
     # runtime's spinning threads slow the other's calls (torch 18 -> 30-60 ms measured);
