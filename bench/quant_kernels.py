@@ -13,9 +13,10 @@ and against fp32, on smollm2 (decoding) and the minilm sentiment classifier (bat
   batch-1 and batch-32 forward latency interleaved with fp32 (seq 64), size on disk.
 - layers: one MiniLM-shaped layer (384 -> 1536, 1536 -> 384, 384 -> 384) at 1, 16, 64 and 256
   input rows, each kernel timed in turns with fp32 `F.linear`: torch's weight-only int8
-  kernel (bf16 activations, what rtn-8 runs), a bf16 `F.linear` (AMX where the CPU has it)
-  and torch's dynamic int8 Linear (activations quantized too). Which kernel a CPU favours at
-  which row count; figures are each kernel's median over fp32's.
+  kernel (bf16 activations, what rtn-8 runs for few rows), a bf16 `F.linear` (AMX where the
+  CPU has it), mmkit's packed bf16 kernel (the weight reordered once for oneDNN; where oneDNN
+  has bf16) and torch's dynamic int8 Linear (activations quantized too). Which kernel a CPU
+  favours at which row count; figures are each kernel's median over fp32's.
 
 Writes bench/results/quant_kernels.json. Not a test. Run it alone: two benchmarks on two cores
 measure each other.
@@ -192,6 +193,8 @@ def layers_part(rounds: int) -> dict:
     import torch
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
+    from mmkit.compression.quantize import kernels as qkernels
+
     rows_out = []
     for rows in (1, 16, 64, 256):
         for n_in, n_out in ((384, 1536), (1536, 384), (384, 384)):
@@ -210,6 +213,9 @@ def layers_part(rounds: int) -> dict:
                 "bf16_linear": lambda: torch.nn.functional.linear(x.bfloat16(), w_bf16).float(),
                 "dynamic_int8": lambda: dynamic(x),
             }
+            if qkernels._bf16_supported():
+                packed = qkernels.pack_bf16(w)
+                kernels["packed_bf16"] = lambda: qkernels.run_bf16(packed, x, None)
             times = {k: [] for k in kernels}
             with torch.inference_mode():
                 for i in range(rounds + 5):

@@ -1,8 +1,11 @@
 """Weight-only kernels: byte unpacking and broadcast dequantization against the generic path,
-torch's fused int8 / int4 CPU kernels against the dequantizing kernel (on this CPU's branch and
-on the AVX2 and scalar branches in subprocesses), which grids take which kernel, training
-through a quantized layer, and a quantized model's logits and save / load with either kernel."""
+torch's fused int8 / int4 CPU kernels and the packed bf16 (oneDNN) kernel against the
+dequantizing kernel (on this CPU's branch and, in subprocesses, on the AVX2 and scalar branches
+of torch and the AVX-512-without-bf16 and AVX2 branches of oneDNN), which grids take which
+kernel and which kernel the measurement picks, training through a quantized layer, copies, and
+a quantized model's logits and save / load with each kernel."""
 
+import copy
 import json
 import os
 import subprocess
@@ -101,6 +104,73 @@ def test_fused_kernels_agree_with_dequantizing(bits, group, symmetric, act_order
         assert 0 < err < BF16_TOL  # bf16 rounding: close, and not the float path in disguise
 
 
+needs_bf16 = pytest.mark.skipif(not kernels._bf16_supported(),
+                                reason="oneDNN has no bf16 on this CPU")
+
+
+@needs_bf16
+@pytest.mark.parametrize("bits,group,symmetric,act_order,shape", [
+    (8, None, True, False, (64, 96)), (8, None, False, False, (64, 96)),
+    (4, 32, False, False, (64, 96)), (4, 32, True, True, (64, 96)),
+    (3, 16, True, False, (40, 96)),   # grids no fused kernel takes: bf16 takes every grid
+    (8, 32, True, False, (64, 40)), (2, 8, False, False, (24, 56))])
+def test_bf16_kernel_agrees_with_dequantizing(bits, group, symmetric, act_order, shape):
+    layer, reference, bias = _layer(bits, group, symmetric, act_order, shape)
+    x = torch.randn(2, 5, shape[1], generator=torch.Generator().manual_seed(1))
+    exact = x @ reference.t() + bias
+    packed = _with_kernel("bf16", lambda: layer(x))
+    assert layer._bf16 is not None and packed.shape == exact.shape and packed.dtype == x.dtype
+    err = (packed - exact).abs().max() / exact.abs().max()
+    assert 0 < err < BF16_TOL
+    again = _with_kernel("bf16", lambda: copy.deepcopy(layer)(x))  # copies rebuild the kernel
+    assert torch.equal(again, packed)
+
+
+_BF16_BRANCH_SCRIPT = """
+import json, os, torch
+from mmkit.compression.quantize import grid, kernels
+from mmkit.compression.quantize.qlinear import QuantLinear
+gen = torch.Generator().manual_seed(0)
+w, x = torch.randn(64, 96, generator=gen), torch.randn(3, 96, generator=gen)
+codes, scales, zeros = grid.quantize_rows(w, 3, 16, True)
+layer = QuantLinear.from_codes(codes, scales, zeros, grid.group_index(96, 16), 3)
+ref = x @ layer.weight_float().t()
+out = {"allowed": kernels.bf16_allowed()}
+for mode in ("auto", "bf16") if out["allowed"] else ("auto",):
+    os.environ["MMKIT_QUANT_KERNEL"] = mode
+    with torch.no_grad():
+        out[mode] = float((layer(x) - ref).abs().max() / ref.abs().max())
+print(json.dumps(out))
+"""
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return set()
+
+
+@pytest.mark.parametrize("isa", ["AVX512_CORE", "AVX2"])
+def test_bf16_kernel_on_other_onednn_branches(isa):
+    """oneDNN picks its bf16 code by CPU: AMX, AVX-512 with bf16, AVX-512 emulating it (a
+    Skylake), none on AVX2. Cap it: the kernel is allowed only where oneDNN has bf16, computes
+    the same numbers there, and a layer on a CPU without it still runs (another kernel)."""
+    if isa == "AVX512_CORE" and not {"avx512bw", "avx512vl", "avx512dq"} <= _cpu_flags():
+        pytest.skip("this CPU has no AVX-512 to cap oneDNN at")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": isa}
+    env.pop("MMKIT_QUANT_KERNEL", None)
+    done = subprocess.run([sys.executable, "-c", _BF16_BRANCH_SCRIPT], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["allowed"] is (isa == "AVX512_CORE" or "avx_ne_convert" in _cpu_flags())
+    assert out["auto"] < BF16_TOL
+    if out["allowed"]:
+        assert 0 < out["bf16"] < BF16_TOL
+
+
 _BRANCH_SCRIPT = """
 import json, torch
 from mmkit.compression.quantize import grid, kernels
@@ -136,42 +206,67 @@ def test_fused_kernels_on_other_cpu_branches(capability, allowed):
     assert 0 < out["8"] < BF16_TOL and 0 < out["4"] < BF16_TOL
 
 
-@pytest.mark.parametrize("capability,fused_s,dequant_s,fused", [
-    ("AVX512", 1.0, 2.0, True), ("AVX512", 2.0, 1.0, False), ("AVX2", 1.0, 2.0, True),
-    ("DEFAULT", 1.0, 2.0, False)])
-def test_the_kernel_measured_faster_is_picked_once_per_shape_and_rows(
-        monkeypatch, capability, fused_s, dequant_s, fused):
-    """The faster kernel differs between CPUs of one capability (an EPYC and an AMX Xeon are
+@pytest.mark.parametrize("capability,bf16,seconds,picked", [
+    ("AVX512", True, {"fused": 1.0, "bf16": 3.0, "dequant": 2.0}, "fused"),
+    ("AVX512", True, {"fused": 2.0, "bf16": 0.5, "dequant": 1.0}, "bf16"),
+    ("AVX512", True, {"fused": 2.0, "bf16": 3.0, "dequant": 1.0}, "dequant"),
+    ("AVX512", False, {"fused": 1.0, "dequant": 2.0}, "fused"),
+    ("AVX2", False, {"fused": 1.0, "dequant": 2.0}, "fused"),
+    ("DEFAULT", True, {"bf16": 1.0, "dequant": 2.0}, "bf16"),
+    ("DEFAULT", False, None, "dequant")])
+def test_the_kernel_measured_fastest_is_picked_once_per_shape_and_rows(
+        monkeypatch, capability, bf16, seconds, picked):
+    """The fastest kernel differs between CPUs of one capability (an EPYC and an AMX Xeon are
     both AVX512 to torch), so it is measured: once per layer shape and power-of-two bucket of
-    rows; never fused on a CPU without AVX2."""
+    rows, among the kernels this CPU allows (never fused without AVX2, never bf16 where oneDNN
+    has none); a bf16 copy is kept only by a layer that runs it."""
     monkeypatch.delenv("MMKIT_QUANT_KERNEL", raising=False)
     monkeypatch.setattr(kernels, "_capability", lambda: capability)
-    monkeypatch.setattr(kernels, "_FASTER", {})
+    monkeypatch.setattr(kernels, "_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(kernels, "_FASTEST", {})
     timed = []
 
-    def timing(layer, plan, rows, repeats=3):
-        timed.append(rows)
-        return fused_s, dequant_s
+    def timing(layer, candidates, rows, repeats=3):
+        timed.append((rows, set(candidates)))
+        return dict(seconds)
 
     monkeypatch.setattr(kernels, "time_kernels", timing)
+    monkeypatch.setattr(kernels, "run_fused", lambda plan, x, bias: torch.full((1,), 1.0))
+    monkeypatch.setattr(kernels, "run_bf16", lambda packed, x, bias: torch.full((1,), 2.0))
+    monkeypatch.setattr(kernels, "pack_bf16", lambda weight: "packed")
     layer, _, _ = _layer(8, None, True)
     for rows in (5, 7, 8, 9):
-        x = torch.randn(rows, 96)
         with torch.no_grad():
-            y = layer(x)
-        dequant = _with_kernel("dequant", lambda: layer(x))
-        assert torch.equal(y, dequant) is not fused
-    assert timed == ([8, 16] if capability != "DEFAULT" else [])
+            y = layer(torch.randn(rows, 96))
+        ran = {1.0: "fused", 2.0: "bf16"}.get(float(y.flatten()[0]), "dequant")
+        assert ran == picked and y.numel() == (1 if ran != "dequant" else rows * 64)
+    expected = set(seconds or ()) - {"dequant"}
+    assert timed == ([(8, expected), (16, expected)] if seconds else [])
+    assert layer._bf16 == ("packed" if picked == "bf16" else None)
 
 
-def test_timing_the_two_kernels_runs_both_and_leaves_the_random_state_alone():
+@pytest.mark.parametrize("mode,expected", [("fused", "fused"), ("bf16", "bf16"),
+                                           ("dequant", "dequant")])
+def test_a_forced_kernel_is_taken_without_timing(monkeypatch, mode, expected):
+    monkeypatch.setenv("MMKIT_QUANT_KERNEL", mode)
+    monkeypatch.setattr(kernels, "_capability", lambda: "AVX512")
+    monkeypatch.setattr(kernels, "_bf16_supported", lambda: True)
+    monkeypatch.setattr(kernels, "time_kernels", lambda *a, **k: pytest.fail("timed"))
+    layer, _, _ = _layer(8, None, True)
+    assert kernels.fastest_kernel(layer, 16) == expected
+
+
+def test_timing_runs_each_kernel_and_leaves_the_random_state_alone():
     layer, _, _ = _layer(4, 32, True)
     torch.manual_seed(3)
     expected = torch.rand(4)
     torch.manual_seed(3)
-    fused_s, dequant_s = kernels.time_kernels(layer, kernels.fused_plan(layer), 16, repeats=2)
-    assert 0 < fused_s < 10 and 0 < dequant_s < 10
+    candidates = ("fused", "bf16") if kernels._bf16_supported() else ("fused",)
+    seconds = kernels.time_kernels(layer, candidates, 16, repeats=2)
+    assert set(seconds) == {"dequant", *candidates}
+    assert all(0 < s < 10 for s in seconds.values())
     assert torch.equal(torch.rand(4), expected)
+    assert layer._bf16 is None  # the copy built to be timed is not kept
 
 
 def test_training_through_a_quantized_layer_uses_the_differentiable_kernel():
@@ -194,8 +289,12 @@ def test_kernels_follow_the_buffers():
     after = _with_kernel("fused", lambda: layer(x))
     assert torch.equal(after, _with_kernel("fused", lambda: other(x)))
     assert not torch.allclose(before, after)
-    layer.double()  # changing the buffers' dtype also drops the cached plan
-    assert layer._plan is None
+    if kernels._bf16_supported():
+        before = _with_kernel("bf16", lambda: layer(x))
+        layer.load_state_dict(_layer(4, 32, False, seed=6)[0].state_dict())
+        assert not torch.allclose(before, _with_kernel("bf16", lambda: layer(x)))
+    layer.double()  # changing the buffers' dtype also drops the cached kernels
+    assert layer._plan is None and layer._bf16 is None
 
 
 # ---------------------------------------------------------------- whole models
@@ -213,3 +312,7 @@ def test_quantized_model_logits_with_either_kernel_and_reload(family, tmp_path):
     assert torch.allclose(fused, dequant, atol=BF16_TOL * dequant.abs().max())
     again = load_model(str(out))
     assert torch.equal(_with_kernel("fused", lambda: logits(again)), fused)
+    if kernels._bf16_supported():
+        packed = _with_kernel("bf16", lambda: logits(again))
+        assert torch.allclose(packed, dequant, atol=BF16_TOL * dequant.abs().max())
+        assert not torch.equal(packed, fused)

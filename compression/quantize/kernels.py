@@ -1,6 +1,7 @@
-"""Fast paths for QuantLinear: byte-level unpacking, and torch's fused weight-only CPU kernels.
+"""Fast paths for QuantLinear: byte-level unpacking, torch's fused weight-only CPU kernels, and
+a packed bf16 copy of the weight for oneDNN (AMX where the CPU has it).
 
-Two ways to run a weight-only layer:
+Three ways to run a weight-only layer:
 - dequantize (every device, every grid): rebuild the fp32 weight and use a float matmul. The
   unpacking reads the int32 words as bytes (2, 4 and 8 bits need no shifts of int64 codes) and
   applies contiguous groups by broadcasting instead of gathering: about 10x faster than the
@@ -12,19 +13,31 @@ Two ways to run a weight-only layer:
   output comes back in bf16: results agree with the dequantizing kernel to bf16 rounding
   (about 3 significant digits), not bit for bit. 8-bit scales stay fp32 (applied after the
   kernel); 4-bit scales and zero points go to the kernel in bf16.
+- bf16 (CPU, every grid, where oneDNN computes in bf16): the dequantized weight rounded once
+  to bf16 and reordered into oneDNN's blocked layout, multiplied with bf16 activations
+  (`mkldnn._linear_pointwise`, AMX tiles on Xeons that have them), fp32 bias added after. The
+  same bf16 rounding as the fused kernels, plus the weight's own (2^-9 relative). Its cost is
+  memory: the packed copy takes 2 bytes per weight beside the codes, built only for layers
+  whose shape measured it fastest. Why it exists: the weight-only kernels win where the matmul
+  is memory-bound (few rows, decoding); with tens of rows it is compute-bound, and on an AMX
+  Xeon fp32 matmuls beat both integer kernels there (MiniLM at batch 1 = 64 rows ran 0.58x as
+  fast as fp32 with rtn-8), while a packed bf16 matmul takes 0.2-0.8x fp32's time.
 
 The fused kernels are vectorised for AVX2 and AVX-512 only; on other CPUs (torch's DEFAULT
-capability, ARM) they are 5-20x slower than dequantizing, so they are not used there. Where
-they are allowed, which kernel is faster depends on the CPU model, not only on its
+capability, ARM) they are 5-20x slower than dequantizing, so they are not used there. oneDNN
+emulates bf16 on CPUs without it (slowly); `torch.ops.mkldnn._is_mkldnn_bf16_supported()`
+says where it runs at all. Which kernel is faster depends on the CPU model, not only on its
 capability, so it is measured: the first call of a layer shape with a number of input rows
-(rounded up to a power of two) times both kernels on that shape and keeps the faster for the
-rest of the process (`fused_wins`). Measured (fused / fp32 matmul on a 1536 x 384 or 384 x
-1536 layer, 2 threads, lower is better): on an AMD EPYC (AVX-512) int8 0.65 at 16 rows, 0.8
-at 256, 1.5 at 2,048, int4 0.5 / 0.75 / 0.65; on an Intel Xeon with AMX (also "AVX512" to
-torch) int8 0.7-1.3 at 16 rows, 1.6-2.4 at 64 (dequantizing: 1.9-2.0) and 2.0-2.9 at 256
-(dequantizing: 1.2-1.4). A fixed row limit per capability picked the slower kernel on one.
-The environment variable MMKIT_QUANT_KERNEL=dequant turns the fused kernels off (to compare,
-or to get results identical to the float path); =fused forces them wherever the grid fits.
+(rounded up to a power of two) times every allowed kernel on that shape and keeps the fastest
+for the rest of the process (`fastest_kernel`). Measured (fused / fp32 matmul on a 1536 x 384
+or 384 x 1536 layer, 2 threads, lower is better): on an AMD EPYC (AVX-512) int8 0.65 at 16
+rows, 0.8 at 256, 1.5 at 2,048, int4 0.5 / 0.75 / 0.65; on an Intel Xeon with AMX (also
+"AVX512" to torch) int8 0.7-1.3 at 16 rows, 1.6-2.4 at 64 (dequantizing: 1.9-2.0) and 2.0-2.9
+at 256 (dequantizing: 1.2-1.4). A fixed row limit per capability picked the slower kernel on
+one. MMKIT_QUANT_KERNEL chooses by hand: =dequant turns the other kernels off (to compare, or
+to get results identical to the float path); =fused forces the fused kernels wherever the grid
+fits and never builds bf16 copies (memory stays at the quantized size); =bf16 forces the
+packed bf16 kernel wherever oneDNN has bf16.
 """
 
 from __future__ import annotations
@@ -37,13 +50,14 @@ from dataclasses import dataclass
 
 INT4_GROUPS = (256, 128, 64, 32)  # the group sizes torch's CPU int4 kernel accepts
 VECTORISED = ("AVX2", "AVX512")  # torch.backends.cpu.get_cpu_capability()s the kernels use
-_FASTER: dict[tuple, bool] = {}  # (kind, layer shape, rows bucket) -> fused measured faster
+MODES = ("auto", "fused", "bf16", "dequant")
+_FASTEST: dict[tuple, str] = {}  # (candidates, grid, layer shape, rows bucket) -> kernel
 
 
 def kernel_mode() -> str:
-    """'auto' (default), 'fused' or 'dequant', from MMKIT_QUANT_KERNEL."""
+    """'auto' (default), 'fused', 'bf16' or 'dequant', from MMKIT_QUANT_KERNEL."""
     mode = os.environ.get("MMKIT_QUANT_KERNEL", "auto").strip().lower() or "auto"
-    return mode if mode in ("auto", "fused", "dequant") else "auto"
+    return mode if mode in MODES else "auto"
 
 
 def fused_allowed() -> bool:
@@ -52,38 +66,54 @@ def fused_allowed() -> bool:
     return mode == "fused" if mode != "auto" else _capability() in VECTORISED
 
 
-def fused_wins(layer, plan: FusedPlan, rows: int) -> bool:
-    """Whether the fused kernel is the faster one for `rows` input rows of `layer` on this
-    CPU: measured once per layer shape and power-of-two bucket of rows, then remembered."""
-    if kernel_mode() == "fused":
-        return True
+def bf16_allowed() -> bool:
+    """Whether the packed bf16 kernel may run here at all (see the module docstring)."""
+    return kernel_mode() in ("auto", "bf16") and _bf16_supported()
+
+
+def fastest_kernel(layer, rows: int) -> str:
+    """'fused', 'bf16' or 'dequant': the kernel `layer` runs for `rows` input rows on CPU
+    without autograd. A forced mode takes its kernel wherever it applies; 'auto' measures the
+    allowed kernels once per layer shape and power-of-two bucket of rows, then remembers."""
+    plan = layer.fused_plan() if fused_allowed() else None
+    candidates = (("fused",) if plan is not None else ()) + (("bf16",) if bf16_allowed() else ())
+    if not candidates:
+        return "dequant"
+    if kernel_mode() != "auto":
+        return candidates[0]  # a forced mode allows one kernel
     bucket = 1 << max(0, min(rows, 1 << 14) - 1).bit_length()
-    key = (plan.kind, layer.out_features, layer.in_features, plan.group_size,
-           plan.perm is not None, bucket)
-    if key not in _FASTER:
-        fused_s, dequant_s = time_kernels(layer, plan, bucket)
-        _FASTER[key] = fused_s < dequant_s
-    return _FASTER[key]
+    grid_key = (plan.kind, plan.group_size, plan.perm is not None) if plan else layer.bits
+    key = (candidates, grid_key, layer.out_features, layer.in_features, bucket)
+    if key not in _FASTEST:
+        seconds = time_kernels(layer, candidates, bucket)
+        _FASTEST[key] = min(seconds, key=seconds.get)
+    return _FASTEST[key]
 
 
-def time_kernels(layer, plan: FusedPlan, rows: int, repeats: int = 3) -> tuple[float, float]:
-    """(fused, dequantizing) seconds of one call of `layer` on `rows` random rows: the best of
-    `repeats` alternating calls of each, after one warm-up call of each."""
+def time_kernels(layer, candidates, rows: int, repeats: int = 3) -> dict[str, float]:
+    """Seconds of one call of `layer` on `rows` random rows with each kernel in `candidates`
+    and with the dequantizing one: the best of `repeats` calls of each in turns, after one
+    warm-up round. A bf16 copy built to be timed is not kept."""
     import torch
 
     # a private generator: timing must not move the caller's random state
     x = torch.randn(rows, layer.in_features, generator=torch.Generator().manual_seed(0))
-    runs = (lambda: run_fused(plan, x, layer.bias),
-            lambda: torch.nn.functional.linear(x, layer.weight_float(), layer.bias))
-    best = [float("inf"), float("inf")]
+    runs = {"dequant": lambda: torch.nn.functional.linear(x, layer.weight_float(), layer.bias)}
+    if "fused" in candidates:
+        plan = layer.fused_plan()
+        runs["fused"] = lambda: run_fused(plan, x, layer.bias)
+    if "bf16" in candidates:
+        packed = layer._bf16 if layer._bf16 is not None else pack_bf16(layer.weight_float())
+        runs["bf16"] = lambda: run_bf16(packed, x, layer.bias)
+    best = dict.fromkeys(runs, float("inf"))
     with torch.inference_mode():
         for i in range(repeats + 1):
-            for k, run in enumerate(runs):
+            for name, run in runs.items():
                 start = time.perf_counter()
                 run()
                 if i:  # the first round warms up
-                    best[k] = min(best[k], time.perf_counter() - start)
-    return best[0], best[1]
+                    best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 @functools.cache
@@ -91,6 +121,16 @@ def _capability() -> str:
     import torch
 
     return torch.backends.cpu.get_cpu_capability()
+
+
+@functools.cache
+def _bf16_supported() -> bool:
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
 
 
 # ---------------------------------------------------------------- dequantize, fast
@@ -214,6 +254,28 @@ def run_fused(plan: FusedPlan, x, bias):
     else:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, plan.weight, plan.group_size,
                                                          plan.scales).float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
+
+
+# ---------------------------------------------------------------- packed bf16 (oneDNN)
+def pack_bf16(weight):
+    """`weight` (out, in), float, as bf16 in oneDNN's blocked layout for `run_bf16` (an opaque
+    tensor: it cannot be copied or saved, only multiplied)."""
+    import torch
+
+    return torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16).contiguous())
+
+
+def run_bf16(packed, x, bias):
+    """y = x W^T + b with the packed bf16 weight; x of any leading shape, returned in x's
+    dtype (the bias is added in fp32)."""
+    import torch
+
+    shape = x.shape
+    xb = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
+    y = torch.ops.mkldnn._linear_pointwise(xb, packed, None, "none", [], "").float()
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])

@@ -4,7 +4,8 @@ Stored (and saved) tensors: `qweight` (int32 words, `bits` bits per code, row-ma
 input dimension), `scales` and `zeros` (fp16, out x n_groups), `g_idx` (int32, the group of
 each input column; act-order GPTQ permutes it) and `bias`. Two kernels:
 - "dequant" (weight-only): on CPU, 8-bit per-channel and 4-bit grids that fit run torch's fused
-  int8 / int4 kernels (kernels.py: bf16 activations, chosen automatically); everything else
+  int8 / int4 kernels, and where oneDNN has bf16 any grid may run a packed bf16 copy of the
+  weight (kernels.py: bf16 activations, the fastest measured per shape); everything else
   rebuilds the float weight at every forward and uses a float matmul.
 - "int8-dynamic" (8-bit symmetric per-channel only): torch's dynamic int8 Linear (fbgemm /
   qnnpack): activations are quantized to int8 per batch and the matmul runs in integers.
@@ -38,6 +39,7 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         object.__setattr__(self, "_int8", None)  # the int8 kernel, built on first use
         object.__setattr__(self, "_plan", None)  # the fused kernel's tensors, built on first use
+        object.__setattr__(self, "_bf16", None)  # the packed bf16 weight, built on first use
         object.__setattr__(self, "_group_size", 0)  # contiguous group size; 0: not known yet
 
     @classmethod
@@ -78,6 +80,12 @@ class QuantLinear(torch.nn.Module):
             object.__setattr__(self, "_plan", plan or False)
         return self._plan or None
 
+    def packed_bf16(self):
+        """The weight as packed bf16 for kernels.run_bf16, built on first use."""
+        if self._bf16 is None:
+            object.__setattr__(self, "_bf16", kernels.pack_bf16(self.weight_float()))
+        return self._bf16
+
     def _int8_kernel(self):
         if self._int8 is None:
             from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
@@ -105,18 +113,27 @@ class QuantLinear(torch.nn.Module):
 
     def forget_kernels(self):
         """Drop the kernels built from the buffers (after the buffers change)."""
-        for name, empty in (("_int8", None), ("_plan", None), ("_group_size", 0)):
+        for name, empty in (("_int8", None), ("_plan", None), ("_bf16", None),
+                            ("_group_size", 0)):
             object.__setattr__(self, name, empty)
+
+    def __getstate__(self):
+        # copies (deepcopy, pickle) rebuild the kernels: oneDNN's packed tensors cannot be copied
+        state = super().__getstate__().copy()
+        state.update(_int8=None, _plan=None, _bf16=None, _group_size=0)
+        return state
 
     def forward(self, x):
         if x.device.type == "cpu":
             if self.kernel == "int8-dynamic":
                 return self._int8_kernel()(x.float()).to(x.dtype)
-            # no autograd through the fused kernels: training on top (LoRA) dequantizes
-            if (not (x.requires_grad and torch.is_grad_enabled()) and kernels.fused_allowed()
-                    and (plan := self.fused_plan()) is not None
-                    and kernels.fused_wins(self, plan, x.numel() // max(x.shape[-1], 1))):
-                return kernels.run_fused(plan, x, self.bias)
+            # no autograd through the fast kernels: training on top (LoRA) dequantizes
+            if not (x.requires_grad and torch.is_grad_enabled()):
+                kernel = kernels.fastest_kernel(self, x.numel() // max(x.shape[-1], 1))
+                if kernel == "fused":
+                    return kernels.run_fused(self.fused_plan(), x, self.bias)
+                if kernel == "bf16":
+                    return kernels.run_bf16(self.packed_bf16(), x, self.bias)
         return torch.nn.functional.linear(x, self.weight_float().to(x.dtype),
                                           None if self.bias is None else self.bias.to(x.dtype))
 
