@@ -122,6 +122,21 @@ def _sizes(loaded, folder) -> dict:
             "disk_mb": None if folder is None else disk_bytes(folder) / 1e6}
 
 
+def kernel_copies_mb(model) -> dict:
+    """Memory the kernels built beside the saved codes, in MB: fused int8 / int4 plans and
+    packed bf16 weights (2 bytes per weight, only in layers that measured bf16 fastest)."""
+    from mmkit.compression.quantize.qlinear import QuantLinear
+
+    fused = bf16 = 0
+    for layer in model.modules():
+        if isinstance(layer, QuantLinear):
+            if layer._plan:
+                fused += layer._plan.weight.numel() * layer._plan.weight.element_size()
+            if layer._bf16 is not None:
+                bf16 += 2 * layer.out_features * layer.in_features
+    return {"fused_plans_mb": fused / 1e6, "bf16_copies_mb": bf16 / 1e6}
+
+
 def lm_part(workdir: Path, docs: int, rounds: int) -> dict:
     """smollm2: perplexity with either kernel, decoding speed interleaved, ceilings."""
     from mmkit.core.data import load_data
@@ -143,6 +158,8 @@ def lm_part(workdir: Path, docs: int, rounds: int) -> dict:
         timing = decode_rounds(models, batch, rounds)
         for name, t in timing.items():
             rows[name][f"batch_{batch}"] = t
+    for name, model in models.items():
+        rows[name]["kernel_copies"] = kernel_copies_mb(model)
     fp = rows["fp32"]
     for row in rows.values():
         row["bytes_ceiling"] = fp["weights_mb"] / row["weights_mb"]
@@ -180,6 +197,8 @@ def classifier_part(workdir: Path, samples: int, rounds: int) -> dict:
         for name, ms in timing.items():
             rows[name][f"batch_{batch}_median_ms"] = ms
             rows[name][f"batch_{batch}_speedup"] = timing["fp32"] / ms
+    for name, one in loaded.items():
+        rows[name]["kernel_copies"] = kernel_copies_mb(one.model)
     for row in rows.values():
         row["accuracy_drop_points"] = 100 * (rows["fp32"]["accuracy"] - row["accuracy"])
     return {"model": "minilm fine-tuned on tweets-sentiment (full, 1 epoch)",
@@ -214,7 +233,7 @@ def layers_part(rounds: int) -> dict:
                 "dynamic_int8": lambda: dynamic(x),
             }
             if qkernels._bf16_supported():
-                packed = qkernels.pack_bf16(w)
+                packed = qkernels.pack_bf16(codes.float(), scale)
                 kernels["packed_bf16"] = lambda: qkernels.run_bf16(packed, x, None)
             times = {k: [] for k in kernels}
             with torch.inference_mode():

@@ -126,6 +126,18 @@ def test_bf16_kernel_agrees_with_dequantizing(bits, group, symmetric, act_order,
     assert torch.equal(again, packed)
 
 
+@needs_bf16
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_bf16_kernel_keeps_per_channel_codes_exact(symmetric):
+    """bf16 has 8 significant bits: an 8-bit weight rounded to it would move by up to half a
+    code step. Per-channel grids pack code - zero point (exact) and scale afterwards."""
+    layer, reference, _ = _layer(8, None, symmetric)
+    plan = kernels.bf16_plan(layer)
+    assert torch.equal(plan.weight.to_dense().float() * plan.scales[:, None], reference)
+    grouped, _, _ = _layer(4, 32, symmetric)
+    assert kernels.bf16_plan(grouped).scales is None  # grouped grids: the weight, in bf16
+
+
 _BF16_BRANCH_SCRIPT = """
 import json, os, torch
 from mmkit.compression.quantize import grid, kernels
@@ -233,7 +245,7 @@ def test_the_kernel_measured_fastest_is_picked_once_per_shape_and_rows(
     monkeypatch.setattr(kernels, "time_kernels", timing)
     monkeypatch.setattr(kernels, "run_fused", lambda plan, x, bias: torch.full((1,), 1.0))
     monkeypatch.setattr(kernels, "run_bf16", lambda packed, x, bias: torch.full((1,), 2.0))
-    monkeypatch.setattr(kernels, "pack_bf16", lambda weight: "packed")
+    monkeypatch.setattr(kernels, "bf16_plan", lambda layer: "packed")
     layer, _, _ = _layer(8, None, True)
     for rows in (5, 7, 8, 9):
         with torch.no_grad():

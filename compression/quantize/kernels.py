@@ -13,11 +13,12 @@ Three ways to run a weight-only layer:
   output comes back in bf16: results agree with the dequantizing kernel to bf16 rounding
   (about 3 significant digits), not bit for bit. 8-bit scales stay fp32 (applied after the
   kernel); 4-bit scales and zero points go to the kernel in bf16.
-- bf16 (CPU, every grid, where oneDNN computes in bf16): the dequantized weight rounded once
-  to bf16 and reordered into oneDNN's blocked layout, multiplied with bf16 activations
-  (`mkldnn._linear_pointwise`, AMX tiles on Xeons that have them), fp32 bias added after. The
-  same bf16 rounding as the fused kernels, plus the weight's own (2^-9 relative). Its cost is
-  memory: the packed copy takes 2 bytes per weight beside the codes, built only for layers
+- bf16 (CPU, every grid, where oneDNN computes in bf16): the weight as bf16, reordered once
+  into oneDNN's blocked layout and multiplied with bf16 activations (`mkldnn._linear_pointwise`,
+  AMX tiles on Xeons that have them), fp32 scales and bias applied after. Per-channel grids
+  pack their integer codes (exact in bf16), grouped grids the dequantized weight rounded to
+  bf16 (2^-9 relative, far below their own step): the same bf16 rounding of activations and
+  outputs as the fused kernels. Its cost is memory: the packed copy takes 2 bytes per weight beside the codes, built only for layers
   whose shape measured it fastest. Why it exists: the weight-only kernels win where the matmul
   is memory-bound (few rows, decoding); with tens of rows it is compute-bound, and on an AMX
   Xeon fp32 matmuls beat both integer kernels there (MiniLM at batch 1 = 64 rows ran 0.58x as
@@ -103,7 +104,7 @@ def time_kernels(layer, candidates, rows: int, repeats: int = 3) -> dict[str, fl
         plan = layer.fused_plan()
         runs["fused"] = lambda: run_fused(plan, x, layer.bias)
     if "bf16" in candidates:
-        packed = layer._bf16 if layer._bf16 is not None else pack_bf16(layer.weight_float())
+        packed = layer._bf16 if layer._bf16 is not None else bf16_plan(layer)
         runs["bf16"] = lambda: run_bf16(packed, x, layer.bias)
     best = dict.fromkeys(runs, float("inf"))
     with torch.inference_mode():
@@ -260,22 +261,47 @@ def run_fused(plan: FusedPlan, x, bias):
 
 
 # ---------------------------------------------------------------- packed bf16 (oneDNN)
-def pack_bf16(weight):
-    """`weight` (out, in), float, as bf16 in oneDNN's blocked layout for `run_bf16` (an opaque
-    tensor: it cannot be copied or saved, only multiplied)."""
+@dataclass
+class PackedBF16:
+    """A weight packed for `run_bf16`: oneDNN's blocked bf16 layout (an opaque tensor: it
+    cannot be copied or saved, only multiplied), and fp32 per-output scales applied after the
+    matmul when the packed values are codes rather than weights."""
+    weight: object
+    scales: object = None
+
+
+def pack_bf16(weight, scales=None) -> PackedBF16:
+    """`weight` (out, in), float, packed as bf16; `scales` (out,): the true weight is
+    weight * scales[:, None]."""
     import torch
 
-    return torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16).contiguous())
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16).contiguous())
+    return PackedBF16(packed, None if scales is None else scales.float())
 
 
-def run_bf16(packed, x, bias):
-    """y = x W^T + b with the packed bf16 weight; x of any leading shape, returned in x's
-    dtype (the bias is added in fp32)."""
+def bf16_plan(layer) -> PackedBF16:
+    """QuantLinear `layer` packed for `run_bf16`. A per-channel grid packs code - zero point:
+    integers within +-255, exact in bf16, with the fp16 scale applied in fp32 afterwards, so
+    the weight is not rounded (8-bit grids would lose half a code step to bf16's 8 significant
+    bits otherwise). Grouped grids pack the dequantized weight (rounded to bf16: 2^-9 relative,
+    far below a grouped grid's own step)."""
+    zeros = layer.zeros.float()
+    if layer.scales.shape[1] == 1 and bool((zeros == zeros.round()).all()):
+        centred = layer._unpacked().float() - zeros
+        return pack_bf16(centred, layer.scales[:, 0])
+    return pack_bf16(layer.weight_float())
+
+
+def run_bf16(plan: PackedBF16, x, bias):
+    """y = x W^T + b with a packed bf16 weight; x of any leading shape, returned in x's dtype
+    (scales and bias applied in fp32)."""
     import torch
 
     shape = x.shape
     xb = x.reshape(-1, shape[-1]).to(torch.bfloat16).contiguous()
-    y = torch.ops.mkldnn._linear_pointwise(xb, packed, None, "none", [], "").float()
+    y = torch.ops.mkldnn._linear_pointwise(xb, plan.weight, None, "none", [], "").float()
+    if plan.scales is not None:
+        y = y * plan.scales
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])

@@ -81,9 +81,9 @@ class QuantLinear(torch.nn.Module):
         return self._plan or None
 
     def packed_bf16(self):
-        """The weight as packed bf16 for kernels.run_bf16, built on first use."""
+        """The weight packed for kernels.run_bf16, built on first use."""
         if self._bf16 is None:
-            object.__setattr__(self, "_bf16", kernels.pack_bf16(self.weight_float()))
+            object.__setattr__(self, "_bf16", kernels.bf16_plan(self))
         return self._bf16
 
     def _int8_kernel(self):
