@@ -18,11 +18,12 @@ Three ways to run a weight-only layer:
   AMX tiles on Xeons that have them), fp32 scales and bias applied after. Per-channel grids
   pack their integer codes (exact in bf16), grouped grids the dequantized weight rounded to
   bf16 (2^-9 relative, far below their own step): the same bf16 rounding of activations and
-  outputs as the fused kernels. Its cost is memory: the packed copy takes 2 bytes per weight beside the codes, built only for layers
-  whose shape measured it fastest. Why it exists: the weight-only kernels win where the matmul
-  is memory-bound (few rows, decoding); with tens of rows it is compute-bound, and on an AMX
-  Xeon fp32 matmuls beat both integer kernels there (MiniLM at batch 1 = 64 rows ran 0.58x as
-  fast as fp32 with rtn-8), while a packed bf16 matmul takes 0.2-0.8x fp32's time.
+  outputs as the fused kernels. Its cost is memory: the packed copy takes 2 bytes per weight
+  beside the codes, built only for layers whose shape measured it fastest. Why it exists: the
+  weight-only kernels win where the matmul is memory-bound (few rows, decoding); with tens of
+  rows it is compute-bound, and on an AMX Xeon fp32 matmuls beat both integer kernels there
+  (MiniLM at batch 1 = 64 rows ran 0.58x as fast as fp32 with rtn-8), while a packed bf16
+  matmul takes 0.3-1.0x fp32's time.
 
 The fused kernels are vectorised for AVX2 and AVX-512 only; on other CPUs (torch's DEFAULT
 capability, ARM) they are 5-20x slower than dequantizing, so they are not used there. oneDNN
