@@ -132,7 +132,7 @@ def kernel_copies_mb(model) -> dict:
         if isinstance(layer, QuantLinear):
             if layer._plan:
                 fused += layer._plan.weight.numel() * layer._plan.weight.element_size()
-            if layer._bf16 is not None:
+            if layer._bf16:
                 bf16 += 2 * layer.out_features * layer.in_features
     return {"fused_plans_mb": fused / 1e6, "bf16_copies_mb": bf16 / 1e6}
 

@@ -6,6 +6,7 @@ kernel and which kernel the measurement picks, training through a quantized laye
 a quantized model's logits and save / load with each kernel."""
 
 import copy
+import gc
 import json
 import os
 import subprocess
@@ -235,7 +236,7 @@ def test_the_kernel_measured_fastest_is_picked_once_per_shape_and_rows(
     monkeypatch.delenv("MMKIT_QUANT_KERNEL", raising=False)
     monkeypatch.setattr(kernels, "_capability", lambda: capability)
     monkeypatch.setattr(kernels, "_bf16_supported", lambda: bf16)
-    monkeypatch.setattr(kernels, "_FASTEST", {})
+    monkeypatch.setattr(kernels, "_RANKING", {})
     timed = []
 
     def timing(layer, candidates, rows, repeats=3):
@@ -245,7 +246,7 @@ def test_the_kernel_measured_fastest_is_picked_once_per_shape_and_rows(
     monkeypatch.setattr(kernels, "time_kernels", timing)
     monkeypatch.setattr(kernels, "run_fused", lambda plan, x, bias: torch.full((1,), 1.0))
     monkeypatch.setattr(kernels, "run_bf16", lambda packed, x, bias: torch.full((1,), 2.0))
-    monkeypatch.setattr(kernels, "bf16_plan", lambda layer: "packed")
+    monkeypatch.setattr(kernels, "bf16_plan", lambda layer, budgeted=True: "packed")
     layer, _, _ = _layer(8, None, True)
     for rows in (5, 7, 8, 9):
         with torch.no_grad():
@@ -255,6 +256,49 @@ def test_the_kernel_measured_fastest_is_picked_once_per_shape_and_rows(
     expected = set(seconds or ()) - {"dequant"}
     assert timed == ([(8, expected), (16, expected)] if seconds else [])
     assert layer._bf16 == ("packed" if picked == "bf16" else None)
+
+
+@needs_bf16
+def test_bf16_copies_stay_within_their_budget(monkeypatch):
+    """A packed bf16 copy costs 2 bytes per weight beside the codes: past the budget a layer
+    runs the next kernel of its shape's ranking, and a copy's bytes return when it goes."""
+    monkeypatch.delenv("MMKIT_QUANT_KERNEL", raising=False)
+    monkeypatch.setattr(kernels, "_RANKING", {})
+    monkeypatch.setattr(kernels, "time_kernels", lambda layer, candidates, rows, repeats=3: {
+        "bf16": 1.0, "dequant": 2.0, "fused": 3.0})
+    layers = [_layer(8, None, True, seed=i)[0] for i in range(3)]  # 64 x 96: 12,288 bytes
+    gc.collect()  # copies of earlier tests' layers that only a collection frees go now
+    held = kernels.bf16_held()
+    monkeypatch.setenv("MMKIT_QUANT_BF16_MB", str((held + 2 * 12_288 + 100) / 1e6))
+    x = torch.randn(4, 96)
+    with torch.no_grad():
+        outs = [layer(x) for layer in layers]
+    assert [bool(layer._bf16) for layer in layers] == [True, True, False]
+    assert kernels.bf16_held() == held + 2 * 12_288
+    assert torch.equal(outs[2], _with_kernel("dequant", lambda: layers[2](x)))  # next: dequant
+    layers[0].forget_kernels()  # its copy is gone: the next layer to ask may have one
+    assert kernels.bf16_held() == held + 12_288
+    layers[2].forget_kernels()  # (a layer once refused is not asked again until rebuilt)
+    with torch.no_grad():
+        layers[2](x)
+    assert layers[2]._bf16
+    _with_kernel("bf16", lambda: layers[0](x))  # forced: past the budget all the same
+    assert layers[0]._bf16 and kernels.bf16_held() == held + 3 * 12_288
+    monkeypatch.setenv("MMKIT_QUANT_BF16_MB", "0")
+    fresh = _layer(8, None, True, seed=9)[0]
+    with torch.no_grad():
+        fresh(x)
+    assert fresh._bf16 is False
+
+
+def test_the_bf16_budget_defaults_to_an_eighth_of_the_memory(monkeypatch):
+    monkeypatch.delenv("MMKIT_QUANT_BF16_MB", raising=False)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert kernels.bf16_budget() == memory // 8
+    monkeypatch.setenv("MMKIT_QUANT_BF16_MB", "12.5")
+    assert kernels.bf16_budget() == 12_500_000
+    monkeypatch.setenv("MMKIT_QUANT_BF16_MB", "lots")  # unreadable: the default
+    assert kernels.bf16_budget() == memory // 8
 
 
 @pytest.mark.parametrize("mode,expected", [("fused", "fused"), ("bf16", "bf16"),

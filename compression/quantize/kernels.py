@@ -19,7 +19,10 @@ Three ways to run a weight-only layer:
   pack their integer codes (exact in bf16), grouped grids the dequantized weight rounded to
   bf16 (2^-9 relative, far below their own step): the same bf16 rounding of activations and
   outputs as the fused kernels. Its cost is memory: the packed copy takes 2 bytes per weight
-  beside the codes, built only for layers whose shape measured it fastest. Why it exists: the
+  beside the codes, built only for layers whose shape measured it fastest, and in all at most
+  MMKIT_QUANT_BF16_MB (default: an eighth of the machine's memory); layers past the budget
+  run their next-fastest kernel, so a large 4-bit LLM never grows by 2 bytes per weight
+  behind its user's back. Why it exists: the
   weight-only kernels win where the matmul is memory-bound (few rows, decoding); with tens of
   rows it is compute-bound, and on an AMX Xeon fp32 matmuls beat both integer kernels there
   (MiniLM at batch 1 = 64 rows ran 0.58x as fast as fp32 with rtn-8), while a packed bf16
@@ -45,15 +48,20 @@ packed bf16 kernel wherever oneDNN has bf16.
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import sys
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 INT4_GROUPS = (256, 128, 64, 32)  # the group sizes torch's CPU int4 kernel accepts
 VECTORISED = ("AVX2", "AVX512")  # torch.backends.cpu.get_cpu_capability()s the kernels use
 MODES = ("auto", "fused", "bf16", "dequant")
-_FASTEST: dict[tuple, str] = {}  # (candidates, grid, layer shape, rows bucket) -> kernel
+_RANKING: dict[tuple, tuple] = {}  # (candidates, grid, layer shape, rows bucket) -> kernels
+_BF16_HELD = [0]  # bytes of packed bf16 copies alive in this process
+_BF16_LOCK = threading.Lock()
 
 
 def kernel_mode() -> str:
@@ -75,8 +83,9 @@ def bf16_allowed() -> bool:
 
 def fastest_kernel(layer, rows: int) -> str:
     """'fused', 'bf16' or 'dequant': the kernel `layer` runs for `rows` input rows on CPU
-    without autograd. A forced mode takes its kernel wherever it applies; 'auto' measures the
-    allowed kernels once per layer shape and power-of-two bucket of rows, then remembers."""
+    without autograd. A forced mode takes its kernel wherever it applies; 'auto' ranks the
+    allowed kernels by a measurement once per layer shape and power-of-two bucket of rows,
+    then takes the first this layer can run (bf16 only where its copy fits the budget)."""
     plan = layer.fused_plan() if fused_allowed() else None
     candidates = (("fused",) if plan is not None else ()) + (("bf16",) if bf16_allowed() else ())
     if not candidates:
@@ -86,10 +95,13 @@ def fastest_kernel(layer, rows: int) -> str:
     bucket = 1 << max(0, min(rows, 1 << 14) - 1).bit_length()
     grid_key = (plan.kind, plan.group_size, plan.perm is not None) if plan else layer.bits
     key = (candidates, grid_key, layer.out_features, layer.in_features, bucket)
-    if key not in _FASTEST:
+    if key not in _RANKING:
         seconds = time_kernels(layer, candidates, bucket)
-        _FASTEST[key] = min(seconds, key=seconds.get)
-    return _FASTEST[key]
+        _RANKING[key] = tuple(sorted(seconds, key=seconds.get))
+    for kernel in _RANKING[key]:
+        if kernel != "bf16" or layer.packed_bf16(budgeted=True) is not None:
+            return kernel
+    return "dequant"
 
 
 def time_kernels(layer, candidates, rows: int, repeats: int = 3) -> dict[str, float]:
@@ -105,7 +117,7 @@ def time_kernels(layer, candidates, rows: int, repeats: int = 3) -> dict[str, fl
         plan = layer.fused_plan()
         runs["fused"] = lambda: run_fused(plan, x, layer.bias)
     if "bf16" in candidates:
-        packed = layer._bf16 if layer._bf16 is not None else bf16_plan(layer)
+        packed = layer._bf16 or bf16_plan(layer, budgeted=False)  # not kept
         runs["bf16"] = lambda: run_bf16(packed, x, layer.bias)
     best = dict.fromkeys(runs, float("inf"))
     with torch.inference_mode():
@@ -262,7 +274,7 @@ def run_fused(plan: FusedPlan, x, bias):
 
 
 # ---------------------------------------------------------------- packed bf16 (oneDNN)
-@dataclass
+@dataclass(eq=False)
 class PackedBF16:
     """A weight packed for `run_bf16`: oneDNN's blocked bf16 layout (an opaque tensor: it
     cannot be copied or saved, only multiplied), and fp32 per-output scales applied after the
@@ -280,17 +292,64 @@ def pack_bf16(weight, scales=None) -> PackedBF16:
     return PackedBF16(packed, None if scales is None else scales.float())
 
 
-def bf16_plan(layer) -> PackedBF16:
-    """QuantLinear `layer` packed for `run_bf16`. A per-channel grid packs code - zero point:
-    integers within +-255, exact in bf16, with the fp16 scale applied in fp32 afterwards, so
-    the weight is not rounded (8-bit grids would lose half a code step to bf16's 8 significant
-    bits otherwise). Grouped grids pack the dequantized weight (rounded to bf16: 2^-9 relative,
-    far below a grouped grid's own step)."""
-    zeros = layer.zeros.float()
-    if layer.scales.shape[1] == 1 and bool((zeros == zeros.round()).all()):
-        centred = layer._unpacked().float() - zeros
-        return pack_bf16(centred, layer.scales[:, 0])
-    return pack_bf16(layer.weight_float())
+def bf16_budget() -> int:
+    """Bytes all packed bf16 copies of a process may hold in 'auto' mode: MMKIT_QUANT_BF16_MB,
+    else an eighth of the machine's memory (1 GiB where that cannot be read)."""
+    value = os.environ.get("MMKIT_QUANT_BF16_MB", "").strip()
+    try:
+        if value:
+            return max(0, int(float(value) * 1e6))
+    except ValueError:
+        pass  # unreadable: the default, as for an unknown MMKIT_QUANT_KERNEL
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 8
+    except (AttributeError, ValueError, OSError):
+        return 1 << 30
+
+
+def bf16_held() -> int:
+    """Bytes of packed bf16 copies alive in this process."""
+    return _BF16_HELD[0]
+
+
+def _reserve(nbytes: int, budgeted: bool) -> bool:
+    """Count `nbytes` of a new copy against the budget; False if it does not fit."""
+    for attempt in range(2):
+        with _BF16_LOCK:
+            if not budgeted or _BF16_HELD[0] + nbytes <= bf16_budget():
+                _BF16_HELD[0] += nbytes
+                return True
+        if attempt == 0:  # models dropped in reference cycles (a search's past trials) hold
+            gc.collect()  # copies until a collection: collect before refusing
+    return False
+
+
+def _release(nbytes: int) -> None:
+    with _BF16_LOCK:
+        _BF16_HELD[0] -= nbytes
+
+
+def bf16_plan(layer, budgeted: bool = True) -> PackedBF16 | None:
+    """QuantLinear `layer` packed for `run_bf16`; None when `budgeted` and the copy would take
+    the process past `bf16_budget()`. A per-channel grid packs code - zero point: integers
+    within +-255, exact in bf16, with the fp16 scale applied in fp32 afterwards, so the weight
+    is not rounded (8-bit grids would lose half a code step to bf16's 8 significant bits
+    otherwise). Grouped grids pack the dequantized weight (rounded to bf16: 2^-9 relative, far
+    below a grouped grid's own step)."""
+    nbytes = 2 * layer.out_features * layer.in_features
+    if not _reserve(nbytes, budgeted):
+        return None
+    try:
+        zeros = layer.zeros.float()
+        if layer.scales.shape[1] == 1 and bool((zeros == zeros.round()).all()):
+            plan = pack_bf16(layer._unpacked().float() - zeros, layer.scales[:, 0])
+        else:
+            plan = pack_bf16(layer.weight_float())
+    except BaseException:
+        _release(nbytes)
+        raise
+    weakref.finalize(plan, _release, nbytes)  # the budget follows the copy's lifetime
+    return plan
 
 
 def run_bf16(plan: PackedBF16, x, bias):

@@ -39,7 +39,7 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         object.__setattr__(self, "_int8", None)  # the int8 kernel, built on first use
         object.__setattr__(self, "_plan", None)  # the fused kernel's tensors, built on first use
-        object.__setattr__(self, "_bf16", None)  # the packed bf16 weight, built on first use
+        object.__setattr__(self, "_bf16", None)  # the packed bf16 weight (False: over budget)
         object.__setattr__(self, "_group_size", 0)  # contiguous group size; 0: not known yet
 
     @classmethod
@@ -80,11 +80,14 @@ class QuantLinear(torch.nn.Module):
             object.__setattr__(self, "_plan", plan or False)
         return self._plan or None
 
-    def packed_bf16(self):
-        """The weight packed for kernels.run_bf16, built on first use."""
-        if self._bf16 is None:
-            object.__setattr__(self, "_bf16", kernels.bf16_plan(self))
-        return self._bf16
+    def packed_bf16(self, budgeted: bool = False):
+        """The weight packed for kernels.run_bf16, built on first use; None when `budgeted`
+        and the process's bf16 copies have used up their budget (kernels.bf16_budget): then
+        this layer keeps its other kernels until its kernels are rebuilt (not asked again at
+        every call)."""
+        if self._bf16 is None or (self._bf16 is False and not budgeted):
+            object.__setattr__(self, "_bf16", kernels.bf16_plan(self, budgeted) or False)
+        return self._bf16 or None
 
     def _int8_kernel(self):
         if self._int8 is None:
