@@ -285,10 +285,14 @@ def test_bf16_copies_stay_within_their_budget(monkeypatch):
     _with_kernel("bf16", lambda: layers[0](x))  # forced: past the budget all the same
     assert layers[0]._bf16 and kernels.bf16_held() == held + 3 * 12_288
     monkeypatch.setenv("MMKIT_QUANT_BF16_MB", "0")
-    fresh = _layer(8, None, True, seed=9)[0]
+    collections = []
+    monkeypatch.setattr(kernels.gc, "collect", lambda: collections.append(1))
+    fresh = [_layer(8, None, True, seed=9 + i)[0] for i in range(3)]
     with torch.no_grad():
-        fresh(x)
-    assert fresh._bf16 is False
+        for layer in fresh:
+            layer(x)
+    assert [layer._bf16 for layer in fresh] == [False] * 3
+    assert len(collections) == 1  # one collection before refusing, not one per layer
 
 
 def test_the_bf16_budget_defaults_to_an_eighth_of_the_memory(monkeypatch):

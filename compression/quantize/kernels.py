@@ -61,6 +61,7 @@ VECTORISED = ("AVX2", "AVX512")  # torch.backends.cpu.get_cpu_capability()s the 
 MODES = ("auto", "fused", "bf16", "dequant")
 _RANKING: dict[tuple, tuple] = {}  # (candidates, grid, layer shape, rows bucket) -> kernels
 _BF16_HELD = [0]  # bytes of packed bf16 copies alive in this process
+_COLLECTED_AT = [-1]  # what was held after the last collection made for a refused copy
 _BF16_LOCK = threading.Lock()
 
 
@@ -319,8 +320,14 @@ def _reserve(nbytes: int, budgeted: bool) -> bool:
             if not budgeted or _BF16_HELD[0] + nbytes <= bf16_budget():
                 _BF16_HELD[0] += nbytes
                 return True
-        if attempt == 0:  # models dropped in reference cycles (a search's past trials) hold
-            gc.collect()  # copies until a collection: collect before refusing
+            # models dropped in reference cycles (a search's past trials) hold copies until a
+            # collection: collect before refusing, once per change of what is held (the rest
+            # of a large model's layers are then refused without collecting again)
+            if attempt or _COLLECTED_AT[0] == _BF16_HELD[0]:
+                return False
+        gc.collect()
+        with _BF16_LOCK:
+            _COLLECTED_AT[0] = _BF16_HELD[0]
     return False
 
 
