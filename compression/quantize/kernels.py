@@ -21,8 +21,8 @@ Three ways to run a weight-only layer:
   outputs as the fused kernels. Its cost is memory: the packed copy takes 2 bytes per weight
   beside the codes, built only for layers whose shape measured it fastest, and in all at most
   MMKIT_QUANT_BF16_MB (default: an eighth of the machine's memory); layers past the budget
-  run their next-fastest kernel, so a large 4-bit LLM never grows by 2 bytes per weight
-  behind its user's back. Why it exists: the
+  run their next-fastest kernel, so a large 4-bit LLM grows by at most the budget, not by 2
+  bytes per weight. Why it exists: the
   weight-only kernels win where the matmul is memory-bound (few rows, decoding); with tens of
   rows it is compute-bound, and on an AMX Xeon fp32 matmuls beat both integer kernels there
   (MiniLM at batch 1 = 64 rows ran 0.58x as fast as fp32 with rtn-8), while a packed bf16
