@@ -22,11 +22,10 @@ Three ways to run a weight-only layer:
   beside the codes, built only for layers whose shape measured it fastest, and in all at most
   MMKIT_QUANT_BF16_MB (default: an eighth of the machine's memory); layers past the budget
   run their next-fastest kernel, so a large 4-bit LLM grows by at most the budget, not by 2
-  bytes per weight. Why it exists: the
-  weight-only kernels win where the matmul is memory-bound (few rows, decoding); with tens of
-  rows it is compute-bound, and on an AMX Xeon fp32 matmuls beat both integer kernels there
-  (MiniLM at batch 1 = 64 rows ran 0.58x as fast as fp32 with rtn-8), while a packed bf16
-  matmul takes 0.3-1.0x fp32's time.
+  bytes per weight. Why it exists: the weight-only kernels win where the matmul is
+  memory-bound (few rows, decoding); with tens of rows it is compute-bound, and on an AMX Xeon
+  fp32 matmuls beat both integer kernels there (MiniLM at batch 1 = 64 rows ran 0.58x as fast
+  as fp32 with rtn-8), while a packed bf16 matmul takes 0.3-1.0x fp32's time.
 
 The fused kernels are vectorised for AVX2 and AVX-512 only; on other CPUs (torch's DEFAULT
 capability, ARM) they are 5-20x slower than dequantizing, so they are not used there. oneDNN
